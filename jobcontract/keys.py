@@ -1,0 +1,72 @@
+"""Where everything lives in Redis, and what queues are called. One place, so no side guesses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from jobcontract.models import Backend, Lane
+
+CONSUMER_GROUP = "genq"
+
+
+def queue_name(model: str, backend: Backend, lane: Lane) -> str:
+    """The dramatiq queue a pool of workers for (model, backend) reads, one per lane."""
+    return f"{model}.{backend.value}.{lane.value}"
+
+
+def pool_name(model: str, backend: Backend) -> str:
+    """The workers serving one model on one backend; their queues are the pool's lanes."""
+    return f"{model}.{backend.value}"
+
+
+def actor_name(lane: Lane) -> str:
+    return f"genq_generate_{lane.value}"
+
+
+@dataclass(frozen=True)
+class Keys:
+    namespace: str = "genq"
+
+    def stream(self, queue: str) -> str:
+        """The Redis stream behind a dramatiq queue."""
+        return f"{self.namespace}:q:{queue}"
+
+    def job(self, job_id: str) -> str:
+        """A hash: state, queue, model, timings, and the result once there is one."""
+        return f"{self.namespace}:job:{job_id}"
+
+    def events(self, job_id: str) -> str:
+        """A stream per job: tokens as they come, then one `done` entry carrying the result."""
+        return f"{self.namespace}:job:{job_id}:events"
+
+    def idempotency(self, key: str) -> str:
+        return f"{self.namespace}:idem:{key}"
+
+    def alive(self, consumer: str) -> str:
+        """Present while a consumer's owner vouches for it; its expiry frees the consumer's jobs."""
+        return f"{self.namespace}:alive:{consumer}"
+
+    def pool(self, pool: str) -> str:
+        """A sorted set: worker -> the Redis-clock instant (µs) until which it is vouched alive."""
+        return f"{self.namespace}:pool:{pool}"
+
+    def circuit(self, pool: str) -> str:
+        """Exists (with the cool-down as TTL) while a pool's circuit breaker is open."""
+        return f"{self.namespace}:circuit:{pool}"
+
+    @property
+    def queues(self) -> str:
+        """A set of every stream that was ever declared, for the janitor and the metrics collector."""
+        return f"{self.namespace}:queues"
+
+    @property
+    def dead_letters(self) -> str:
+        return f"{self.namespace}:dead"
+
+    @property
+    def cancel_channel(self) -> str:
+        return f"{self.namespace}:cancel"
+
+    def batch_done(self, batch_id: str) -> str:
+        """A stream of finished job ids of one batch, read in order by a resumable batch runner."""
+        return f"{self.namespace}:batch:{batch_id}:done"

@@ -1,0 +1,43 @@
+"""Settings every side shares, from `GENQ_` environment variables; passed explicitly, never global."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from jobcontract.limits import Limits
+from jobcontract.routes import Routes
+
+
+class GenqSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GENQ_", extra="ignore")
+
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        description="redis://, rediss:// (TLS) or unix://; user and password go in the URL.",
+    )
+    namespace: str = Field(default="genq", pattern=r"^[A-Za-z0-9_.-]+$", description="Prefix of every Redis key.")
+    routes_file: Path | None = Field(default=None, description="TOML model routes; the tiny model if unset.")
+    models_dir: Path = Field(default=Path("~/.cache/genq/models").expanduser())
+    result_ttl_s: int = Field(default=24 * 3600, ge=60, description="How long results stay in Redis.")
+    default_timeout_s: float = Field(default=600.0, gt=0, description="A job's deadline when it names none.")
+    max_tokens_cap: int = Field(default=4096, ge=1)
+    max_prompt_chars: int = Field(default=200_000, ge=1)
+    max_queued_jobs: int = Field(default=100_000, ge=1, description="Per queue; past it, submits are refused.")
+
+    @cached_property
+    def routes(self) -> Routes:
+        if self.routes_file is None:
+            return Routes.embedded(self.models_dir.expanduser())
+        return Routes.from_file(self.routes_file.expanduser())
+
+    @cached_property
+    def limits(self) -> Limits:
+        return Limits(
+            max_tokens=self.max_tokens_cap,
+            max_prompt_chars=self.max_prompt_chars,
+            models=self.routes.allowed_backends(),
+        )

@@ -1,0 +1,110 @@
+"""The Python client: submit jobs, wait for results, stream tokens, cancel, ask for status.
+
+Every request is validated against the deployment's limits and routes before anything touches
+Redis, so a malformed job raises `pydantic.ValidationError` and nothing is queued.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Self
+
+import redis
+
+from jobcontract.connection import connect, redact
+from jobcontract.jobs import JobStore, QueueFull, UnknownJob
+from jobcontract.keys import Keys
+from jobcontract.models import GenerationRequest, GenerationResult, JobState, JobStatus
+from jobcontract.settings import GenqSettings
+
+__all__ = ["Client", "GenqUnavailable", "QueueFull", "UnknownJob"]
+
+RequestLike = GenerationRequest | Mapping[str, Any]
+
+
+class GenqUnavailable(ConnectionError):
+    """Redis could not be reached; nothing was queued. Safe to retry."""
+
+
+class Client:
+    def __init__(self, settings: GenqSettings | None = None, *, redis_client: redis.Redis | None = None) -> None:
+        self.settings = settings or GenqSettings()
+        self.redis = redis_client or connect(self.settings.redis_url)
+        self.store = JobStore(self.redis, Keys(self.settings.namespace), result_ttl_s=self.settings.result_ttl_s,
+                              max_queued=self.settings.max_queued_jobs)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.redis.close()
+
+    def validate(self, request: RequestLike) -> GenerationRequest:
+        """Check a request against the field bounds and this deployment's limits and routes."""
+        data = request.model_dump(exclude_unset=True) if isinstance(request, GenerationRequest) else dict(request)
+        return GenerationRequest.model_validate(data, context={"limits": self.settings.limits})
+
+    def submit(self, request: RequestLike, *, job_id: str | None = None) -> str:
+        """Queue one job and return its id (the earlier job's id if its idempotency key was seen)."""
+        return self.submit_many([request], job_ids=None if job_id is None else [job_id])[0]
+
+    def submit_many(self, requests: Sequence[RequestLike], *, batch_id: str | None = None,
+                    job_ids: Sequence[str] | None = None) -> list[str]:
+        """Validate every request first, then queue them all in one round trip."""
+        checked = [self.validate(r) for r in requests]
+        routes = self.settings.routes
+        with self._reaching_redis():
+            receipts = self.store.submit_many(checked, route_for=routes.get,
+                                              default_timeout_s=self.settings.default_timeout_s,
+                                              batch_id=batch_id, job_ids=job_ids)
+        return [r.job_id for r in receipts]
+
+    def result(self, job_id: str, timeout: float | None = None) -> GenerationResult:
+        """Wait for a job's result; raises TimeoutError if it has none after `timeout` seconds."""
+        with self._reaching_redis():
+            return self.store.wait(job_id, timeout)
+
+    def results(self, job_ids: Sequence[str], timeout: float | None = None) -> list[GenerationResult]:
+        with self._reaching_redis():
+            done = self.store.wait_many(job_ids, timeout)
+        return [done[j] for j in job_ids]
+
+    def generate(self, request: RequestLike, timeout: float | None = None) -> GenerationResult:
+        return self.result(self.submit(request), timeout)
+
+    def stream(self, request: RequestLike, timeout: float | None = None) -> Iterator[str]:
+        """Yield generated text as the worker produces it."""
+        checked = self.validate(request)
+        job_id = self.submit(checked.model_copy(update={"stream": True}))
+        with self._reaching_redis():
+            for event in self.store.tokens(job_id, timeout):
+                yield event.text
+
+    def status(self, job_id: str) -> JobStatus:
+        with self._reaching_redis():
+            return self.store.status(job_id)
+
+    def cancel(self, job_id: str) -> JobState:
+        """CANCELLED if it will never run; RUNNING if its worker was asked to abort it."""
+        with self._reaching_redis():
+            return self.store.cancel(job_id)
+
+    def _reaching_redis(self) -> _RedisErrors:
+        return _RedisErrors(self.settings.redis_url)
+
+
+class _RedisErrors:
+    """Turn a Redis outage into one clear, retryable error naming the (redacted) URL."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, _tb: object) -> None:
+        if isinstance(error, redis.ConnectionError | redis.TimeoutError):
+            raise GenqUnavailable(f"cannot reach Redis at {redact(self.url)}: {error}") from error

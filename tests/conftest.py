@@ -1,0 +1,64 @@
+"""Test harness: a private redis-server per session (never the shared 6379), one namespace per test,
+the tiny model built once, and real genq workers started as subprocesses."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from genq.local_redis import LocalRedis
+from genq.tiny_model import ensure_tiny_model
+from jobcontract.connection import connect
+from jobcontract.keys import Keys
+from jobcontract.settings import GenqSettings
+from tests.harness import WorkerHandle, start_worker
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--soak", action="store_true", help="run the long soak variants of the fault tests")
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[LocalRedis]:
+    with LocalRedis(appendonly=True) as server:
+        yield server
+
+
+@pytest.fixture
+def namespace() -> str:
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def keys(namespace: str) -> Keys:
+    return Keys(namespace)
+
+
+@pytest.fixture
+def redis_client(redis_server: LocalRedis) -> Iterator[redis.Redis]:
+    client = connect(redis_server.url)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("models")
+    ensure_tiny_model(directory)
+    return directory
+
+
+@pytest.fixture
+def settings(redis_server: LocalRedis, namespace: str, models_dir: Path) -> GenqSettings:
+    return GenqSettings(redis_url=redis_server.url, namespace=namespace, models_dir=models_dir)
+
+
+@pytest.fixture
+def mlx_worker(settings: GenqSettings, tmp_path: Path) -> Iterator[WorkerHandle]:
+    handle = start_worker(settings, tmp_path, backend="mlx")
+    yield handle
+    handle.stop()

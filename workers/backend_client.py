@@ -1,0 +1,173 @@
+"""One streamed completion against an OpenAI-compatible backend server, timed token by token.
+
+Streaming is what lets a worker see the first token (time to first token), notice a server that
+froze mid-answer (the gap between tokens), and abort a cancelled job between two tokens.
+Every read has its own timeout: nothing else can interrupt a blocking socket read.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from jobcontract.models import AttemptOutcome, GenerationRequest
+from workers.servers.specs import ServerSpec
+
+
+class BackendError(Exception):
+    def __init__(self, outcome: AttemptOutcome, message: str, *, retryable: bool) -> None:
+        super().__init__(message)
+        self.outcome = outcome
+        self.retryable = retryable
+
+
+class Cancelled(Exception):
+    """The caller cancelled the job while it ran; the server request was closed."""
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    first_token_at: float | None  # monotonic
+    finished_at: float  # monotonic
+    token_gaps: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    first_token_s: float
+    between_tokens_s: float
+    deadline: float  # monotonic instant past which the job is out of time
+
+
+def build_payload(request: GenerationRequest, spec: ServerSpec) -> tuple[str, dict[str, Any]]:
+    payload: dict[str, Any] = {
+        **spec.request_defaults,
+        "max_tokens": request.max_tokens,
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+        "stream": True,
+    }
+    if spec.sends_usage_when_streaming:
+        payload["stream_options"] = {"include_usage": True}
+    if spec.request_model is not None:
+        payload["model"] = spec.request_model
+    if request.stop:
+        payload["stop"] = list(request.stop)
+    if request.seed is not None:
+        payload["seed"] = request.seed
+    if request.messages is not None:
+        payload["messages"] = [m.model_dump() for m in request.messages]
+        return "/v1/chat/completions", payload
+    payload["prompt"] = request.prompt
+    return "/v1/completions", payload
+
+
+def complete(
+    client: httpx.Client,
+    base_url: str,
+    request: GenerationRequest,
+    spec: ServerSpec,
+    timeouts: Timeouts,
+    *,
+    on_text: Callable[[int, str], None] | None = None,
+    cancelled: threading.Event | None = None,
+) -> Completion:
+    path, payload = build_payload(request, spec)
+    started = time.monotonic()
+    read_timeout = max(0.001, min(max(timeouts.first_token_s, timeouts.between_tokens_s),
+                                  timeouts.deadline - started))
+    timeout = httpx.Timeout(connect=min(2.0, read_timeout), read=read_timeout, write=5.0, pool=read_timeout)
+    pieces: list[str] = []
+    gaps: list[float] = []
+    first_token_at: float | None = None
+    last_token_at = started
+    finish_reason = "length"
+    usage: dict[str, Any] = {}
+    try:
+        with client.stream("POST", base_url + path, json=payload, timeout=timeout) as response:
+            if response.status_code != 200:
+                response.read()
+                raise _http_error(response)
+            for chunk in _events(response.iter_lines()):
+                now = time.monotonic()
+                if cancelled is not None and cancelled.is_set():
+                    raise Cancelled()
+                if now > timeouts.deadline:
+                    raise BackendError(AttemptOutcome.TIMEOUT, "job deadline passed while generating",
+                                       retryable=False)
+                if first_token_at is None and now - started > timeouts.first_token_s:
+                    raise BackendError(AttemptOutcome.TIMEOUT,
+                                       f"no first token after {timeouts.first_token_s:.1f}s", retryable=True)
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                for choice in chunk.get("choices") or ():
+                    text = _choice_text(choice)
+                    if text:
+                        if first_token_at is None:
+                            first_token_at = now
+                        else:
+                            gaps.append(now - last_token_at)
+                        last_token_at = now
+                        if on_text is not None:
+                            on_text(len(pieces), text)
+                        pieces.append(text)
+                    if choice.get("finish_reason"):
+                        finish_reason = choice["finish_reason"]
+    except httpx.TimeoutException as error:
+        phase = "first token" if first_token_at is None else "next token"
+        raise BackendError(AttemptOutcome.TIMEOUT, f"{spec.name} sent no {phase} in time ({error!r})",
+                           retryable=True) from error
+    except httpx.TransportError as error:  # connect refused, reset, closed mid-stream: the server died
+        raise BackendError(AttemptOutcome.CONNECTION_ERROR, f"{spec.name}: {error!r}", retryable=True) from error
+    completion_tokens = int(usage.get("completion_tokens") or len(pieces))
+    return Completion(
+        text="".join(pieces),
+        finish_reason="stop" if finish_reason == "stop" else "length",
+        prompt_tokens=int(usage.get("prompt_tokens") or 0),
+        # llama_cpp.server can count past max_tokens; callers are promised the cap.
+        completion_tokens=min(completion_tokens, request.max_tokens),
+        first_token_at=first_token_at,
+        finished_at=time.monotonic(),
+        token_gaps=gaps,
+    )
+
+
+def _events(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
+    """Server-sent events: `data: {...}` lines; comments (mlx's `: keepalive`) and blanks skipped."""
+    for line in lines:
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        try:
+            event = json.loads(data)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(event, dict):
+            yield event
+
+
+def _choice_text(choice: dict[str, Any]) -> str:
+    if "text" in choice:
+        return str(choice.get("text") or "")
+    delta = choice.get("delta") or choice.get("message") or {}
+    return str(delta.get("content") or "")
+
+
+def _http_error(response: httpx.Response) -> BackendError:
+    body = response.text[:500]
+    status = response.status_code
+    if status == 429 or status >= 500 or (status == 404 and "generation thread died" in body):
+        return BackendError(AttemptOutcome.SERVER_ERROR, f"server answered {status}: {body}", retryable=True)
+    return BackendError(AttemptOutcome.INVALID, f"server refused the request ({status}): {body}", retryable=False)

@@ -1,0 +1,46 @@
+"""A circuit breaker per pool, shared by every worker and caller through Redis.
+
+After `threshold` retryable failures in a row the pool's circuit opens for `cool_down_s`:
+callers admit new jobs to the next backend and workers reroute instead of retrying here, so no
+job waits out a timeout on a backend known to be failing. When the key expires the next job
+probes the pool again; a success clears the count, another failure streak reopens it.
+"""
+
+from __future__ import annotations
+
+import redis
+
+from jobcontract.keys import Keys, pool_name
+from jobcontract.models import Backend
+
+
+class CircuitBreaker:
+    def __init__(self, client: redis.Redis, keys: Keys, model: str, *, threshold: int = 3,
+                 cool_down_s: float = 10.0) -> None:
+        self.client = client
+        self.keys = keys
+        self.model = model
+        self.threshold = threshold
+        self.cool_down_ms = int(cool_down_s * 1000)
+
+    def _key(self, backend: Backend) -> str:
+        return self.keys.circuit(pool_name(self.model, backend))
+
+    def is_open(self, backend: Backend) -> bool:
+        return bool(self.client.exists(self._key(backend)))
+
+    def record_failure(self, backend: Backend) -> bool:
+        """Count a failure; returns True when this one opened the circuit."""
+        streak = self._key(backend) + ":streak"
+        pipe = self.client.pipeline(transaction=True)
+        pipe.incr(streak)
+        pipe.pexpire(streak, self.cool_down_ms * 3)
+        count = int(pipe.execute()[0])
+        if count >= self.threshold:
+            opened = self.client.set(self._key(backend), count, px=self.cool_down_ms, nx=True)
+            self.client.delete(streak)
+            return bool(opened)
+        return False
+
+    def record_success(self, backend: Backend) -> None:
+        self.client.delete(self._key(backend) + ":streak", self._key(backend))

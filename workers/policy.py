@@ -1,0 +1,63 @@
+"""After a failed attempt: retry on this pool, reroute to the next backend, or give up.
+
+A pure function of the job's history, its route and what is left of its one deadline, so the
+whole policy can be read, and tested, in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from jobcontract.jobs import candidate_backends
+from jobcontract.models import Attempt, Backend
+from jobcontract.routes import ModelRoute
+
+
+@dataclass(frozen=True)
+class RetryHere:
+    delay_s: float
+
+
+@dataclass(frozen=True)
+class Reroute:
+    backend: Backend
+
+
+@dataclass(frozen=True)
+class GiveUp:
+    reason: str
+    dead_letter: bool  # exhausted retryable failures are kept for replay; hopeless requests are not
+
+
+Decision = RetryHere | Reroute | GiveUp
+
+
+def decide(
+    *,
+    failed: Attempt,
+    retryable: bool,
+    history: Sequence[Attempt],
+    route: ModelRoute,
+    preferred: Backend | None,
+    remaining_s: float,
+    circuit_open: Callable[[Backend], bool],
+) -> Decision:
+    if not retryable:
+        return GiveUp(f"{failed.outcome.value}: {failed.error}", dead_letter=False)
+    if remaining_s <= 0:
+        return GiveUp(f"deadline passed after {len(history) + 1} attempt(s); last: {failed.error}",
+                      dead_letter=True)
+    here = route.backend(failed.backend)
+    tries_here = 1 + sum(1 for a in history if a.backend is failed.backend)
+    if tries_here < here.max_attempts and not circuit_open(failed.backend):
+        delay = here.retry_backoff_s * 2 ** (tries_here - 1)
+        if delay < remaining_s:
+            return RetryHere(delay)
+    tried = {a.backend for a in history} | {failed.backend}
+    untried = [b for b in candidate_backends(route, preferred) if b not in tried]
+    if untried:
+        closed = [b for b in untried if not circuit_open(b)]
+        return Reroute((closed or untried)[0])
+    return GiveUp(f"every backend failed ({', '.join(b.value for b in sorted(tried))}); last: {failed.error}",
+                  dead_letter=True)

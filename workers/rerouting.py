@@ -1,0 +1,110 @@
+"""The dramatiq middleware that acts on the policy after every failed attempt.
+
+It replaces dramatiq's Retries middleware, which retries every exception on the same queue with
+a 15 s backoff and knows nothing of deadlines or other backends.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import dramatiq
+
+from jobcontract.jobs import JobStore
+from jobcontract.keys import queue_name
+from jobcontract.models import (
+    Attempt,
+    AttemptOutcome,
+    GenerationRequest,
+    GenerationResult,
+    JobError,
+    JobState,
+    Timings,
+    utc_from_micros,
+)
+from jobcontract.routes import ModelRoute
+from workers.circuit import CircuitBreaker
+from workers.metrics import WorkerMetrics
+from workers.policy import GiveUp, Reroute, RetryHere, decide
+from workers.runner import AttemptFailed
+
+log = logging.getLogger(__name__)
+
+
+class Rerouting(dramatiq.Middleware):  # type: ignore[misc]
+    def __init__(self, *, store: JobStore, route: ModelRoute, circuit: CircuitBreaker,
+                 metrics: WorkerMetrics, worker_name: str) -> None:
+        self.store = store
+        self.route = route
+        self.circuit = circuit
+        self.metrics = metrics
+        self.worker_name = worker_name
+
+    def after_process_message(self, broker: dramatiq.Broker, message: dramatiq.MessageProxy, *,
+                              result: Any = None, exception: BaseException | None = None) -> None:
+        if exception is None:
+            return
+        request = GenerationRequest.model_validate(message.kwargs["request"])
+        if not isinstance(exception, AttemptFailed):
+            log.exception("job %s failed on an unexpected error", message.message_id, exc_info=exception)
+            self._give_up(message, request, [], GiveUp(f"worker error: {exception!r}", dead_letter=True), None)
+            return
+        failed = exception.attempt
+        history = [Attempt.model_validate(a) for a in message.kwargs.get("attempts", [])]
+        labels = {"model": request.model, "backend": failed.backend.value}
+        self.metrics.attempts.labels(**labels, outcome=failed.outcome.value).inc()
+        if exception.retryable:
+            self.circuit.record_failure(failed.backend)
+        remaining = (exception.deadline_us - exception.enqueued_us) / 1e6 - _elapsed_s(exception, failed)
+        decision = decide(failed=failed, retryable=exception.retryable, history=history, route=self.route,
+                          preferred=request.backend, remaining_s=remaining, circuit_open=self.circuit.is_open)
+        attempts = [*message.kwargs.get("attempts", []), failed.model_dump(mode="json")]
+        kwargs = {**message.kwargs, "attempts": attempts}
+        if isinstance(decision, RetryHere):
+            self.metrics.retries.labels(**labels, reason=failed.outcome.value).inc()
+            delay_ms = int(decision.delay_s * 1000)
+            broker.enqueue(message._message.copy(kwargs=kwargs), delay=delay_ms if delay_ms > 0 else None)
+        elif isinstance(decision, Reroute):
+            self.metrics.reroutes.labels(model=request.model, from_backend=failed.backend.value,
+                                         to_backend=decision.backend.value).inc()
+            target = queue_name(request.model, decision.backend, request.lane)
+            broker.enqueue(message._message.copy(queue_name=target, kwargs=kwargs))
+            log.info("job %s rerouted %s -> %s after %s", message.message_id, failed.backend.value,
+                     decision.backend.value, failed.outcome.value)
+        else:
+            self._give_up(message, request, [*history, failed], decision, exception)
+
+    def _give_up(self, message: dramatiq.MessageProxy, request: GenerationRequest, attempts: list[Attempt],
+                 decision: GiveUp, failure: AttemptFailed | None) -> None:
+        enqueued_us = failure.enqueued_us if failure is not None else message.message_timestamp * 1000
+        now = self.store.now()
+        last = attempts[-1] if attempts else None
+        result = GenerationResult(
+            job_id=message.args[0],
+            model=request.model,
+            state=JobState.FAILED,
+            finish_reason="error",
+            backend=last.backend if last else None,
+            worker=self.worker_name,
+            attempts=attempts,
+            timings=Timings(enqueued_at=utc_from_micros(enqueued_us),
+                            started_at=last.started_at if last else None, finished_at=now),
+            error=JobError(type=last.outcome.value if last else "worker_error", message=decision.reason,
+                           retryable=decision.dead_letter),
+            metadata=request.metadata,
+        )
+        if self.store.finish(result, message.kwargs.get("batch_id")):
+            outcome = "dead_lettered" if decision.dead_letter else "failed"
+            backend = last.backend.value if last else "none"
+            self.metrics.jobs.labels(model=request.model, backend=backend, outcome=outcome).inc()
+        if decision.dead_letter:
+            message.fail()  # the consumer's nack files it under dead letters with this reason
+            message.stuff_exception(RuntimeError(decision.reason))
+        if last is not None and last.outcome is AttemptOutcome.INVALID:
+            log.warning("job %s refused by the server: %s", message.message_id, decision.reason)
+
+
+def _elapsed_s(failure: AttemptFailed, attempt: Attempt) -> float:
+    started_us = int(attempt.started_at.timestamp() * 1_000_000)
+    return (started_us - failure.enqueued_us) / 1e6 + attempt.duration_s

@@ -1,0 +1,175 @@
+"""The body of the generate actor: one attempt of one job on this worker's server.
+
+A failed attempt raises AttemptFailed carrying what happened; what to do next (retry here,
+reroute to the next backend, give up) is the rerouting middleware's decision, not this code's.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import datetime, timedelta
+from typing import Any
+
+import httpx
+
+from jobcontract.jobs import JobStore, StartTicket
+from jobcontract.models import (
+    Attempt,
+    AttemptOutcome,
+    Backend,
+    GenerationRequest,
+    GenerationResult,
+    JobError,
+    JobState,
+    Timings,
+    Usage,
+    utc_from_micros,
+)
+from jobcontract.routes import BackendRoute
+from workers.backend_client import BackendError, Cancelled, Timeouts, complete
+from workers.cancellation import CancelWatch
+from workers.metrics import WorkerMetrics
+from workers.servers.supervisor import ServerSupervisor
+
+log = logging.getLogger(__name__)
+
+
+class AttemptFailed(Exception):
+    """An attempt that did not produce a result; `attempt` is recorded in the job's history."""
+
+    def __init__(self, attempt: Attempt, *, retryable: bool, deadline_us: int, enqueued_us: int) -> None:
+        super().__init__(attempt.error or attempt.outcome.value)
+        self.attempt = attempt
+        self.retryable = retryable
+        self.deadline_us = deadline_us
+        self.enqueued_us = enqueued_us
+
+
+class JobRunner:
+    def __init__(
+        self,
+        *,
+        store: JobStore,
+        server: ServerSupervisor,
+        route: BackendRoute,
+        worker_name: str,
+        queue_for_lane: dict[str, str],
+        http: httpx.Client,
+        cancels: CancelWatch,
+        metrics: WorkerMetrics,
+    ) -> None:
+        self.store = store
+        self.server = server
+        self.route = route
+        self.backend: Backend = route.backend
+        self.worker_name = worker_name
+        self.queue_for_lane = queue_for_lane
+        self.http = http
+        self.cancels = cancels
+        self.metrics = metrics
+        self.in_flight = 0
+        self._count_lock = threading.Lock()
+
+    def run(self, job_id: str, request: dict[str, Any], attempts: list[dict[str, Any]],
+            batch_id: str | None = None) -> None:
+        parsed = GenerationRequest.model_validate(request)
+        queue = self.queue_for_lane[parsed.lane.value]
+        ticket = self.store.start(job_id, self.worker_name, self.backend, queue)
+        if not isinstance(ticket, StartTicket):
+            if ticket is JobState.CANCELLED:
+                self._finish_cancelled(job_id, parsed, attempts, batch_id, started=None)
+            log.info("job %s not run: %s", job_id, "record expired" if ticket is None else ticket.value)
+            return
+        with self._count_lock:
+            self.in_flight += 1
+            self.metrics.in_flight.set(self.in_flight)
+        try:
+            self._attempt(job_id, parsed, attempts, batch_id, ticket)
+        finally:
+            with self._count_lock:
+                self.in_flight -= 1
+                self.metrics.in_flight.set(self.in_flight)
+
+    def _attempt(self, job_id: str, request: GenerationRequest, history: list[dict[str, Any]],
+                 batch_id: str | None, ticket: StartTicket) -> None:
+        started_mono = time.monotonic()
+        started_at = utc_from_micros(ticket.started_us)
+        enqueued_at = utc_from_micros(ticket.enqueued_us)
+        self.metrics.queue_wait.labels(**self._labels(request)).observe(
+            max(0.0, (ticket.started_us - ticket.enqueued_us) / 1e6))
+
+        def fail(outcome: AttemptOutcome, message: str, retryable: bool) -> AttemptFailed:
+            attempt = Attempt(backend=self.backend, worker=self.worker_name, outcome=outcome,
+                              started_at=started_at, duration_s=time.monotonic() - started_mono, error=message)
+            return AttemptFailed(attempt, retryable=retryable, deadline_us=ticket.deadline_us,
+                                 enqueued_us=ticket.enqueued_us)
+
+        remaining = ticket.remaining_s
+        if remaining <= 0:
+            raise fail(AttemptOutcome.TIMEOUT, "deadline passed before the job started", False)
+        if not self.server.wait_ready(min(remaining, self.route.first_token_timeout_s)):
+            raise fail(AttemptOutcome.UNAVAILABLE, f"{self.server.spec.name} is not ready", True)
+        timeouts = Timeouts(first_token_s=self.route.first_token_timeout_s,
+                            between_tokens_s=self.route.token_timeout_s,
+                            deadline=started_mono + remaining)
+        publish = (lambda i, text: self.store.publish_token(job_id, i, text)) if request.stream else None
+        with self.cancels.watch(job_id) as cancelled:
+            try:
+                completion = complete(self.http, self.server.base_url, request, self.server.spec, timeouts,
+                                      on_text=publish, cancelled=cancelled)
+            except Cancelled:
+                self._finish_cancelled(job_id, request, history, batch_id, started=started_at,
+                                       enqueued_at=enqueued_at, duration=time.monotonic() - started_mono)
+                return
+            except BackendError as error:
+                raise fail(error.outcome, str(error), error.retryable) from error
+
+        def at(mono: float) -> datetime:
+            return started_at + timedelta(seconds=mono - started_mono)
+
+        attempt = Attempt(backend=self.backend, worker=self.worker_name, outcome=AttemptOutcome.SUCCEEDED,
+                          started_at=started_at, duration_s=completion.finished_at - started_mono)
+        result = GenerationResult(
+            job_id=job_id,
+            model=request.model,
+            state=JobState.SUCCEEDED,
+            text=completion.text,
+            finish_reason="stop" if completion.finish_reason == "stop" else "length",
+            usage=Usage(prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens),
+            backend=self.backend,
+            worker=self.worker_name,
+            attempts=[*(Attempt.model_validate(a) for a in history), attempt],
+            timings=Timings(
+                enqueued_at=enqueued_at,
+                started_at=started_at,
+                first_token_at=None if completion.first_token_at is None else at(completion.first_token_at),
+                finished_at=at(completion.finished_at),
+            ),
+            metadata=request.metadata,
+        )
+        if self.store.finish(result, batch_id):
+            self.metrics.observe_success(request, result, completion.token_gaps)
+        else:
+            log.info("job %s had already finished elsewhere; this run's result is dropped", job_id)
+
+    def _finish_cancelled(self, job_id: str, request: GenerationRequest, history: list[dict[str, Any]],
+                          batch_id: str | None, *, started: datetime | None,
+                          enqueued_at: datetime | None = None, duration: float = 0.0) -> None:
+        now = self.store.now()
+        attempts = [Attempt.model_validate(a) for a in history]
+        if started is not None:
+            attempts.append(Attempt(backend=self.backend, worker=self.worker_name,
+                                    outcome=AttemptOutcome.CANCELLED, started_at=started, duration_s=duration))
+        result = GenerationResult(
+            job_id=job_id, model=request.model, state=JobState.CANCELLED, finish_reason="cancelled",
+            backend=self.backend, worker=self.worker_name, attempts=attempts,
+            timings=Timings(enqueued_at=enqueued_at or now, started_at=started, finished_at=now),
+            error=JobError(type="cancelled", message="cancelled by request"), metadata=request.metadata,
+        )
+        if self.store.finish(result, batch_id):
+            self.metrics.jobs.labels(**self._labels(request), outcome="cancelled").inc()
+
+    def _labels(self, request: GenerationRequest) -> dict[str, str]:
+        return {"model": request.model, "backend": self.backend.value}

@@ -1,0 +1,105 @@
+"""How to launch and talk to each backend server: the only place their differences live."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jobcontract.models import Backend
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """A server command line and the quirks a caller must absorb so every backend behaves alike."""
+
+    name: str
+    backend: Backend
+    argv_head: tuple[str, ...]
+    port_flag: str
+    readiness_path: str
+    env: dict[str, str] = field(default_factory=dict)
+    # What to send as "model": mlx_lm.server treats any name but its own --model as a hub repo.
+    request_model: str | None = None
+    # Fields sent on every request, so defaults that differ between servers never leak to callers.
+    request_defaults: dict[str, Any] = field(default_factory=dict)
+    sends_usage_when_streaming: bool = True
+
+    def argv(self, port: int) -> list[str]:
+        return [*self.argv_head, self.port_flag, str(port)]
+
+
+def mlx_spec(model_path: str, *, concurrency: int, max_tokens: int, hub_cache: Path) -> ServerSpec:
+    """mlx_lm.server; `HF_HUB_OFFLINE` and an existing hub cache keep it from reaching for the network
+    (with no cache folder its /v1/models answers 200 with an empty body)."""
+    hub_cache.mkdir(parents=True, exist_ok=True)
+    return ServerSpec(
+        name="mlx_lm.server",
+        backend=Backend.MLX,
+        argv_head=(
+            sys.executable, "-c", "from mlx_lm.server import main; main()",
+            "--model", model_path,
+            "--host", "127.0.0.1",
+            "--max-tokens", str(max_tokens),
+            "--decode-concurrency", str(concurrency),
+            "--prompt-concurrency", str(max(1, min(concurrency, 8))),
+            "--log-level", "WARNING",
+        ),
+        port_flag="--port",
+        readiness_path="/health",
+        env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub_cache), "TRANSFORMERS_OFFLINE": "1"},
+        request_model=model_path,
+    )
+
+
+def llama_server_spec(binary: str, gguf_path: str, *, slots: int, context_length: int, threads: int) -> ServerSpec:
+    """The C++ llama-server: /health, parallel slots, its own /metrics. Context is shared by slots."""
+    return ServerSpec(
+        name="llama-server",
+        backend=Backend.LLAMACPP,
+        argv_head=(
+            binary, "-m", gguf_path, "-a", "genq",
+            "--host", "127.0.0.1",
+            "-c", str(context_length * slots),
+            "-np", str(slots),
+            "-t", str(threads),
+            "--metrics",
+        ),
+        port_flag="--port",
+        readiness_path="/health",
+        request_defaults={"repeat_penalty": 1.0},
+    )
+
+
+def llama_cpp_python_spec(gguf_path: str, *, context_length: int, threads: int) -> ServerSpec:
+    """`python -m llama_cpp.server`: no /health (probe /v1/models), temperature 0.8 and
+    repeat_penalty 1.1 by default (always sent explicitly), one request at a time, no usage when
+    streaming."""
+    return ServerSpec(
+        name="llama_cpp.server",
+        backend=Backend.LLAMACPP,
+        argv_head=(
+            sys.executable, "-m", "llama_cpp.server",
+            "--model", gguf_path,
+            "--model_alias", "genq",
+            "--host", "127.0.0.1",
+            "--n_ctx", str(context_length),
+            "--n_threads", str(threads),
+        ),
+        port_flag="--port",
+        readiness_path="/v1/models",
+        request_defaults={"repeat_penalty": 1.0},
+        sends_usage_when_streaming=False,
+    )
+
+
+def find_llama_server(explicit: str | None) -> str | None:
+    """An explicit path, else `llama-server` on PATH, else None (then llama_cpp.server is used)."""
+    if explicit:
+        if not os.access(explicit, os.X_OK):
+            raise FileNotFoundError(f"llama-server binary {explicit!r} is not an executable file")
+        return explicit
+    return shutil.which("llama-server")

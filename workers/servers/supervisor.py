@@ -1,0 +1,213 @@
+"""Owns one backend server subprocess: start on a free loopback port, wait until ready, restart it
+when it dies or freezes, stop it with its worker.
+
+No orphans: the server runs in its worker's process group (the worker process leads its own
+group), so whoever reaps a dead worker kills the group; on Linux the kernel also sends the
+server SIGKILL the moment its worker dies (PR_SET_PDEATHSIG), whatever killed it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+import httpx
+
+from workers.servers.specs import ServerSpec
+
+log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+
+
+class ServerFailed(RuntimeError):
+    """The server could not be brought up (it exited, or never became ready)."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def set_pdeathsig() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+    return set_pdeathsig
+
+
+class ServerSupervisor:
+    def __init__(
+        self,
+        spec: ServerSpec,
+        *,
+        log_path: Path,
+        start_timeout_s: float = 120.0,
+        probe_interval_s: float = 0.25,
+        hang_timeout_s: float = 2.0,
+        on_state: Callable[[str], None] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.log_path = log_path
+        self.start_timeout_s = start_timeout_s
+        self.probe_interval_s = probe_interval_s
+        self.hang_timeout_s = hang_timeout_s
+        self.on_state = on_state or (lambda _state: None)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self.restarts = 0
+        self.ready = threading.Event()
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._monitor: threading.Thread | None = None
+        self._log_file: IO[bytes] | None = None
+        self._probe = httpx.Client(timeout=httpx.Timeout(hang_timeout_s, connect=1.0))
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.process is None else self.process.pid
+
+    def start(self) -> None:
+        """Launch and block until ready; then keep watching it from a background thread."""
+        self._launch_until_ready()
+        self._monitor = threading.Thread(target=self._watch, name=f"watch-{self.spec.name}", daemon=True)
+        self._monitor.start()
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        return self.ready.wait(max(0.0, timeout_s))
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        self._stopping.set()
+        self.ready.clear()
+        with self._lock:
+            self._terminate(grace_s)
+        if self._monitor is not None:
+            self._monitor.join(timeout=grace_s + 1)
+        self._probe.close()
+        if self._log_file is not None:
+            self._log_file.close()
+
+    # -- internals -------------------------------------------------------------------------------------
+    def _launch_until_ready(self) -> None:
+        for attempt in range(3):  # a port taken between free_port() and bind is retried on another
+            with self._lock:
+                self._launch()
+            if self._await_ready():
+                self.ready.set()
+                self.on_state("ready")
+                return
+            assert self.process is not None
+            exited = self.process.poll() is not None
+            with self._lock:
+                self._terminate(1.0)
+            if not exited or attempt == 2:
+                break
+        raise ServerFailed(
+            f"{self.spec.name} did not become ready in {self.start_timeout_s:.0f}s; see {self.log_path}"
+        )
+
+    def _launch(self) -> None:
+        self.port = free_port()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        if self._log_file is None:
+            self._log_file = self.log_path.open("ab")
+        env = {**os.environ, **self.spec.env}
+        argv = self.spec.argv(self.port)
+        log.info("starting %s on port %d", self.spec.name, self.port)
+        self.process = subprocess.Popen(  # noqa: S603 - argv is built from config, never from a request
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            preexec_fn=_die_with_parent(),  # noqa: PLW1509
+            close_fds=True,
+        )
+
+    def _await_ready(self) -> bool:
+        """Ready means the readiness path answers 200 while the process is alive: mlx_lm.server stays
+        up and answers 503 when its model failed to load."""
+        deadline = time.monotonic() + self.start_timeout_s
+        assert self.process is not None
+        while time.monotonic() < deadline and not self._stopping.is_set():
+            if self.process.poll() is not None:
+                log.error("%s exited with %s during start", self.spec.name, self.process.returncode)
+                return False
+            if self._answers():
+                return True
+            time.sleep(0.05)
+        return False
+
+    def _answers(self) -> bool:
+        try:
+            response = self._probe.get(self.base_url + self.spec.readiness_path)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200 and bool(response.content)
+
+    def _watch(self) -> None:
+        backoff = 0.0
+        silent_since: float | None = None
+        while not self._stopping.wait(self.probe_interval_s):
+            assert self.process is not None
+            died = self.process.poll() is not None
+            if not died:
+                if self._answers():
+                    silent_since = None
+                    backoff = 0.0
+                    continue
+                silent_since = silent_since or time.monotonic()
+                if time.monotonic() - silent_since < self.hang_timeout_s:
+                    continue
+            if self._stopping.is_set():
+                return
+            reason = f"exited with {self.process.returncode}" if died else "stopped answering"
+            log.warning("%s %s; restarting", self.spec.name, reason)
+            self.ready.clear()
+            self.on_state("down")
+            with self._lock:
+                self._terminate(0.5)
+            if backoff:
+                time.sleep(backoff)
+            backoff = min(5.0, max(0.2, backoff * 2))  # a crash loop backs off instead of spinning
+            silent_since = None
+            try:
+                self._launch_until_ready()
+                self.restarts += 1
+                self.on_state("restarted")
+            except ServerFailed as error:
+                log.error("restart failed: %s", error)
+
+    def _terminate(self, grace_s: float) -> None:
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGCONT)  # a frozen server cannot act on SIGTERM
+            process.terminate()
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            process.wait(timeout=5)

@@ -1,0 +1,177 @@
+"""`genq worker`: a small parent that keeps N worker processes alive and vouches for them.
+
+Why a parent: plain `dramatiq` stops every process when one dies; here a dead process is reaped
+(its server's process group killed), its jobs handed back at once, and a new one started while
+the others keep serving. And because the parent, not the worker, renews each worker's liveness
+key in Redis, a worker whose thread holds the GIL in native code for minutes is still vouched
+for, while a dead host's keys simply expire: Redis's own clock decides, so host clocks may drift.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from multiprocessing.context import SpawnProcess
+from multiprocessing.synchronize import Event as ProcessEvent
+
+import redis
+
+from jobcontract.broker import StreamsBroker
+from jobcontract.connection import connect, redact
+from jobcontract.keys import Keys, pool_name
+from workers import process as worker_process
+from workers.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+VOUCH_SCRIPT = """
+-- KEYS: pool set, then one liveness key per worker. ARGV: ttl_ms, then names, then ready flags.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local n = #KEYS - 1
+local ttl = tonumber(ARGV[1])
+for i = 1, n do
+  redis.call('SET', KEYS[i + 1], '1', 'PX', ttl)
+  if ARGV[1 + n + i] == '1' then
+    redis.call('ZADD', KEYS[1], now + ttl * 1000, ARGV[1 + i])
+  end
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+return n
+"""
+
+
+@dataclass
+class Child:
+    name: str
+    process: SpawnProcess
+    ready: ProcessEvent
+    started: float = field(default_factory=time.monotonic)
+
+
+class WorkerPool:
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+        self.keys = Keys(settings.namespace)
+        self.client = connect(settings.redis_url)
+        self.pool = self.keys.pool(pool_name(settings.model, settings.backend))
+        self.broker = StreamsBroker(self.client, self.keys, consumer_name=f"supervisor:{settings.host}:{os.getpid()}",
+                                    middleware=[])
+        self._vouch = self.client.register_script(VOUCH_SCRIPT)
+        self._context = multiprocessing.get_context("spawn")
+        self.children: list[Child] = []
+        self.stopping = threading.Event()
+        self._crashes: list[float] = []
+
+    def run(self) -> int:
+        log.info("genq worker: %d x %s on %s, redis %s", self.settings.processes, self.settings.model,
+                 self.settings.backend.value, redact(self.settings.redis_url))
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: self.stopping.set())
+        metrics_dir = self._start_metrics()
+        try:
+            for _ in range(self.settings.processes):
+                self.children.append(self._spawn())
+            while not self.stopping.wait(0.5):
+                self._tend()
+        finally:
+            self._shutdown()
+            if metrics_dir is not None:
+                shutil.rmtree(metrics_dir, ignore_errors=True)
+        return 0
+
+    # -- one pass of care --------------------------------------------------------------------------
+    def _tend(self) -> None:
+        for child in list(self.children):
+            if child.process.is_alive():
+                continue
+            log.warning("worker %s exited with %s; replacing it", child.name, child.process.exitcode)
+            self._bury(child)
+            self.children.remove(child)
+            self._crashes.append(time.monotonic())
+            self._crashes = [t for t in self._crashes if time.monotonic() - t < 60]
+            if len(self._crashes) > 10:  # a crash loop: back off instead of spinning
+                self.stopping.wait(5.0)
+            if not self.stopping.is_set():
+                self.children.append(self._spawn())
+        try:
+            self._vouch_for(self.children)
+            self.broker.reclaim_dead_consumers()
+        except redis.RedisError as error:
+            log.warning("redis unreachable from the supervisor (%s); workers keep their jobs", error)
+
+    def _vouch_for(self, children: list[Child]) -> None:
+        if not children:
+            return
+        keys = [self.pool, *(self.keys.alive(c.name) for c in children)]
+        ready = ["1" if c.ready.is_set() else "0" for c in children]
+        ttl_ms = int(self.settings.liveness_ttl_s * 1000)
+        self._vouch(keys=keys, args=[ttl_ms, *(c.name for c in children), *ready])
+
+    def _spawn(self) -> Child:
+        name = f"{self.settings.host}:{self.settings.model}.{self.settings.backend.value}:{uuid.uuid4().hex[:8]}"
+        ready = self._context.Event()
+        child = Child(name=name, process=self._context.Process(
+            target=worker_process.main, args=(self.settings.model_dump_json(), name, ready), name=name,
+            daemon=False), ready=ready)
+        # Vouch before it reads anything, so no janitor mistakes it for dead.
+        with contextlib.suppress(redis.RedisError):
+            self._vouch_for([child])
+        child.process.start()
+        return child
+
+    def _bury(self, child: Child) -> None:
+        """Kill what the dead worker left (its server, in its process group), then hand its jobs back."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.process.pid or 0, signal.SIGKILL)
+        self._mark_metrics_dead(child)
+        with contextlib.suppress(redis.RedisError):
+            self.client.delete(self.keys.alive(child.name))
+            self.client.zrem(self.pool, child.name)
+            moved = self.broker.reclaim_dead_consumers()
+            if moved:
+                log.info("handed back %d job(s) of %s", moved, child.name)
+
+    def _shutdown(self) -> None:
+        log.info("stopping %d worker(s), grace %.0fs", len(self.children), self.settings.shutdown_grace_s)
+        for child in self.children:
+            with contextlib.suppress(ProcessLookupError):
+                if child.process.pid:
+                    os.kill(child.process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.settings.shutdown_grace_s + 10
+        for child in self.children:
+            child.process.join(timeout=max(0.1, deadline - time.monotonic()))
+            if child.process.is_alive():
+                log.warning("worker %s did not stop in time; killing it", child.name)
+            self._bury(child)
+        self.children.clear()
+
+    # -- metrics across processes ------------------------------------------------------------------
+    def _start_metrics(self) -> str | None:
+        if self.settings.metrics_port is None:
+            return None
+        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="genq-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=directory)
+        start_http_server(self.settings.metrics_port, addr="0.0.0.0", registry=registry)  # noqa: S104
+        log.info("metrics of all worker processes on :%d/metrics", self.settings.metrics_port)
+        return directory
+
+    def _mark_metrics_dead(self, child: Child) -> None:
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ and child.process.pid:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(child.process.pid)
