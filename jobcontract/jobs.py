@@ -35,7 +35,12 @@ from jobcontract.models import (
 )
 from jobcontract.routes import ModelRoute
 
-_NOW_US = "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000000 + tonumber(t[2])\n"
+# Redis's clock in integer microseconds (exact in a Lua double); `us` prints one without an exponent.
+_NOW_US = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local function us(n) return string.format('%.0f', n) end
+"""
 
 SUBMIT_SCRIPT = _NOW_US + """
 -- KEYS: job, idempotency, then (stream, pool, circuit) for each candidate backend in order.
@@ -57,7 +62,7 @@ local stream = KEYS[3 + 3 * chosen]
 local queue = ARGV[9 + candidates + chosen]
 if redis.call('XLEN', stream) >= tonumber(ARGV[2]) then return {'full', ARGV[1], queue} end
 redis.call('HSET', KEYS[1], 'state', 'queued', 'model', ARGV[5], 'lane', ARGV[6], 'queue', queue,
-           'enqueued_us', tostring(now), 'deadline_us', tostring(now + tonumber(ARGV[4])), 'starts', '0')
+           'enqueued_us', us(now), 'deadline_us', us(now + tonumber(ARGV[4])), 'starts', '0')
 if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'batch', ARGV[7]) end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('XADD', stream, '*', 'm', ARGV[9 + chosen], 'r', '0')
@@ -71,11 +76,11 @@ local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {'missing'} end
 if state == 'succeeded' or state == 'failed' or state == 'cancelled' then return {state} end
 if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then return {'cancel'} end
-redis.call('HSET', KEYS[1], 'state', 'running', 'started_us', tostring(now), 'worker', ARGV[1],
+redis.call('HSET', KEYS[1], 'state', 'running', 'started_us', us(now), 'worker', ARGV[1],
            'backend', ARGV[2], 'queue', ARGV[3])
 redis.call('HINCRBY', KEYS[1], 'starts', 1)
 return {'run', redis.call('HGET', KEYS[1], 'enqueued_us'), redis.call('HGET', KEYS[1], 'deadline_us'),
-        tostring(now)}
+        us(now)}
 """
 
 FINISH_SCRIPT = _NOW_US + """
@@ -83,7 +88,7 @@ FINISH_SCRIPT = _NOW_US + """
 -- ARGV: state, result json, ttl_s, job_id, has_batch.
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'succeeded' or state == 'failed' or state == 'cancelled' then return 0 end
-redis.call('HSET', KEYS[1], 'state', ARGV[1], 'result', ARGV[2], 'finished_us', tostring(now))
+redis.call('HSET', KEYS[1], 'state', ARGV[1], 'result', ARGV[2], 'finished_us', us(now))
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('XADD', KEYS[2], '*', 'type', 'done', 'state', ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[3])

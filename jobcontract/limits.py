@@ -17,12 +17,18 @@ class Limits:
     # Logical model name -> the backends its route allows, in order of preference.
     models: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
+    def cap(self, request: GenerationRequest) -> GenerationRequest:
+        """A request that left max_tokens to its default gets at most this deployment's cap."""
+        if "max_tokens" not in request.model_fields_set and request.max_tokens > self.max_tokens:
+            return request.model_copy(update={"max_tokens": self.max_tokens})
+        return request
+
     def check(self, request: GenerationRequest) -> None:
         """Raise ValueError, with the reason a caller can act on, for anything over a limit."""
         if request.model not in self.models:
             known = ", ".join(sorted(self.models)) or "none configured"
             raise ValueError(f"unknown model {request.model!r}; known models: {known}")
-        if request.max_tokens > self.max_tokens:
+        if "max_tokens" in request.model_fields_set and request.max_tokens > self.max_tokens:
             raise ValueError(f"max_tokens {request.max_tokens} is over this deployment's cap of {self.max_tokens}")
         if request.prompt_chars > self.max_prompt_chars:
             raise ValueError(

@@ -45,7 +45,8 @@ class Client:
     def validate(self, request: RequestLike) -> GenerationRequest:
         """Check a request against the field bounds and this deployment's limits and routes."""
         data = request.model_dump(exclude_unset=True) if isinstance(request, GenerationRequest) else dict(request)
-        return GenerationRequest.model_validate(data, context={"limits": self.settings.limits})
+        limits = self.settings.limits
+        return limits.cap(GenerationRequest.model_validate(data, context={"limits": limits}))
 
     def submit(self, request: RequestLike, *, job_id: str | None = None) -> str:
         """Queue one job and return its id (the earlier job's id if its idempotency key was seen)."""
