@@ -73,6 +73,12 @@ def _tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def quiet_libraries() -> None:
+    """One line per request from httpx would drown what matters."""
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genq", description="LLM generation jobs through Redis.")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -118,6 +124,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_libraries()
     try:
         code = args.run(args)
     except KeyboardInterrupt:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 from genq.local_redis import LocalRedis
 from genq.tiny_model import ensure_tiny_model
@@ -44,10 +45,13 @@ def redis_for_demo() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def worker_process(redis_url: str) -> Iterator[subprocess.Popen[bytes]]:
+def worker_process(redis_url: str, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     env = {**os.environ, "GENQ_REDIS_URL": redis_url}
-    process = subprocess.Popen([sys.executable, "-m", "genq", "worker", "--model", "tiny", "--backend", "mlx"],  # noqa: S603
-                               env=env)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(  # noqa: S603
+            [sys.executable, "-m", "genq", "worker", "--model", "tiny", "--backend", "mlx"],
+            env=env, stdout=log_file, stderr=subprocess.STDOUT)
     try:
         yield process
     finally:
@@ -75,11 +79,13 @@ def run_demo(*, prompts: int, max_tokens: int) -> int:
     base = GenqSettings()
     mlx_folder, gguf = ensure_tiny_model(base.models_dir)
     print(f"tiny model: {mlx_folder} (and {gguf.name})")
-    with redis_for_demo() as url, worker_process(url) as worker:
+    log_path = Path("~/.cache/genq/logs/demo-worker.log").expanduser()
+    with redis_for_demo() as url, worker_process(url, log_path) as worker:
         settings = base.model_copy(update={"redis_url": url})
         started = time.monotonic()
         wait_for_pool(settings, "tiny", Backend.MLX, worker)
-        print(f"worker ready in {time.monotonic() - started:.1f}s; submitting {prompts} prompts\n")
+        print(f"mlx worker ready in {time.monotonic() - started:.1f}s (log: {log_path}); "
+              f"submitting {prompts} prompts\n")
         with Client(settings) as client:
             requests = [GenerationRequest(model="tiny", prompt=PROMPTS[i % len(PROMPTS)], max_tokens=max_tokens,
                                           temperature=0.0, metadata={"n": str(i)}) for i in range(prompts)]
