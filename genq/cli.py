@@ -14,19 +14,25 @@ def _worker(args: argparse.Namespace) -> int:
     from workers.settings import WorkerSettings
     from workers.supervisor import WorkerPool
 
-    overrides = {k: v for k, v in {
-        "model": args.model, "backend": args.backend, "processes": args.processes,
-        "concurrency": args.concurrency, "metrics_port": args.metrics_port,
-        "llama_server_bin": args.llama_server,
-    }.items() if v is not None}
+    overrides = {
+        k: v
+        for k, v in {
+            "model": args.model,
+            "backend": args.backend,
+            "processes": args.processes,
+            "concurrency": args.concurrency,
+            "metrics_port": args.metrics_port,
+            "llama_server_bin": args.llama_server,
+        }.items()
+        if v is not None
+    }
     return WorkerPool(WorkerSettings(**overrides)).run()
 
 
 def _submit(args: argparse.Namespace) -> int:
     from producer.client import Client
 
-    request: dict[str, object] = {"model": args.model, "max_tokens": args.max_tokens,
-                                  "temperature": args.temperature}
+    request: dict[str, object] = {"model": args.model, "max_tokens": args.max_tokens, "temperature": args.temperature}
     if args.chat:
         request["messages"] = [{"role": "user", "content": args.prompt}]
     else:
@@ -122,8 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     quiet_libraries()
     try:
         code = args.run(args)

@@ -49,9 +49,12 @@ def worker_process(redis_url: str, log_path: Path) -> Iterator[subprocess.Popen[
     env = {**os.environ, "GENQ_REDIS_URL": redis_url}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("wb") as log_file:
-        process = subprocess.Popen(  # noqa: S603
+        process = subprocess.Popen(
             [sys.executable, "-m", "genq", "worker", "--model", "tiny", "--backend", "mlx"],
-            env=env, stdout=log_file, stderr=subprocess.STDOUT)
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
     try:
         yield process
     finally:
@@ -62,8 +65,9 @@ def worker_process(redis_url: str, log_path: Path) -> Iterator[subprocess.Popen[
             process.kill()
 
 
-def wait_for_pool(settings: GenqSettings, model: str, backend: Backend, worker: subprocess.Popen[bytes],
-                  timeout_s: float = 180) -> None:
+def wait_for_pool(
+    settings: GenqSettings, model: str, backend: Backend, worker: subprocess.Popen[bytes], timeout_s: float = 180
+) -> None:
     client = Client(settings).redis
     key = Keys(settings.namespace).pool(pool_name(model, backend))
     deadline = time.monotonic() + timeout_s
@@ -84,11 +88,20 @@ def run_demo(*, prompts: int, max_tokens: int) -> int:
         settings = base.model_copy(update={"redis_url": url})
         started = time.monotonic()
         wait_for_pool(settings, "tiny", Backend.MLX, worker)
-        print(f"mlx worker ready in {time.monotonic() - started:.1f}s (log: {log_path}); "
-              f"submitting {prompts} prompts\n")
+        print(
+            f"mlx worker ready in {time.monotonic() - started:.1f}s (log: {log_path}); submitting {prompts} prompts\n"
+        )
         with Client(settings) as client:
-            requests = [GenerationRequest(model="tiny", prompt=PROMPTS[i % len(PROMPTS)], max_tokens=max_tokens,
-                                          temperature=0.0, metadata={"n": str(i)}) for i in range(prompts)]
+            requests = [
+                GenerationRequest(
+                    model="tiny",
+                    prompt=PROMPTS[i % len(PROMPTS)],
+                    max_tokens=max_tokens,
+                    temperature=0.0,
+                    metadata={"n": str(i)},
+                )
+                for i in range(prompts)
+            ]
             job_ids = client.submit_many(requests)
             results = client.results(job_ids, timeout=300)
         for result in results:
@@ -98,12 +111,17 @@ def run_demo(*, prompts: int, max_tokens: int) -> int:
         return 1 if failed else 0
 
 
+def ms(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1000:7.1f} ms"
+
+
 def describe(result: GenerationResult) -> str:
     t = result.timings
-    ms = lambda v: "-" if v is None else f"{v * 1000:7.1f} ms"  # noqa: E731
     rate = "-" if result.tokens_per_s is None else f"{result.tokens_per_s:6.0f} tok/s"
-    head = (f"[{result.job_id[:8]}] {result.state.value:9} {result.backend.value if result.backend else '-':8} "
-            f"queue {ms(t.queue_wait_s)}  ttft {ms(t.time_to_first_token_s)}  total {ms(t.total_s)}  "
-            f"{result.usage.completion_tokens:3d} tok  {rate}")
+    head = (
+        f"[{result.job_id[:8]}] {result.state.value:9} {result.backend.value if result.backend else '-':8} "
+        f"queue {ms(t.queue_wait_s)}  ttft {ms(t.time_to_first_token_s)}  total {ms(t.total_s)}  "
+        f"{result.usage.completion_tokens:3d} tok  {rate}"
+    )
     text = result.text.replace("\n", " ")[:70] if result.ok else (result.error.message if result.error else "")
     return f"{head}\n    {text!r}"

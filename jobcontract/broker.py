@@ -23,7 +23,7 @@ import redis
 from dramatiq.common import current_millis, dq_name
 from dramatiq.errors import BrokerConnectionError, QueueNotFound
 
-from jobcontract.connection import MAX_BLOCK_MS
+from jobcontract.connection import MAX_BLOCK_MS, stream_reply
 from jobcontract.keys import CONSUMER_GROUP, Keys
 
 log = logging.getLogger(__name__)
@@ -58,15 +58,20 @@ local function move(stream, group, id, max_redeliveries, dead)
 end
 """
 
-REQUEUE_SCRIPT = _MOVE_ENTRIES + """
+REQUEUE_SCRIPT = (
+    _MOVE_ENTRIES
+    + """
 local moved = 0
 for i = 3, #ARGV do
   moved = moved + move(KEYS[1], ARGV[1], ARGV[i], tonumber(ARGV[2]), KEYS[2])
 end
 return moved
 """
+)
 
-RECLAIM_SCRIPT = _MOVE_ENTRIES + """
+RECLAIM_SCRIPT = (
+    _MOVE_ENTRIES
+    + """
 -- KEYS: stream, the consumer's liveness key, dead letters. ARGV: group, max redeliveries, consumer.
 if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
 local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 500, ARGV[3])
@@ -77,6 +82,7 @@ end
 if #pending < 500 then redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[3]) end
 return moved
 """
+)
 
 
 class StreamMessage(dramatiq.MessageProxy):
@@ -150,9 +156,7 @@ class StreamsBroker(dramatiq.Broker):
             message = message.copy(queue_name=queue_name, options={"eta": current_millis() + delay})
         self.emit_before("enqueue", message, delay)
         try:
-            self.client.xadd(
-                self.keys.stream(queue_name), {MESSAGE_FIELD: message.encode(), REDELIVERIES_FIELD: 0}
-            )
+            self.client.xadd(self.keys.stream(queue_name), {MESSAGE_FIELD: message.encode(), REDELIVERIES_FIELD: 0})
         except redis.RedisError as error:
             raise BrokerConnectionError(str(error)) from error
         self.emit_after("enqueue", message, delay)
@@ -268,11 +272,12 @@ class StreamsConsumer(dramatiq.Consumer):
         except (redis.ConnectionError, redis.TimeoutError) as error:
             # Ride out a Redis restart here rather than letting dramatiq restart the consumer after 3 s.
             self.reconnect_delay = min(1.0, max(0.05, self.reconnect_delay * 2))
-            log.warning("redis unreachable while reading %s (%s); retrying in %.2fs", self.stream, error,
-                        self.reconnect_delay)
+            log.warning(
+                "redis unreachable while reading %s (%s); retrying in %.2fs", self.stream, error, self.reconnect_delay
+            )
             time.sleep(self.reconnect_delay)
             return None
-        for _stream, entries in reply or ():
+        for _stream, entries in stream_reply(reply):
             for entry_id, fields in entries:
                 self._take(_text(entry_id), fields)
         return self.buffer.popleft() if self.buffer else None
@@ -324,8 +329,9 @@ class StreamsConsumer(dramatiq.Consumer):
             try:
                 pipe = self.client.pipeline(transaction=True)
                 if dead_reason is not None:
-                    pipe.xadd(self.broker.keys.dead_letters,
-                              {"m": raw, "queue": self.queue_name, "reason": dead_reason})
+                    pipe.xadd(
+                        self.broker.keys.dead_letters, {"m": raw, "queue": self.queue_name, "reason": dead_reason}
+                    )
                 pipe.xack(self.stream, CONSUMER_GROUP, entry_id)
                 pipe.xdel(self.stream, entry_id)
                 pipe.execute()

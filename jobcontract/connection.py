@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
@@ -24,6 +25,15 @@ def connect(url: str) -> redis.Redis:
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
     )
+
+
+# What XREAD and XREADGROUP answer: [(stream, [(entry id, {field: value})])].
+StreamReply = list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]
+
+
+def stream_reply(reply: Any) -> StreamReply:
+    """redis-py types replies loosely; name the shape once here instead of at every call."""
+    return cast(StreamReply, reply or [])
 
 
 def redact(url: str) -> str:

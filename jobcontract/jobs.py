@@ -14,12 +14,12 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import dramatiq
 import redis
 
-from jobcontract.connection import MAX_BLOCK_MS
+from jobcontract.connection import MAX_BLOCK_MS, stream_reply
 from jobcontract.keys import Keys, actor_name, pool_name, queue_name
 from jobcontract.models import (
     Backend,
@@ -29,8 +29,8 @@ from jobcontract.models import (
     JobState,
     JobStatus,
     Lane,
-    TokenEvent,
     Timings,
+    TokenEvent,
     utc_from_micros,
 )
 from jobcontract.routes import ModelRoute
@@ -42,7 +42,9 @@ local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local function us(n) return string.format('%.0f', n) end
 """
 
-SUBMIT_SCRIPT = _NOW_US + """
+SUBMIT_SCRIPT = (
+    _NOW_US
+    + """
 -- KEYS: job, idempotency, then (stream, pool, circuit) for each candidate backend in order.
 -- ARGV: job_id, max_queued, ttl_s, timeout_us, model, lane, batch_id, use_idempotency,
 --       then a message per candidate, then a queue name per candidate.
@@ -69,8 +71,11 @@ redis.call('XADD', stream, '*', 'm', ARGV[9 + chosen], 'r', '0')
 if ARGV[8] == '1' then redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[3]) end
 return {'queued', ARGV[1], queue}
 """
+)
 
-START_SCRIPT = _NOW_US + """
+START_SCRIPT = (
+    _NOW_US
+    + """
 -- KEYS: job. ARGV: worker, backend, queue.
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {'missing'} end
@@ -82,8 +87,11 @@ redis.call('HINCRBY', KEYS[1], 'starts', 1)
 return {'run', redis.call('HGET', KEYS[1], 'enqueued_us'), redis.call('HGET', KEYS[1], 'deadline_us'),
         us(now)}
 """
+)
 
-FINISH_SCRIPT = _NOW_US + """
+FINISH_SCRIPT = (
+    _NOW_US
+    + """
 -- KEYS: job, events, batch-done stream (the job key again when there is no batch).
 -- ARGV: state, result json, ttl_s, job_id, has_batch.
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -98,6 +106,7 @@ if ARGV[5] == '1' then
 end
 return 1
 """
+)
 
 
 class QueueFull(Exception):
@@ -157,8 +166,10 @@ def build_message(
     batch_id: str | None = None,
 ) -> dramatiq.Message[Any]:
     """The dramatiq message a worker's actor receives: one attempt's worth of the job."""
-    kwargs: dict[str, Any] = {"request": request.model_dump(mode="json", exclude_defaults=True),
-                              "attempts": list(attempts)}
+    kwargs: dict[str, Any] = {
+        "request": request.model_dump(mode="json", exclude_defaults=True),
+        "attempts": list(attempts),
+    }
     if batch_id is not None:
         kwargs["batch_id"] = batch_id
     return dramatiq.Message(
@@ -191,8 +202,13 @@ class JobStore:
         batch_id: str | None = None,
         job_id: str | None = None,
     ) -> Receipt:
-        return self.submit_many([request], route_for=lambda _: route, default_timeout_s=default_timeout_s,
-                                batch_id=batch_id, job_ids=[job_id or new_job_id()])[0]
+        return self.submit_many(
+            [request],
+            route_for=lambda _: route,
+            default_timeout_s=default_timeout_s,
+            batch_id=batch_id,
+            job_ids=[job_id or new_job_id()],
+        )[0]
 
     def submit_many(
         self,
@@ -218,7 +234,11 @@ class JobStore:
         return receipts
 
     def _submit_call(
-        self, job_id: str, request: GenerationRequest, route: ModelRoute, default_timeout_s: float,
+        self,
+        job_id: str,
+        request: GenerationRequest,
+        route: ModelRoute,
+        default_timeout_s: float,
         batch_id: str | None,
     ) -> tuple[list[str], list[Any]]:
         keys = [self.keys.job(job_id), self.keys.idempotency(request.idempotency_key or job_id)]
@@ -230,8 +250,18 @@ class JobStore:
             messages.append(build_message(job_id, request, queue, request.lane, batch_id=batch_id).encode())
             queues.append(queue)
         timeout_us = int((request.timeout_s or default_timeout_s) * 1_000_000)
-        args = [job_id, self.max_queued, self.result_ttl_s, timeout_us, request.model, request.lane.value,
-                batch_id or "", "1" if request.idempotency_key else "0", *messages, *queues]
+        args = [
+            job_id,
+            self.max_queued,
+            self.result_ttl_s,
+            timeout_us,
+            request.model,
+            request.lane.value,
+            batch_id or "",
+            "1" if request.idempotency_key else "0",
+            *messages,
+            *queues,
+        ]
         return keys, args
 
     def result(self, job_id: str) -> GenerationResult | None:
@@ -254,8 +284,8 @@ class JobStore:
                 if left_ms <= 0:
                     raise TimeoutError(f"{len(pending)} job(s) not finished after {timeout_s}s")
                 block_ms = max(1, min(block_ms, left_ms))
-            reply = self.client.xread({k: cursors[k] for k in pending}, block=block_ms, count=100)
-            for stream, entries in reply or ():
+            reply = stream_reply(self.client.xread({k: cursors[k] for k in pending}, block=block_ms, count=100))
+            for stream, entries in reply:
                 key = _text(stream)
                 for entry_id, fields in entries:
                     cursors[key] = _text(entry_id)
@@ -284,7 +314,7 @@ class JobStore:
             if remaining is not None and remaining <= 0:
                 raise TimeoutError(f"job {job_id} still streaming after {timeout_s}s")
             block_ms = MAX_BLOCK_MS if remaining is None else max(1, min(MAX_BLOCK_MS, int(remaining * 1000)))
-            for _stream, entries in self.client.xread({key: cursor}, block=block_ms, count=256) or ():
+            for _stream, entries in stream_reply(self.client.xread({key: cursor}, block=block_ms, count=256)):
                 for entry_id, fields in entries:
                     cursor = _text(entry_id)
                     if fields.get(b"type") == b"done":
@@ -317,11 +347,15 @@ class JobStore:
                 error=JobError(type="cancelled", message="cancelled before it ran"),
             )
             pipe.multi()
-            self._finish(keys=self._finish_keys(job_id, status.batch_id),
-                         args=self._finish_args(cancelled, status.batch_id), client=pipe)
+            self._finish(
+                keys=self._finish_keys(job_id, status.batch_id),
+                args=self._finish_args(cancelled, status.batch_id),
+                client=pipe,
+            )
             return JobState.CANCELLED
 
-        return self.client.transaction(attempt, self.keys.job(job_id), value_from_callable=True)  # type: ignore[no-any-return]
+        outcome = self.client.transaction(attempt, self.keys.job(job_id), value_from_callable=True)  # type: ignore[arg-type]
+        return cast(JobState, outcome)
 
     def now(self) -> datetime:
         seconds, micros = self.client.time()
@@ -350,8 +384,9 @@ class JobStore:
 
     def finish(self, result: GenerationResult, batch_id: str | None = None) -> bool:
         """Record a terminal result once; False when another run already finished the job."""
-        written = self._finish(keys=self._finish_keys(result.job_id, batch_id),
-                               args=self._finish_args(result, batch_id))
+        written = self._finish(
+            keys=self._finish_keys(result.job_id, batch_id), args=self._finish_args(result, batch_id)
+        )
         return bool(written)
 
     def _finish_keys(self, job_id: str, batch_id: str | None) -> list[str]:
@@ -359,8 +394,13 @@ class JobStore:
         return [self.keys.job(job_id), self.keys.events(job_id), batch_key]
 
     def _finish_args(self, result: GenerationResult, batch_id: str | None) -> list[Any]:
-        return [result.state.value, result.model_dump_json(), self.result_ttl_s, result.job_id,
-                "1" if batch_id else "0"]
+        return [
+            result.state.value,
+            result.model_dump_json(),
+            self.result_ttl_s,
+            result.job_id,
+            "1" if batch_id else "0",
+        ]
 
 
 def parse_status(job_id: str, fields: dict[Any, Any]) -> JobStatus:

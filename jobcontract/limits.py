@@ -31,9 +31,7 @@ class Limits:
         if "max_tokens" in request.model_fields_set and request.max_tokens > self.max_tokens:
             raise ValueError(f"max_tokens {request.max_tokens} is over this deployment's cap of {self.max_tokens}")
         if request.prompt_chars > self.max_prompt_chars:
-            raise ValueError(
-                f"prompt has {request.prompt_chars} characters, over the limit of {self.max_prompt_chars}"
-            )
+            raise ValueError(f"prompt has {request.prompt_chars} characters, over the limit of {self.max_prompt_chars}")
         allowed = self.models[request.model]
         if request.backend is not None and request.backend.value not in allowed:
             raise ValueError(

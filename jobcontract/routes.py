@@ -112,10 +112,18 @@ class Routes(BaseModel):
                 ModelRoute(
                     name="tiny",
                     backends=[
-                        BackendRoute(path=str(models_dir / "tiny-llama"), first_token_timeout_s=5.0,
-                                     token_timeout_s=5.0, context_length=512),
-                        BackendRoute(path=str(models_dir / "tiny-llama.gguf"), first_token_timeout_s=10.0,
-                                     token_timeout_s=10.0, context_length=512),
+                        BackendRoute(
+                            path=str(models_dir / "tiny-llama"),
+                            first_token_timeout_s=5.0,
+                            token_timeout_s=5.0,
+                            context_length=512,
+                        ),
+                        BackendRoute(
+                            path=str(models_dir / "tiny-llama.gguf"),
+                            first_token_timeout_s=10.0,
+                            token_timeout_s=10.0,
+                            context_length=512,
+                        ),
                     ],
                 )
             ]

@@ -30,8 +30,12 @@ class Client:
     def __init__(self, settings: GenqSettings | None = None, *, redis_client: redis.Redis | None = None) -> None:
         self.settings = settings or GenqSettings()
         self.redis = redis_client or connect(self.settings.redis_url)
-        self.store = JobStore(self.redis, Keys(self.settings.namespace), result_ttl_s=self.settings.result_ttl_s,
-                              max_queued=self.settings.max_queued_jobs)
+        self.store = JobStore(
+            self.redis,
+            Keys(self.settings.namespace),
+            result_ttl_s=self.settings.result_ttl_s,
+            max_queued=self.settings.max_queued_jobs,
+        )
 
     def __enter__(self) -> Self:
         return self
@@ -52,15 +56,20 @@ class Client:
         """Queue one job and return its id (the earlier job's id if its idempotency key was seen)."""
         return self.submit_many([request], job_ids=None if job_id is None else [job_id])[0]
 
-    def submit_many(self, requests: Sequence[RequestLike], *, batch_id: str | None = None,
-                    job_ids: Sequence[str] | None = None) -> list[str]:
+    def submit_many(
+        self, requests: Sequence[RequestLike], *, batch_id: str | None = None, job_ids: Sequence[str] | None = None
+    ) -> list[str]:
         """Validate every request first, then queue them all in one round trip."""
         checked = [self.validate(r) for r in requests]
         routes = self.settings.routes
         with self._reaching_redis():
-            receipts = self.store.submit_many(checked, route_for=routes.get,
-                                              default_timeout_s=self.settings.default_timeout_s,
-                                              batch_id=batch_id, job_ids=job_ids)
+            receipts = self.store.submit_many(
+                checked,
+                route_for=routes.get,
+                default_timeout_s=self.settings.default_timeout_s,
+                batch_id=batch_id,
+                job_ids=job_ids,
+            )
         return [r.job_id for r in receipts]
 
     def result(self, job_id: str, timeout: float | None = None) -> GenerationResult:

@@ -56,8 +56,13 @@ class WorkerHandle:
     def worker_pids(self) -> list[int]:
         """The worker processes (children of the supervisor), not the servers."""
         try:
-            return [p.pid for p in psutil.Process(self.pid).children() if p.is_running()
-                    and p.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(p.cmdline())]
+            return [
+                p.pid
+                for p in psutil.Process(self.pid).children()
+                if p.is_running()
+                and p.status() != psutil.STATUS_ZOMBIE
+                and "resource_tracker" not in " ".join(p.cmdline())
+            ]
         except psutil.NoSuchProcess:
             return []
 
@@ -89,9 +94,17 @@ class WorkerHandle:
         return self.process.returncode
 
 
-def start_worker(settings: GenqSettings, log_dir: Path, *, backend: str = "mlx", processes: int = 1,
-                 concurrency: int = 8, env: dict[str, str] | None = None, wait: bool = True,
-                 extra_args: list[str] | None = None) -> WorkerHandle:
+def start_worker(
+    settings: GenqSettings,
+    log_dir: Path,
+    *,
+    backend: str = "mlx",
+    processes: int = 1,
+    concurrency: int = 8,
+    env: dict[str, str] | None = None,
+    wait: bool = True,
+    extra_args: list[str] | None = None,
+) -> WorkerHandle:
     log_path = log_dir / f"worker-{backend}-{time.monotonic_ns()}.log"
     full_env = {
         **os.environ,
@@ -103,12 +116,26 @@ def start_worker(settings: GenqSettings, log_dir: Path, *, backend: str = "mlx",
         **({"GENQ_ROUTES_FILE": str(settings.routes_file)} if settings.routes_file else {}),
         **(env or {}),
     }
-    argv = [sys.executable, "-m", "genq", "worker", "--model", "tiny", "--backend", backend,
-            "--processes", str(processes), "--concurrency", str(concurrency), *(extra_args or [])]
+    argv = [
+        sys.executable,
+        "-m",
+        "genq",
+        "worker",
+        "--model",
+        "tiny",
+        "--backend",
+        backend,
+        "--processes",
+        str(processes),
+        "--concurrency",
+        str(concurrency),
+        *(extra_args or []),
+    ]
     with log_path.open("wb") as log_file:
-        process = subprocess.Popen(argv, env=full_env, stdout=log_file, stderr=subprocess.STDOUT)  # noqa: S603
-    handle = WorkerHandle(process=process, settings=settings, backend=Backend(backend), processes=processes,
-                          log_path=log_path)
+        process = subprocess.Popen(argv, env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
+    handle = WorkerHandle(
+        process=process, settings=settings, backend=Backend(backend), processes=processes, log_path=log_path
+    )
     if wait:
         handle.wait_ready()
     return handle

@@ -25,14 +25,16 @@ def broker(redis_client: redis.Redis, keys: Keys) -> Iterator[StreamsBroker]:
 
 
 def _worker(broker: StreamsBroker, **kwargs: int) -> dramatiq.Worker:
-    worker = dramatiq.Worker(broker, worker_threads=kwargs.get("threads", 2),
-                             worker_timeout=kwargs.get("timeout_ms", 1000))
+    worker = dramatiq.Worker(
+        broker, worker_threads=kwargs.get("threads", 2), worker_timeout=kwargs.get("timeout_ms", 1000)
+    )
     worker.start()
     return worker
 
 
-def test_an_idle_worker_is_woken_by_a_new_job_instead_of_polling(broker: StreamsBroker,
-                                                                  redis_client: redis.Redis) -> None:
+def test_an_idle_worker_is_woken_by_a_new_job_instead_of_polling(
+    broker: StreamsBroker, redis_client: redis.Redis
+) -> None:
     ran_at: list[float] = []
     dramatiq.actor(lambda: ran_at.append(time.monotonic()), actor_name="stamp", queue_name=QUEUE, broker=broker)
     # Reads of 2 s: a polling consumer would see the job only when its read ends, 1 s later on average.
@@ -48,15 +50,13 @@ def test_an_idle_worker_is_woken_by_a_new_job_instead_of_polling(broker: Streams
         worker.stop()
 
 
-def test_processed_jobs_are_acked_and_deleted(broker: StreamsBroker, redis_client: redis.Redis,
-                                              keys: Keys) -> None:
+def test_processed_jobs_are_acked_and_deleted(broker: StreamsBroker, redis_client: redis.Redis, keys: Keys) -> None:
     seen: list[int] = []
     dramatiq.actor(lambda n: seen.append(n), actor_name="collect", queue_name=QUEUE, broker=broker)
     worker = _worker(broker, threads=4)
     try:
         for n in range(50):
-            broker.enqueue(dramatiq.Message(queue_name=QUEUE, actor_name="collect", args=(n,), kwargs={},
-                                            options={}))
+            broker.enqueue(dramatiq.Message(queue_name=QUEUE, actor_name="collect", args=(n,), kwargs={}, options={}))
         broker.join(QUEUE, timeout=10_000)
     finally:
         worker.stop()
@@ -73,8 +73,9 @@ def _deliver_to_ghost(redis_client: redis.Redis, broker: StreamsBroker, keys: Ke
     redis_client.xreadgroup(CONSUMER_GROUP, "ghost", {keys.stream(QUEUE): ">"}, count=count)
 
 
-def test_jobs_of_a_dead_consumer_are_handed_back_and_run(broker: StreamsBroker, redis_client: redis.Redis,
-                                                          keys: Keys) -> None:
+def test_jobs_of_a_dead_consumer_are_handed_back_and_run(
+    broker: StreamsBroker, redis_client: redis.Redis, keys: Keys
+) -> None:
     _deliver_to_ghost(redis_client, broker, keys, 5)
     assert broker.reclaim_dead_consumers() == 5
     seen: list[int] = []
@@ -96,8 +97,7 @@ def test_a_vouched_consumer_keeps_its_jobs(broker: StreamsBroker, redis_client: 
     assert redis_client.xpending(keys.stream(QUEUE), CONSUMER_GROUP)["pending"] == 3
 
 
-def test_racing_janitors_hand_each_job_back_once(broker: StreamsBroker, redis_client: redis.Redis,
-                                                  keys: Keys) -> None:
+def test_racing_janitors_hand_each_job_back_once(broker: StreamsBroker, redis_client: redis.Redis, keys: Keys) -> None:
     _deliver_to_ghost(redis_client, broker, keys, 20)
     others = [StreamsBroker(redis_client, keys, consumer_name=f"j{i}", middleware=[]) for i in range(4)]
     moved: list[int] = []
@@ -110,8 +110,9 @@ def test_racing_janitors_hand_each_job_back_once(broker: StreamsBroker, redis_cl
     assert redis_client.xlen(keys.stream(QUEUE)) == 20
 
 
-def test_a_job_that_keeps_killing_its_worker_ends_in_dead_letters(broker: StreamsBroker,
-                                                                   redis_client: redis.Redis, keys: Keys) -> None:
+def test_a_job_that_keeps_killing_its_worker_ends_in_dead_letters(
+    broker: StreamsBroker, redis_client: redis.Redis, keys: Keys
+) -> None:
     _deliver_to_ghost(redis_client, broker, keys, 1)
     for _ in range(broker.max_redeliveries + 1):
         broker.reclaim_dead_consumers()
@@ -124,7 +125,8 @@ def test_a_job_that_keeps_killing_its_worker_ends_in_dead_letters(broker: Stream
 
 
 def test_an_undecodable_entry_goes_to_dead_letters_without_blocking_the_queue(
-        broker: StreamsBroker, redis_client: redis.Redis, keys: Keys) -> None:
+    broker: StreamsBroker, redis_client: redis.Redis, keys: Keys
+) -> None:
     seen: list[int] = []
     dramatiq.actor(lambda n: seen.append(n), actor_name="collect", queue_name=QUEUE, broker=broker)
     redis_client.xadd(keys.stream(QUEUE), {"m": b"{not json", "r": 0})
@@ -137,8 +139,9 @@ def test_an_undecodable_entry_goes_to_dead_letters_without_blocking_the_queue(
     assert redis_client.xlen(keys.dead_letters) == 1
 
 
-def test_prefetched_jobs_are_handed_back_on_shutdown(broker: StreamsBroker, redis_client: redis.Redis,
-                                                      keys: Keys) -> None:
+def test_prefetched_jobs_are_handed_back_on_shutdown(
+    broker: StreamsBroker, redis_client: redis.Redis, keys: Keys
+) -> None:
     release = threading.Event()
     started: list[int] = []
 

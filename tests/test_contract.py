@@ -72,9 +72,16 @@ def test_result_timings_are_derived_from_instants() -> None:
 
     t0 = datetime(2026, 1, 1, tzinfo=UTC)
     result = GenerationResult(
-        job_id="j", model="tiny", state=JobState.SUCCEEDED, usage=Usage(prompt_tokens=3, completion_tokens=10),
-        timings=Timings(enqueued_at=t0, started_at=t0 + timedelta(milliseconds=5),
-                        first_token_at=t0 + timedelta(milliseconds=25), finished_at=t0 + timedelta(milliseconds=125)),
+        job_id="j",
+        model="tiny",
+        state=JobState.SUCCEEDED,
+        usage=Usage(prompt_tokens=3, completion_tokens=10),
+        timings=Timings(
+            enqueued_at=t0,
+            started_at=t0 + timedelta(milliseconds=5),
+            first_token_at=t0 + timedelta(milliseconds=25),
+            finished_at=t0 + timedelta(milliseconds=125),
+        ),
     )
     dumped = result.model_dump()
     assert dumped["timings"]["queue_wait_s"] == pytest.approx(0.005)

@@ -30,12 +30,18 @@ def client(settings: GenqSettings) -> Client:
 
 def finished(store: JobStore, job_id: str, text: str = "ok") -> GenerationResult:
     status = store.status(job_id)
-    return GenerationResult(job_id=job_id, model=status.model, state=JobState.SUCCEEDED, text=text,
-                            timings=Timings(enqueued_at=status.enqueued_at, finished_at=store.now()))
+    return GenerationResult(
+        job_id=job_id,
+        model=status.model,
+        state=JobState.SUCCEEDED,
+        text=text,
+        timings=Timings(enqueued_at=status.enqueued_at, finished_at=store.now()),
+    )
 
 
-def test_submit_records_the_job_and_queues_it_on_the_first_backend(client: Client, keys: Keys,
-                                                                     redis_client: redis.Redis) -> None:
+def test_submit_records_the_job_and_queues_it_on_the_first_backend(
+    client: Client, keys: Keys, redis_client: redis.Redis
+) -> None:
     job_id = client.submit({"model": "tiny", "prompt": "hi", "max_tokens": 4})
     status = client.status(job_id)
     assert status.state is JobState.QUEUED
@@ -49,8 +55,9 @@ def test_an_invalid_request_queues_nothing(client: Client, keys: Keys, redis_cli
     assert redis_client.keys(f"{keys.namespace}:*") == []
 
 
-def test_a_repeated_idempotency_key_returns_the_first_job(client: Client, keys: Keys,
-                                                          redis_client: redis.Redis) -> None:
+def test_a_repeated_idempotency_key_returns_the_first_job(
+    client: Client, keys: Keys, redis_client: redis.Redis
+) -> None:
     first = client.submit({"model": "tiny", "prompt": "a", "idempotency_key": "order-17"})
     again = client.submit({"model": "tiny", "prompt": "a", "idempotency_key": "order-17"})
     assert again == first
@@ -65,8 +72,7 @@ def test_a_full_queue_refuses_new_work(settings: GenqSettings) -> None:
         small.submit({"model": "tiny", "prompt": "3"})
 
 
-def test_admission_prefers_a_pool_that_has_live_workers(client: Client, keys: Keys,
-                                                        redis_client: redis.Redis) -> None:
+def test_admission_prefers_a_pool_that_has_live_workers(client: Client, keys: Keys, redis_client: redis.Redis) -> None:
     seconds, micros = redis_client.time()
     alive_until = (int(seconds) + 60) * 1_000_000 + int(micros)
     redis_client.zadd(keys.pool(pool_name("tiny", Backend.LLAMACPP)), {"w1": alive_until})

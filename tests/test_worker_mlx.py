@@ -18,8 +18,16 @@ from tests.harness import WorkerHandle, alive, start_worker, wait_until
 
 
 def ask(n: int, **extra: object) -> GenerationRequest:
-    return GenerationRequest.model_validate({"model": "tiny", "prompt": f"prompt number {n}", "max_tokens": 16,
-                                             "temperature": 0.0, "metadata": {"n": str(n)}, **extra})
+    return GenerationRequest.model_validate(
+        {
+            "model": "tiny",
+            "prompt": f"prompt number {n}",
+            "max_tokens": 16,
+            "temperature": 0.0,
+            "metadata": {"n": str(n)},
+            **extra,
+        }
+    )
 
 
 def test_a_result_and_its_timings_come_back(mlx_worker: WorkerHandle, settings: GenqSettings) -> None:
@@ -40,14 +48,17 @@ def test_a_result_and_its_timings_come_back(mlx_worker: WorkerHandle, settings: 
 
 def test_chat_requests_are_served_too(mlx_worker: WorkerHandle, settings: GenqSettings) -> None:
     with Client(settings) as client:
-        result = client.generate({"model": "tiny", "messages": [{"role": "user", "content": "hello"}],
-                                  "max_tokens": 8, "temperature": 0}, timeout=60)
+        result = client.generate(
+            {"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8, "temperature": 0},
+            timeout=60,
+        )
     assert result.state is JobState.SUCCEEDED, result.error
     assert result.usage.completion_tokens > 0
 
 
-def test_fifty_concurrent_jobs_all_complete_with_their_own_ids(mlx_worker: WorkerHandle,
-                                                               settings: GenqSettings) -> None:
+def test_fifty_concurrent_jobs_all_complete_with_their_own_ids(
+    mlx_worker: WorkerHandle, settings: GenqSettings
+) -> None:
     with Client(settings) as client:
         job_ids = client.submit_many([ask(n) for n in range(50)])
         results = client.results(job_ids, timeout=120)
@@ -66,20 +77,24 @@ def test_greedy_output_does_not_depend_on_batching(mlx_worker: WorkerHandle, set
     assert {r.text for r in crowd} == {alone}
 
 
-def test_invalid_requests_are_refused_before_anything_is_queued(mlx_worker: WorkerHandle, settings: GenqSettings,
-                                                                keys: Keys) -> None:
+def test_invalid_requests_are_refused_before_anything_is_queued(
+    mlx_worker: WorkerHandle, settings: GenqSettings, keys: Keys
+) -> None:
     with Client(settings) as client:
         before = set(client.redis.keys(f"{keys.namespace}:job:*"))
-        for bad in ({"model": "gpt-17", "prompt": "x"}, {"model": "tiny", "prompt": "x", "max_tokens": 10**6},
-                    {"model": "tiny"}, {"model": "tiny", "prompt": "x", "top_p": 0}):
+        for bad in (
+            {"model": "gpt-17", "prompt": "x"},
+            {"model": "tiny", "prompt": "x", "max_tokens": 10**6},
+            {"model": "tiny"},
+            {"model": "tiny", "prompt": "x", "top_p": 0},
+        ):
             with pytest.raises(ValidationError):
                 client.submit(bad)
         assert set(client.redis.keys(f"{keys.namespace}:job:*")) == before
         assert client.generate(ask(2), timeout=60).ok  # the worker is unaffected
 
 
-def test_a_killed_server_is_restarted_and_later_jobs_succeed(mlx_worker: WorkerHandle,
-                                                             settings: GenqSettings) -> None:
+def test_a_killed_server_is_restarted_and_later_jobs_succeed(mlx_worker: WorkerHandle, settings: GenqSettings) -> None:
     [server] = mlx_worker.server_pids()
     os.kill(server, signal.SIGKILL)
     assert wait_until(lambda: len(mlx_worker.server_pids()) == 1 and mlx_worker.server_pids() != [server], 30)
@@ -112,8 +127,7 @@ def test_a_sigkilled_worker_leaves_no_orphan_and_is_replaced(settings: GenqSetti
         handle.stop()
 
 
-def test_a_sigkilled_supervisor_takes_its_workers_and_servers_with_it(settings: GenqSettings,
-                                                                      tmp_path: Path) -> None:
+def test_a_sigkilled_supervisor_takes_its_workers_and_servers_with_it(settings: GenqSettings, tmp_path: Path) -> None:
     handle = start_worker(settings, tmp_path, processes=1)
     processes = handle.worker_pids() + handle.server_pids()
     os.kill(handle.pid, signal.SIGKILL)

@@ -84,8 +84,7 @@ def complete(
 ) -> Completion:
     path, payload = build_payload(request, spec)
     started = time.monotonic()
-    read_timeout = max(0.001, min(max(timeouts.first_token_s, timeouts.between_tokens_s),
-                                  timeouts.deadline - started))
+    read_timeout = max(0.001, min(max(timeouts.first_token_s, timeouts.between_tokens_s), timeouts.deadline - started))
     timeout = httpx.Timeout(connect=min(2.0, read_timeout), read=read_timeout, write=5.0, pool=read_timeout)
     pieces: list[str] = []
     gaps: list[float] = []
@@ -103,11 +102,11 @@ def complete(
                 if cancelled is not None and cancelled.is_set():
                     raise Cancelled()
                 if now > timeouts.deadline:
-                    raise BackendError(AttemptOutcome.TIMEOUT, "job deadline passed while generating",
-                                       retryable=False)
+                    raise BackendError(AttemptOutcome.TIMEOUT, "job deadline passed while generating", retryable=False)
                 if first_token_at is None and now - started > timeouts.first_token_s:
-                    raise BackendError(AttemptOutcome.TIMEOUT,
-                                       f"no first token after {timeouts.first_token_s:.1f}s", retryable=True)
+                    raise BackendError(
+                        AttemptOutcome.TIMEOUT, f"no first token after {timeouts.first_token_s:.1f}s", retryable=True
+                    )
                 if chunk.get("usage"):
                     usage = chunk["usage"]
                 for choice in chunk.get("choices") or ():
@@ -125,8 +124,9 @@ def complete(
                         finish_reason = choice["finish_reason"]
     except httpx.TimeoutException as error:
         phase = "first token" if first_token_at is None else "next token"
-        raise BackendError(AttemptOutcome.TIMEOUT, f"{spec.name} sent no {phase} in time ({error!r})",
-                           retryable=True) from error
+        raise BackendError(
+            AttemptOutcome.TIMEOUT, f"{spec.name} sent no {phase} in time ({error!r})", retryable=True
+        ) from error
     except httpx.TransportError as error:  # connect refused, reset, closed mid-stream: the server died
         raise BackendError(AttemptOutcome.CONNECTION_ERROR, f"{spec.name}: {error!r}", retryable=True) from error
     completion_tokens = int(usage.get("completion_tokens") or len(pieces))

@@ -15,8 +15,9 @@ from jobcontract.models import Backend
 
 
 class CircuitBreaker:
-    def __init__(self, client: redis.Redis, keys: Keys, model: str, *, threshold: int = 3,
-                 cool_down_s: float = 10.0) -> None:
+    def __init__(
+        self, client: redis.Redis, keys: Keys, model: str, *, threshold: int = 3, cool_down_s: float = 10.0
+    ) -> None:
         self.client = client
         self.keys = keys
         self.model = model

@@ -46,8 +46,7 @@ def decide(
     if not retryable:
         return GiveUp(f"{failed.outcome.value}: {failed.error}", dead_letter=False)
     if remaining_s <= 0:
-        return GiveUp(f"deadline passed after {len(history) + 1} attempt(s); last: {failed.error}",
-                      dead_letter=True)
+        return GiveUp(f"deadline passed after {len(history) + 1} attempt(s); last: {failed.error}", dead_letter=True)
     here = route.backend(failed.backend)
     tries_here = 1 + sum(1 for a in history if a.backend is failed.backend)
     if tries_here < here.max_attempts and not circuit_open(failed.backend):
@@ -59,5 +58,6 @@ def decide(
     if untried:
         closed = [b for b in untried if not circuit_open(b)]
         return Reroute((closed or untried)[0])
-    return GiveUp(f"every backend failed ({', '.join(b.value for b in sorted(tried))}); last: {failed.error}",
-                  dead_letter=True)
+    return GiveUp(
+        f"every backend failed ({', '.join(b.value for b in sorted(tried))}); last: {failed.error}", dead_letter=True
+    )

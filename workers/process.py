@@ -48,12 +48,21 @@ LANE_PRIORITY = {Lane.INTERACTIVE: 0, Lane.BATCH: 10}
 
 def server_spec(settings: WorkerSettings, route: BackendRoute) -> ServerSpec:
     if settings.backend is Backend.MLX:
-        return mlx_spec(route.path, concurrency=settings.concurrency, max_tokens=settings.max_tokens_cap,
-                        hub_cache=settings.hub_cache)
+        return mlx_spec(
+            route.path,
+            concurrency=settings.concurrency,
+            max_tokens=settings.max_tokens_cap,
+            hub_cache=settings.hub_cache,
+        )
     binary = find_llama_server(settings.llama_server_bin)
     if binary is not None:
-        return llama_server_spec(binary, route.path, slots=settings.concurrency,
-                                 context_length=route.context_length, threads=settings.llama_threads)
+        return llama_server_spec(
+            binary,
+            route.path,
+            slots=settings.concurrency,
+            context_length=route.context_length,
+            threads=settings.llama_threads,
+        )
     return llama_cpp_python_spec(route.path, context_length=route.context_length, threads=settings.llama_threads)
 
 
@@ -61,8 +70,9 @@ def main(settings_json: str, consumer_name: str, ready: Any = None) -> None:
     """Entry point of a spawned worker process; `ready` is set once it serves."""
     settings = WorkerSettings.model_validate_json(settings_json)
     _lead_own_group_and_follow_parent()
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format=f"%(asctime)s {consumer_name} %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format=f"%(asctime)s {consumer_name} %(levelname)s %(name)s: %(message)s"
+    )
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     stop = threading.Event()
@@ -71,8 +81,9 @@ def main(settings_json: str, consumer_name: str, ready: Any = None) -> None:
     sys.exit(serve(settings, consumer_name, stop, on_ready=ready.set if ready is not None else None))
 
 
-def serve(settings: WorkerSettings, consumer_name: str, stop: threading.Event, *,
-          on_ready: Callable[[], None] | None = None) -> int:
+def serve(
+    settings: WorkerSettings, consumer_name: str, stop: threading.Event, *, on_ready: Callable[[], None] | None = None
+) -> int:
     route = settings.routes.get(settings.model).backend(settings.backend)
     model_route = settings.routes.get(settings.model)
     keys = Keys(settings.namespace)
@@ -96,13 +107,29 @@ def serve(settings: WorkerSettings, consumer_name: str, stop: threading.Event, *
     store = JobStore(client, keys, result_ttl_s=settings.result_ttl_s, max_queued=settings.max_queued_jobs)
     cancels = CancelWatch(client, keys.cancel_channel)
     cancels.start()
-    http = httpx.Client(limits=httpx.Limits(max_connections=settings.concurrency + 4,
-                                            max_keepalive_connections=settings.concurrency + 4))
+    http = httpx.Client(
+        limits=httpx.Limits(
+            max_connections=settings.concurrency + 4, max_keepalive_connections=settings.concurrency + 4
+        )
+    )
     queues = {lane.value: queue_name(settings.model, settings.backend, lane) for lane in Lane}
-    runner = JobRunner(store=store, server=server, route=route, worker_name=consumer_name, queue_for_lane=queues,
-                       http=http, cancels=cancels, metrics=metrics)
-    rerouting = Rerouting(store=store, route=model_route, circuit=CircuitBreaker(client, keys, settings.model),
-                          metrics=metrics, worker_name=consumer_name)
+    runner = JobRunner(
+        store=store,
+        server=server,
+        route=route,
+        worker_name=consumer_name,
+        queue_for_lane=queues,
+        http=http,
+        cancels=cancels,
+        metrics=metrics,
+    )
+    rerouting = Rerouting(
+        store=store,
+        route=model_route,
+        circuit=CircuitBreaker(client, keys, settings.model),
+        metrics=metrics,
+        worker_name=consumer_name,
+    )
     broker = StreamsBroker(client, keys, consumer_name=consumer_name, middleware=[rerouting])
     declare_actors(broker, runner, queues)
     worker = dramatiq.Worker(broker, worker_threads=settings.concurrency, worker_timeout=1000)
@@ -111,8 +138,9 @@ def serve(settings: WorkerSettings, consumer_name: str, stop: threading.Event, *
     worker.start()
     if on_ready is not None:
         on_ready()
-    log.info("serving %s on %s at %s with %d slots", settings.model, server.spec.name, server.base_url,
-             settings.concurrency)
+    log.info(
+        "serving %s on %s at %s with %d slots", settings.model, server.spec.name, server.base_url, settings.concurrency
+    )
     stop.wait()
     log.info("stopping: finishing in-flight jobs (grace %.0fs)", settings.shutdown_grace_s)
     worker.stop(timeout=int(settings.shutdown_grace_s * 1000))
@@ -124,13 +152,10 @@ def serve(settings: WorkerSettings, consumer_name: str, stop: threading.Event, *
 
 def declare_actors(broker: dramatiq.Broker, runner: JobRunner, queues: dict[str, str]) -> None:
     for lane in Lane:
-        dramatiq.actor(
-            _named(runner.run, actor_name(lane)),
-            actor_name=actor_name(lane),
-            queue_name=queues[lane.value],
-            priority=LANE_PRIORITY[lane],
-            broker=broker,
+        declare = dramatiq.actor(
+            actor_name=actor_name(lane), queue_name=queues[lane.value], priority=LANE_PRIORITY[lane], broker=broker
         )
+        declare(_named(runner.run, actor_name(lane)))
 
 
 def _named(function: Any, name: str) -> Any:

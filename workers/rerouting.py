@@ -32,17 +32,24 @@ from workers.runner import AttemptFailed
 log = logging.getLogger(__name__)
 
 
-class Rerouting(dramatiq.Middleware):  # type: ignore[misc]
-    def __init__(self, *, store: JobStore, route: ModelRoute, circuit: CircuitBreaker,
-                 metrics: WorkerMetrics, worker_name: str) -> None:
+class Rerouting(dramatiq.Middleware):
+    def __init__(
+        self, *, store: JobStore, route: ModelRoute, circuit: CircuitBreaker, metrics: WorkerMetrics, worker_name: str
+    ) -> None:
         self.store = store
         self.route = route
         self.circuit = circuit
         self.metrics = metrics
         self.worker_name = worker_name
 
-    def after_process_message(self, broker: dramatiq.Broker, message: dramatiq.MessageProxy, *,
-                              result: Any = None, exception: BaseException | None = None) -> None:
+    def after_process_message(
+        self,
+        broker: dramatiq.Broker,
+        message: dramatiq.MessageProxy,
+        *,
+        result: Any = None,
+        exception: BaseException | None = None,
+    ) -> None:
         if exception is None:
             return
         request = GenerationRequest.model_validate(message.kwargs["request"])
@@ -57,8 +64,15 @@ class Rerouting(dramatiq.Middleware):  # type: ignore[misc]
         if exception.retryable:
             self.circuit.record_failure(failed.backend)
         remaining = (exception.deadline_us - exception.enqueued_us) / 1e6 - _elapsed_s(exception, failed)
-        decision = decide(failed=failed, retryable=exception.retryable, history=history, route=self.route,
-                          preferred=request.backend, remaining_s=remaining, circuit_open=self.circuit.is_open)
+        decision = decide(
+            failed=failed,
+            retryable=exception.retryable,
+            history=history,
+            route=self.route,
+            preferred=request.backend,
+            remaining_s=remaining,
+            circuit_open=self.circuit.is_open,
+        )
         attempts = [*message.kwargs.get("attempts", []), failed.model_dump(mode="json")]
         kwargs = {**message.kwargs, "attempts": attempts}
         if isinstance(decision, RetryHere):
@@ -66,17 +80,29 @@ class Rerouting(dramatiq.Middleware):  # type: ignore[misc]
             delay_ms = int(decision.delay_s * 1000)
             broker.enqueue(message._message.copy(kwargs=kwargs), delay=delay_ms if delay_ms > 0 else None)
         elif isinstance(decision, Reroute):
-            self.metrics.reroutes.labels(model=request.model, from_backend=failed.backend.value,
-                                         to_backend=decision.backend.value).inc()
+            self.metrics.reroutes.labels(
+                model=request.model, from_backend=failed.backend.value, to_backend=decision.backend.value
+            ).inc()
             target = queue_name(request.model, decision.backend, request.lane)
             broker.enqueue(message._message.copy(queue_name=target, kwargs=kwargs))
-            log.info("job %s rerouted %s -> %s after %s", message.message_id, failed.backend.value,
-                     decision.backend.value, failed.outcome.value)
+            log.info(
+                "job %s rerouted %s -> %s after %s",
+                message.message_id,
+                failed.backend.value,
+                decision.backend.value,
+                failed.outcome.value,
+            )
         else:
             self._give_up(message, request, [*history, failed], decision, exception)
 
-    def _give_up(self, message: dramatiq.MessageProxy, request: GenerationRequest, attempts: list[Attempt],
-                 decision: GiveUp, failure: AttemptFailed | None) -> None:
+    def _give_up(
+        self,
+        message: dramatiq.MessageProxy,
+        request: GenerationRequest,
+        attempts: list[Attempt],
+        decision: GiveUp,
+        failure: AttemptFailed | None,
+    ) -> None:
         enqueued_us = failure.enqueued_us if failure is not None else message.message_timestamp * 1000
         now = self.store.now()
         last = attempts[-1] if attempts else None
@@ -88,10 +114,14 @@ class Rerouting(dramatiq.Middleware):  # type: ignore[misc]
             backend=last.backend if last else None,
             worker=self.worker_name,
             attempts=attempts,
-            timings=Timings(enqueued_at=utc_from_micros(enqueued_us),
-                            started_at=last.started_at if last else None, finished_at=now),
-            error=JobError(type=last.outcome.value if last else "worker_error", message=decision.reason,
-                           retryable=decision.dead_letter),
+            timings=Timings(
+                enqueued_at=utc_from_micros(enqueued_us), started_at=last.started_at if last else None, finished_at=now
+            ),
+            error=JobError(
+                type=last.outcome.value if last else "worker_error",
+                message=decision.reason,
+                retryable=decision.dead_letter,
+            ),
             metadata=request.metadata,
         )
         if self.store.finish(result, message.kwargs.get("batch_id")):

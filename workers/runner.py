@@ -72,8 +72,9 @@ class JobRunner:
         self.in_flight = 0
         self._count_lock = threading.Lock()
 
-    def run(self, job_id: str, request: dict[str, Any], attempts: list[dict[str, Any]],
-            batch_id: str | None = None) -> None:
+    def run(
+        self, job_id: str, request: dict[str, Any], attempts: list[dict[str, Any]], batch_id: str | None = None
+    ) -> None:
         parsed = GenerationRequest.model_validate(request)
         queue = self.queue_for_lane[parsed.lane.value]
         ticket = self.store.start(job_id, self.worker_name, self.backend, queue)
@@ -92,36 +93,66 @@ class JobRunner:
                 self.in_flight -= 1
                 self.metrics.in_flight.set(self.in_flight)
 
-    def _attempt(self, job_id: str, request: GenerationRequest, history: list[dict[str, Any]],
-                 batch_id: str | None, ticket: StartTicket) -> None:
+    def _attempt(
+        self,
+        job_id: str,
+        request: GenerationRequest,
+        history: list[dict[str, Any]],
+        batch_id: str | None,
+        ticket: StartTicket,
+    ) -> None:
         started_mono = time.monotonic()
         started_at = utc_from_micros(ticket.started_us)
         enqueued_at = utc_from_micros(ticket.enqueued_us)
         self.metrics.queue_wait.labels(**self._labels(request)).observe(
-            max(0.0, (ticket.started_us - ticket.enqueued_us) / 1e6))
+            max(0.0, (ticket.started_us - ticket.enqueued_us) / 1e6)
+        )
 
         def fail(outcome: AttemptOutcome, message: str, retryable: bool) -> AttemptFailed:
-            attempt = Attempt(backend=self.backend, worker=self.worker_name, outcome=outcome,
-                              started_at=started_at, duration_s=time.monotonic() - started_mono, error=message)
-            return AttemptFailed(attempt, retryable=retryable, deadline_us=ticket.deadline_us,
-                                 enqueued_us=ticket.enqueued_us)
+            attempt = Attempt(
+                backend=self.backend,
+                worker=self.worker_name,
+                outcome=outcome,
+                started_at=started_at,
+                duration_s=time.monotonic() - started_mono,
+                error=message,
+            )
+            return AttemptFailed(
+                attempt, retryable=retryable, deadline_us=ticket.deadline_us, enqueued_us=ticket.enqueued_us
+            )
 
         remaining = ticket.remaining_s
         if remaining <= 0:
             raise fail(AttemptOutcome.TIMEOUT, "deadline passed before the job started", False)
         if not self.server.wait_ready(min(remaining, self.route.first_token_timeout_s)):
             raise fail(AttemptOutcome.UNAVAILABLE, f"{self.server.spec.name} is not ready", True)
-        timeouts = Timeouts(first_token_s=self.route.first_token_timeout_s,
-                            between_tokens_s=self.route.token_timeout_s,
-                            deadline=started_mono + remaining)
+        timeouts = Timeouts(
+            first_token_s=self.route.first_token_timeout_s,
+            between_tokens_s=self.route.token_timeout_s,
+            deadline=started_mono + remaining,
+        )
         publish = (lambda i, text: self.store.publish_token(job_id, i, text)) if request.stream else None
         with self.cancels.watch(job_id) as cancelled:
             try:
-                completion = complete(self.http, self.server.base_url, request, self.server.spec, timeouts,
-                                      on_text=publish, cancelled=cancelled)
+                completion = complete(
+                    self.http,
+                    self.server.base_url,
+                    request,
+                    self.server.spec,
+                    timeouts,
+                    on_text=publish,
+                    cancelled=cancelled,
+                )
             except Cancelled:
-                self._finish_cancelled(job_id, request, history, batch_id, started=started_at,
-                                       enqueued_at=enqueued_at, duration=time.monotonic() - started_mono)
+                self._finish_cancelled(
+                    job_id,
+                    request,
+                    history,
+                    batch_id,
+                    started=started_at,
+                    enqueued_at=enqueued_at,
+                    duration=time.monotonic() - started_mono,
+                )
                 return
             except BackendError as error:
                 raise fail(error.outcome, str(error), error.retryable) from error
@@ -129,8 +160,13 @@ class JobRunner:
         def at(mono: float) -> datetime:
             return started_at + timedelta(seconds=mono - started_mono)
 
-        attempt = Attempt(backend=self.backend, worker=self.worker_name, outcome=AttemptOutcome.SUCCEEDED,
-                          started_at=started_at, duration_s=completion.finished_at - started_mono)
+        attempt = Attempt(
+            backend=self.backend,
+            worker=self.worker_name,
+            outcome=AttemptOutcome.SUCCEEDED,
+            started_at=started_at,
+            duration_s=completion.finished_at - started_mono,
+        )
         result = GenerationResult(
             job_id=job_id,
             model=request.model,
@@ -154,19 +190,40 @@ class JobRunner:
         else:
             log.info("job %s had already finished elsewhere; this run's result is dropped", job_id)
 
-    def _finish_cancelled(self, job_id: str, request: GenerationRequest, history: list[dict[str, Any]],
-                          batch_id: str | None, *, started: datetime | None,
-                          enqueued_at: datetime | None = None, duration: float = 0.0) -> None:
+    def _finish_cancelled(
+        self,
+        job_id: str,
+        request: GenerationRequest,
+        history: list[dict[str, Any]],
+        batch_id: str | None,
+        *,
+        started: datetime | None,
+        enqueued_at: datetime | None = None,
+        duration: float = 0.0,
+    ) -> None:
         now = self.store.now()
         attempts = [Attempt.model_validate(a) for a in history]
         if started is not None:
-            attempts.append(Attempt(backend=self.backend, worker=self.worker_name,
-                                    outcome=AttemptOutcome.CANCELLED, started_at=started, duration_s=duration))
+            attempts.append(
+                Attempt(
+                    backend=self.backend,
+                    worker=self.worker_name,
+                    outcome=AttemptOutcome.CANCELLED,
+                    started_at=started,
+                    duration_s=duration,
+                )
+            )
         result = GenerationResult(
-            job_id=job_id, model=request.model, state=JobState.CANCELLED, finish_reason="cancelled",
-            backend=self.backend, worker=self.worker_name, attempts=attempts,
+            job_id=job_id,
+            model=request.model,
+            state=JobState.CANCELLED,
+            finish_reason="cancelled",
+            backend=self.backend,
+            worker=self.worker_name,
+            attempts=attempts,
             timings=Timings(enqueued_at=enqueued_at or now, started_at=started, finished_at=now),
-            error=JobError(type="cancelled", message="cancelled by request"), metadata=request.metadata,
+            error=JobError(type="cancelled", message="cancelled by request"),
+            metadata=request.metadata,
         )
         if self.store.finish(result, batch_id):
             self.metrics.jobs.labels(**self._labels(request), outcome="cancelled").inc()

@@ -15,17 +15,21 @@ class WorkerSettings(GenqSettings):
     model: str = Field(default="tiny", description="The logical model this worker serves (from the routes).")
     backend: Backend = Backend.MLX
     processes: int = Field(default=1, ge=1, le=64, description="Worker processes, each with its own server.")
-    concurrency: int = Field(default=16, ge=1, le=512,
-                             description="Requests in flight per process; the server batches them.")
-    llama_server_bin: str | None = Field(default=None,
-                                         description="Path of a llama-server binary; else llama-server on "
-                                                     "PATH; else python -m llama_cpp.server.")
+    concurrency: int = Field(
+        default=16, ge=1, le=512, description="Requests in flight per process; the server batches them."
+    )
+    llama_server_bin: str | None = Field(
+        default=None,
+        description="Path of a llama-server binary; else llama-server on PATH; else python -m llama_cpp.server.",
+    )
     llama_threads: int = Field(default=2, ge=1)
     server_start_timeout_s: float = Field(default=180.0, gt=0)
-    server_hang_timeout_s: float = Field(default=2.0, gt=0,
-                                         description="A server silent this long on its probe is restarted.")
-    liveness_ttl_s: float = Field(default=10.0, ge=2.0,
-                                  description="A worker not vouched for this long has its jobs handed back.")
+    server_hang_timeout_s: float = Field(
+        default=2.0, gt=0, description="A server silent this long on its probe is restarted."
+    )
+    liveness_ttl_s: float = Field(
+        default=10.0, ge=2.0, description="A worker not vouched for this long has its jobs handed back."
+    )
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     metrics_port: int | None = Field(default=None, description="Serve /metrics for all processes here.")
     host: str = Field(default_factory=socket.gethostname)

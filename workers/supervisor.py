@@ -64,8 +64,9 @@ class WorkerPool:
         self.keys = Keys(settings.namespace)
         self.client = connect(settings.redis_url)
         self.pool = self.keys.pool(pool_name(settings.model, settings.backend))
-        self.broker = StreamsBroker(self.client, self.keys, consumer_name=f"supervisor:{settings.host}:{os.getpid()}",
-                                    middleware=[])
+        self.broker = StreamsBroker(
+            self.client, self.keys, consumer_name=f"supervisor:{settings.host}:{os.getpid()}", middleware=[]
+        )
         self._vouch = self.client.register_script(VOUCH_SCRIPT)
         self._context = multiprocessing.get_context("spawn")
         self.children: list[Child] = []
@@ -73,8 +74,13 @@ class WorkerPool:
         self._crashes: list[float] = []
 
     def run(self) -> int:
-        log.info("genq worker: %d x %s on %s, redis %s", self.settings.processes, self.settings.model,
-                 self.settings.backend.value, redact(self.settings.redis_url))
+        log.info(
+            "genq worker: %d x %s on %s, redis %s",
+            self.settings.processes,
+            self.settings.model,
+            self.settings.backend.value,
+            redact(self.settings.redis_url),
+        )
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: self.stopping.set())
         metrics_dir = self._start_metrics()
@@ -120,9 +126,13 @@ class WorkerPool:
     def _spawn(self) -> Child:
         name = f"{self.settings.host}:{self.settings.model}.{self.settings.backend.value}:{uuid.uuid4().hex[:8]}"
         ready = self._context.Event()
-        child = Child(name=name, process=self._context.Process(
-            target=worker_process.main, args=(self.settings.model_dump_json(), name, ready), name=name,
-            daemon=False), ready=ready)
+        child = Child(
+            name=name,
+            process=self._context.Process(
+                target=worker_process.main, args=(self.settings.model_dump_json(), name, ready), name=name, daemon=False
+            ),
+            ready=ready,
+        )
         # Vouch before it reads anything, so no janitor mistakes it for dead.
         with contextlib.suppress(redis.RedisError):
             self._vouch_for([child])
@@ -166,7 +176,7 @@ class WorkerPool:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=directory)
-        start_http_server(self.settings.metrics_port, addr="0.0.0.0", registry=registry)  # noqa: S104
+        start_http_server(self.settings.metrics_port, addr="0.0.0.0", registry=registry)
         log.info("metrics of all worker processes on :%d/metrics", self.settings.metrics_port)
         return directory
 

@@ -122,9 +122,7 @@ class ServerSupervisor:
                 self._terminate(1.0)
             if not exited or attempt == 2:
                 break
-        raise ServerFailed(
-            f"{self.spec.name} did not become ready in {self.start_timeout_s:.0f}s; see {self.log_path}"
-        )
+        raise ServerFailed(f"{self.spec.name} did not become ready in {self.start_timeout_s:.0f}s; see {self.log_path}")
 
     def _launch(self) -> None:
         self.port = free_port()
@@ -134,13 +132,13 @@ class ServerSupervisor:
         env = {**os.environ, **self.spec.env}
         argv = self.spec.argv(self.port)
         log.info("starting %s on port %d", self.spec.name, self.port)
-        self.process = subprocess.Popen(  # noqa: S603 - argv is built from config, never from a request
+        self.process = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
             env=env,
-            preexec_fn=_die_with_parent(),  # noqa: PLW1509
+            preexec_fn=_die_with_parent(),
             close_fds=True,
         )
 
