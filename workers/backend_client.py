@@ -92,12 +92,14 @@ def complete(
     last_token_at = started
     finish_reason = "length"
     usage: dict[str, Any] = {}
+    events = 0
     try:
         with client.stream("POST", base_url + path, json=payload, timeout=timeout) as response:
             if response.status_code != 200:
                 response.read()
                 raise _http_error(response)
             for chunk in _events(response.iter_lines()):
+                events += 1
                 now = time.monotonic()
                 if cancelled is not None and cancelled.is_set():
                     raise Cancelled()
@@ -129,6 +131,8 @@ def complete(
         ) from error
     except httpx.TransportError as error:  # connect refused, reset, closed mid-stream: the server died
         raise BackendError(AttemptOutcome.CONNECTION_ERROR, f"{spec.name}: {error!r}", retryable=True) from error
+    if events == 0:
+        raise _empty_stream(client, base_url + path, payload, spec, timeout)
     completion_tokens = int(usage.get("completion_tokens") or len(pieces))
     return Completion(
         text="".join(pieces),
@@ -140,6 +144,22 @@ def complete(
         finished_at=time.monotonic(),
         token_gaps=gaps,
     )
+
+
+def _empty_stream(
+    client: httpx.Client, url: str, payload: dict[str, Any], spec: ServerSpec, timeout: httpx.Timeout
+) -> BackendError:
+    """A stream that closed before saying anything: find out why where the server hides it."""
+    if spec.hides_errors_in_streams:
+        probe = {**payload, "stream": False, "max_tokens": 1}
+        probe.pop("stream_options", None)
+        try:
+            response = client.post(url, json=probe, timeout=timeout)
+        except httpx.HTTPError as error:
+            return BackendError(AttemptOutcome.CONNECTION_ERROR, f"{spec.name}: {error!r}", retryable=True)
+        if response.status_code != 200:
+            return _http_error(response)
+    return BackendError(AttemptOutcome.SERVER_ERROR, f"{spec.name} closed the stream without a token", retryable=True)
 
 
 def _events(lines: Iterator[str]) -> Iterator[dict[str, Any]]:

@@ -126,7 +126,13 @@ def serve(
     rerouting = Rerouting(
         store=store,
         route=model_route,
-        circuit=CircuitBreaker(client, keys, settings.model),
+        circuit=CircuitBreaker(
+            client,
+            keys,
+            settings.model,
+            threshold=settings.circuit_threshold,
+            cool_down_s=settings.circuit_cool_down_s,
+        ),
         metrics=metrics,
         worker_name=consumer_name,
     )

@@ -30,6 +30,13 @@ class WorkerSettings(GenqSettings):
     liveness_ttl_s: float = Field(
         default=10.0, ge=2.0, description="A worker not vouched for this long has its jobs handed back."
     )
+    rescue_after_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="A job waiting this long in a pool with no live worker moves to the next backend.",
+    )
+    circuit_threshold: int = Field(default=3, ge=1, description="Failures in a row that open a pool's circuit.")
+    circuit_cool_down_s: float = Field(default=10.0, gt=0, description="How long an open circuit keeps jobs away.")
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     metrics_port: int | None = Field(default=None, description="Serve /metrics for all processes here.")
     host: str = Field(default_factory=socket.gethostname)

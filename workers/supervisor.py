@@ -29,6 +29,7 @@ from jobcontract.broker import StreamsBroker
 from jobcontract.connection import connect, redact
 from jobcontract.keys import Keys, pool_name
 from workers import process as worker_process
+from workers.rescue import Rescuer
 from workers.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,13 @@ class WorkerPool:
             self.client, self.keys, consumer_name=f"supervisor:{settings.host}:{os.getpid()}", middleware=[]
         )
         self._vouch = self.client.register_script(VOUCH_SCRIPT)
+        self.rescuer = Rescuer(
+            self.client,
+            self.keys,
+            settings.routes,
+            name=self.broker.consumer_name,
+            rescue_after_s=settings.rescue_after_s,
+        )
         self._context = multiprocessing.get_context("spawn")
         self.children: list[Child] = []
         self.stopping = threading.Event()
@@ -112,6 +120,8 @@ class WorkerPool:
         try:
             self._vouch_for(self.children)
             self.broker.reclaim_dead_consumers()
+            if any(c.ready.is_set() for c in self.children):  # only a serving pool takes others' work
+                self.rescuer.run_once()
         except redis.RedisError as error:
             log.warning("redis unreachable from the supervisor (%s); workers keep their jobs", error)
 

@@ -21,41 +21,42 @@ class ServerSpec:
     argv_head: tuple[str, ...]
     port_flag: str
     readiness_path: str
+    # Probed while serving; must answer while a generation holds the model (defaults to readiness_path).
+    liveness_path: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     # What to send as "model": mlx_lm.server treats any name but its own --model as a hub repo.
     request_model: str | None = None
     # Fields sent on every request, so defaults that differ between servers never leak to callers.
     request_defaults: dict[str, Any] = field(default_factory=dict)
     sends_usage_when_streaming: bool = True
+    # llama_cpp.server answers a refused streamed request (prompt over the context) with 200 and an
+    # empty body; the reason only shows when the same request is sent without streaming.
+    hides_errors_in_streams: bool = False
 
     def argv(self, port: int) -> list[str]:
         return [*self.argv_head, self.port_flag, str(port)]
+
+
+def _argv(*head: str, flags: list[tuple[str, str]]) -> tuple[str, ...]:
+    return (*head, *(part for flag in flags for part in flag))
 
 
 def mlx_spec(model_path: str, *, concurrency: int, max_tokens: int, hub_cache: Path) -> ServerSpec:
     """mlx_lm.server; `HF_HUB_OFFLINE` and an existing hub cache keep it from reaching for the network
     (with no cache folder its /v1/models answers 200 with an empty body)."""
     hub_cache.mkdir(parents=True, exist_ok=True)
+    flags = [
+        ("--model", model_path),
+        ("--host", "127.0.0.1"),
+        ("--max-tokens", str(max_tokens)),
+        ("--decode-concurrency", str(concurrency)),
+        ("--prompt-concurrency", str(max(1, min(concurrency, 8)))),
+        ("--log-level", "WARNING"),
+    ]
     return ServerSpec(
         name="mlx_lm.server",
         backend=Backend.MLX,
-        argv_head=(
-            sys.executable,
-            "-c",
-            "from mlx_lm.server import main; main()",
-            "--model",
-            model_path,
-            "--host",
-            "127.0.0.1",
-            "--max-tokens",
-            str(max_tokens),
-            "--decode-concurrency",
-            str(concurrency),
-            "--prompt-concurrency",
-            str(max(1, min(concurrency, 8))),
-            "--log-level",
-            "WARNING",
-        ),
+        argv_head=_argv(sys.executable, "-c", "from mlx_lm.server import main; main()", flags=flags),
         port_flag="--port",
         readiness_path="/health",
         env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub_cache), "TRANSFORMERS_OFFLINE": "1"},
@@ -65,25 +66,18 @@ def mlx_spec(model_path: str, *, concurrency: int, max_tokens: int, hub_cache: P
 
 def llama_server_spec(binary: str, gguf_path: str, *, slots: int, context_length: int, threads: int) -> ServerSpec:
     """The C++ llama-server: /health, parallel slots, its own /metrics. Context is shared by slots."""
+    flags = [
+        ("-m", gguf_path),
+        ("-a", "genq"),
+        ("--host", "127.0.0.1"),
+        ("-c", str(context_length * slots)),
+        ("-np", str(slots)),
+        ("-t", str(threads)),
+    ]
     return ServerSpec(
         name="llama-server",
         backend=Backend.LLAMACPP,
-        argv_head=(
-            binary,
-            "-m",
-            gguf_path,
-            "-a",
-            "genq",
-            "--host",
-            "127.0.0.1",
-            "-c",
-            str(context_length * slots),
-            "-np",
-            str(slots),
-            "-t",
-            str(threads),
-            "--metrics",
-        ),
+        argv_head=(*_argv(binary, flags=flags), "--metrics"),
         port_flag="--port",
         readiness_path="/health",
         request_defaults={"repeat_penalty": 1.0},
@@ -93,29 +87,27 @@ def llama_server_spec(binary: str, gguf_path: str, *, slots: int, context_length
 def llama_cpp_python_spec(gguf_path: str, *, context_length: int, threads: int) -> ServerSpec:
     """`python -m llama_cpp.server`: no /health (probe /v1/models), temperature 0.8 and
     repeat_penalty 1.1 by default (always sent explicitly), one request at a time, no usage when
-    streaming."""
+    streaming. By default a new request that needs the model (even GET /v1/models) cuts a running
+    stream short with an early [DONE]: interruption is turned off, and the liveness probe uses a
+    path that does not wait for the model."""
+    flags = [
+        ("--model", gguf_path),
+        ("--model_alias", "genq"),
+        ("--host", "127.0.0.1"),
+        ("--n_ctx", str(context_length)),
+        ("--n_threads", str(threads)),
+        ("--interrupt_requests", "False"),
+    ]
     return ServerSpec(
         name="llama_cpp.server",
         backend=Backend.LLAMACPP,
-        argv_head=(
-            sys.executable,
-            "-m",
-            "llama_cpp.server",
-            "--model",
-            gguf_path,
-            "--model_alias",
-            "genq",
-            "--host",
-            "127.0.0.1",
-            "--n_ctx",
-            str(context_length),
-            "--n_threads",
-            str(threads),
-        ),
+        argv_head=_argv(sys.executable, "-m", "llama_cpp.server", flags=flags),
         port_flag="--port",
         readiness_path="/v1/models",
+        liveness_path="/openapi.json",
         request_defaults={"repeat_penalty": 1.0},
         sends_usage_when_streaming=False,
+        hides_errors_in_streams=True,
     )
 
 

@@ -156,9 +156,9 @@ class ServerSupervisor:
             time.sleep(0.05)
         return False
 
-    def _answers(self) -> bool:
+    def _answers(self, path: str | None = None) -> bool:
         try:
-            response = self._probe.get(self.base_url + self.spec.readiness_path)
+            response = self._probe.get(self.base_url + (path or self.spec.readiness_path))
         except httpx.HTTPError:
             return False
         return response.status_code == 200 and bool(response.content)
@@ -170,7 +170,7 @@ class ServerSupervisor:
             assert self.process is not None
             died = self.process.poll() is not None
             if not died:
-                if self._answers():
+                if self._answers(self.spec.liveness_path):
                     silent_since = None
                     backoff = 0.0
                     continue
