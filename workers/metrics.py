@@ -1,16 +1,25 @@
 """What a worker measures, in Prometheus terms: base units, `genq_` prefix, bounded labels only.
 
-Worker processes share one /metrics endpoint through prometheus-client's multiprocess mode
-(the supervisor sets PROMETHEUS_MULTIPROC_DIR for its children and serves the aggregate).
+Neither mlx_lm.server nor llama_cpp.server exports metrics, so the worker measures what users
+watch (queue wait, first token, token gaps, end to end) around every request it sends.
+
+Worker processes share one /metrics endpoint through prometheus-client's multiprocess mode: the
+supervisor points PROMETHEUS_MULTIPROC_DIR at a fresh folder before it spawns them (the variable
+must be set before a process imports prometheus_client), serves the sum of their files, and
+marks a dead process's files dead so its gauges vanish while its counters keep counting.
+Gauges therefore say how they combine across processes (`multiprocess_mode`).
+
+Labels are model, backend, outcome or reason: small fixed sets. Never a job id, prompt or worker
+name; the worker is Prometheus's own `instance` label.
 """
 
 from __future__ import annotations
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-from jobcontract.models import GenerationRequest, GenerationResult
+from jobcontract.models import AttemptOutcome, Backend, GenerationRequest, GenerationResult
 
-# From a tiny model's milliseconds to a 70B model's minutes.
+# From a tiny model's milliseconds to a 70B model's tens of minutes.
 LATENCY_BUCKETS = (
     0.001,
     0.0025,
@@ -31,78 +40,133 @@ LATENCY_BUCKETS = (
     300.0,
     600.0,
     1800.0,
+    3600.0,
 )
 TOKEN_GAP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 
 JOB = ("model", "backend")
+# How a job leaves a pool: finished there (succeeded, failed, cancelled, dead_lettered) or moved
+# on (rerouted). A rerouted job later finishes on another pool, so throughput excludes it.
+JOB_OUTCOMES = ("succeeded", "failed", "cancelled", "dead_lettered", "rerouted")
 
 
 class WorkerMetrics:
-    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+    """The metrics of one worker process serving one pool (model on backend)."""
+
+    def __init__(self, model: str, backend: str, registry: CollectorRegistry = REGISTRY) -> None:
         self.queue_wait = Histogram(
             "genq_queue_wait_seconds",
-            "From enqueue to a worker starting the job.",
+            "From a job's enqueue to a worker starting an attempt of it (one observation per attempt).",
             JOB,
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
         self.time_to_first_token = Histogram(
             "genq_time_to_first_token_seconds",
-            "From enqueue to the first generated token.",
+            "From enqueue to the first generated token, for succeeded jobs.",
             JOB,
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
         self.inter_token = Histogram(
             "genq_inter_token_latency_seconds",
-            "Gap between consecutive tokens.",
+            "Gap between consecutive streamed tokens.",
             JOB,
             buckets=TOKEN_GAP_BUCKETS,
             registry=registry,
         )
         self.end_to_end = Histogram(
             "genq_end_to_end_latency_seconds",
-            "From enqueue to the result.",
+            "From enqueue to the result, for succeeded jobs.",
             JOB,
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
         self.generation = Histogram(
             "genq_generation_seconds",
-            "From a worker starting the job to its result.",
+            "From a worker starting the successful attempt to its result.",
             JOB,
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-        self.jobs = Counter("genq_jobs_total", "Jobs by final outcome.", (*JOB, "outcome"), registry=registry)
-        self.attempts = Counter("genq_attempts_total", "Attempts by outcome.", (*JOB, "outcome"), registry=registry)
+        self.jobs = Counter(
+            "genq_jobs_total",
+            "Jobs leaving this pool, by outcome (see JOB_OUTCOMES).",
+            (*JOB, "outcome"),
+            registry=registry,
+        )
+        self.attempts = Counter(
+            "genq_attempts_total", "Attempts on this pool's servers, by outcome.", (*JOB, "outcome"), registry=registry
+        )
         self.reroutes = Counter(
             "genq_reroutes_total",
-            "Jobs moved to another backend.",
+            "Jobs moved to another backend after failing here.",
             ("model", "from_backend", "to_backend"),
             registry=registry,
         )
         self.retries = Counter(
-            "genq_retries_total", "Jobs retried on the same backend, by reason.", (*JOB, "reason"), registry=registry
+            "genq_retries_total",
+            "Attempts retried on the same backend, by the failed attempt's outcome.",
+            (*JOB, "reason"),
+            registry=registry,
         )
-        self.prompt_tokens = Counter("genq_prompt_tokens_total", "Prompt tokens processed.", JOB, registry=registry)
-        self.completion_tokens = Counter("genq_completion_tokens_total", "Tokens generated.", JOB, registry=registry)
-        self.in_flight = Gauge(
+        self.prompt_tokens = Counter(
+            "genq_prompt_tokens_total", "Prompt tokens of succeeded jobs.", JOB, registry=registry
+        )
+        self.completion_tokens = Counter(
+            "genq_completion_tokens_total", "Tokens generated by succeeded jobs.", JOB, registry=registry
+        )
+        self._in_flight = Gauge(
             "genq_jobs_in_flight",
-            "Jobs being generated by this worker.",
+            "Jobs being generated by this worker's processes.",
+            JOB,
             multiprocess_mode="livesum",
             registry=registry,
         )
         self.server_up = Gauge(
-            "genq_backend_server_up",
-            "1 while the backend server answers its probe.",
+            "genq_backend_servers_up",
+            "This worker's backend servers answering their readiness probe (one per process).",
             JOB,
-            multiprocess_mode="livemax",
+            multiprocess_mode="livesum",
             registry=registry,
         )
         self.server_restarts = Counter(
-            "genq_backend_server_restarts_total", "Backend server restarts.", JOB, registry=registry
+            "genq_backend_server_restarts_total",
+            "Backend servers restarted after exiting or freezing.",
+            JOB,
+            registry=registry,
         )
+        pool = {"model": model, "backend": backend}
+        # The runner sets this process's count; the endpoint shows the sum over live processes.
+        self.in_flight = self._in_flight.labels(**pool)
+        self._create_series_at_zero(model, backend)
+
+    def _create_series_at_zero(self, model: str, backend: str) -> None:
+        """A series that does not exist yet is absent, not 0: rate() and alerts would see nothing
+        until the first failure. So every series of this pool starts at zero."""
+        pool = {"model": model, "backend": backend}
+        for outcome in JOB_OUTCOMES:
+            self.jobs.labels(**pool, outcome=outcome)
+        for attempt in AttemptOutcome:
+            self.attempts.labels(**pool, outcome=attempt.value)
+            if attempt is not AttemptOutcome.SUCCEEDED:
+                self.retries.labels(**pool, reason=attempt.value)
+        for other in Backend:
+            if other.value != backend:
+                self.reroutes.labels(model=model, from_backend=backend, to_backend=other.value)
+        for series in (
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.server_restarts,
+            self.queue_wait,
+            self.time_to_first_token,
+            self.inter_token,
+            self.end_to_end,
+            self.generation,
+        ):
+            series.labels(**pool)
+        self.server_up.labels(**pool).set(0)
+        self.in_flight.set(0)
 
     def observe_success(self, request: GenerationRequest, result: GenerationResult, token_gaps: list[float]) -> None:
         labels = {"model": request.model, "backend": result.backend.value if result.backend else "none"}
@@ -119,3 +183,8 @@ class WorkerMetrics:
         inter_token = self.inter_token.labels(**labels)
         for gap in token_gaps:
             inter_token.observe(gap)
+
+    def observe_reroute(self, model: str, from_backend: str, to_backend: str) -> None:
+        """The job left this pool for another: counted as this pool's `rerouted` outcome too."""
+        self.reroutes.labels(model=model, from_backend=from_backend, to_backend=to_backend).inc()
+        self.jobs.labels(model=model, backend=from_backend, outcome="rerouted").inc()

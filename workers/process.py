@@ -88,7 +88,7 @@ def serve(
     model_route = settings.routes.get(settings.model)
     keys = Keys(settings.namespace)
     client = connect(settings.redis_url)
-    metrics = WorkerMetrics()
+    metrics = WorkerMetrics(settings.model, settings.backend.value)
     labels = {"model": settings.model, "backend": settings.backend.value}
 
     def on_server_state(state: str) -> None:

@@ -80,9 +80,7 @@ class Rerouting(dramatiq.Middleware):
             delay_ms = int(decision.delay_s * 1000)
             broker.enqueue(message._message.copy(kwargs=kwargs), delay=delay_ms if delay_ms > 0 else None)
         elif isinstance(decision, Reroute):
-            self.metrics.reroutes.labels(
-                model=request.model, from_backend=failed.backend.value, to_backend=decision.backend.value
-            ).inc()
+            self.metrics.observe_reroute(request.model, failed.backend.value, decision.backend.value)
             target = queue_name(request.model, decision.backend, request.lane)
             broker.enqueue(message._message.copy(queue_name=target, kwargs=kwargs))
             log.info(

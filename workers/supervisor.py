@@ -182,7 +182,9 @@ class WorkerPool:
         from prometheus_client import CollectorRegistry, start_http_server
         from prometheus_client.multiprocess import MultiProcessCollector
 
-        directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="genq-metrics-")
+        # Always a fresh folder (inside the given one, if any): files left by an earlier run would
+        # be summed into this one's counters, and the folder is deleted when the pool stops.
+        directory = tempfile.mkdtemp(prefix="genq-metrics-", dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=directory)
