@@ -70,3 +70,37 @@ class Keys:
     def batch_done(self, batch_id: str) -> str:
         """A stream of finished job ids of one batch, read in order by a resumable batch runner."""
         return f"{self.namespace}:batch:{batch_id}:done"
+
+    def batch(self, batch_id: str) -> str:
+        """A hash: a batch's status, its counts and its runner's checkpoint."""
+        return f"{self.namespace}:batch:{batch_id}"
+
+    def batch_jobs(self, batch_id: str) -> str:
+        """A list of the job ids a batch submitted, so it can be cancelled without its input file."""
+        return f"{self.namespace}:batch:{batch_id}:jobs"
+
+    def batch_lease(self, batch_id: str) -> str:
+        """Held (with a TTL) by the one process running a batch; a lapsed lease lets another adopt it."""
+        return f"{self.namespace}:batch:{batch_id}:lease"
+
+    @property
+    def batches(self) -> str:
+        """A sorted set of batch ids by creation time, for listing."""
+        return f"{self.namespace}:batches"
+
+    @property
+    def active_batches(self) -> str:
+        """The gateway's batches that are not finished yet, for a gateway to adopt after a restart."""
+        return f"{self.namespace}:batches:active"
+
+    def file(self, file_id: str) -> str:
+        """A hash: an uploaded (or generated) file's name, purpose and creation time."""
+        return f"{self.namespace}:file:{file_id}"
+
+    def file_content(self, file_id: str) -> str:
+        return f"{self.namespace}:file:{file_id}:content"
+
+    @property
+    def files(self) -> str:
+        """A sorted set of file ids by creation time, for listing."""
+        return f"{self.namespace}:files"

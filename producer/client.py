@@ -6,7 +6,8 @@ Redis, so a malformed job raises `pydantic.ValidationError` and nothing is queue
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Self
 
 import redis
@@ -16,6 +17,7 @@ from jobcontract.jobs import JobStore, QueueFull, UnknownJob
 from jobcontract.keys import Keys
 from jobcontract.models import GenerationRequest, GenerationResult, JobState, JobStatus
 from jobcontract.settings import GenqSettings
+from producer.batch.book import BatchBook, BatchRecord
 
 __all__ = ["Client", "GenqUnavailable", "QueueFull", "UnknownJob"]
 
@@ -101,6 +103,49 @@ class Client:
         """CANCELLED if it will never run; RUNNING if its worker was asked to abort it."""
         with self._reaching_redis():
             return self.store.cancel(job_id)
+
+    # -- batches (the OpenAI Batch format; see producer/batch) ------------------------------------------
+    def batch_book(self) -> BatchBook:
+        return BatchBook(self.redis, self.store.keys, ttl_s=self.settings.result_ttl_s)
+
+    def batch(
+        self,
+        input_path: str | Path,
+        output_path: str | Path,
+        *,
+        errors_path: str | Path | None = None,
+        skip_invalid: bool = False,
+        batch_id: str | None = None,
+        max_in_flight: int = 1000,
+        on_progress: Callable[[Any], None] | None = None,
+        on_start: Callable[[str, Any], None] | None = None,
+    ) -> BatchRecord:
+        """Run (or resume) a batch file to its end; the same call after an interruption finishes it
+        without generating or writing any line twice. Raises BatchInvalid before queueing anything."""
+        from producer.batch.runner import run_file
+
+        with self._reaching_redis():
+            return run_file(
+                self,
+                Path(input_path),
+                Path(output_path),
+                errors_path=None if errors_path is None else Path(errors_path),
+                skip_invalid=skip_invalid,
+                batch_id=batch_id,
+                max_in_flight=max_in_flight,
+                on_progress=on_progress,
+                on_start=on_start,
+            )
+
+    def batch_status(self, batch_id: str) -> BatchRecord:
+        with self._reaching_redis():
+            return self.batch_book().get(batch_id)
+
+    def batch_cancel(self, batch_id: str) -> BatchRecord:
+        from producer.batch.control import cancel_batch
+
+        with self._reaching_redis():
+            return cancel_batch(self, batch_id)
 
     def _reaching_redis(self) -> _RedisErrors:
         return _RedisErrors(self.settings.redis_url)

@@ -1,0 +1,396 @@
+"""The batch loop: validate every line, then submit in a bounded window and write results as they finish.
+
+Submission and writing are decoupled through the batch's stream of finished jobs in Redis
+(`keys.batch_done`): workers append to it, this loop reads it from its checkpoint. Anything that
+stops the loop (Ctrl-C, a crash, a gateway restart) loses nothing: jobs already queued keep running,
+their results wait in the stream, and the next run resubmits nothing (job ids and idempotency keys
+are fixed by batch id and custom_id) and writes each finished line once (see sinks.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from jobcontract.connection import stream_reply
+from jobcontract.jobs import QueueFull
+from jobcontract.limits import Limits
+from jobcontract.models import GenerationResult, JobState
+from producer.batch.book import BatchBook, BatchRecord, BatchStatus
+from producer.batch.lines import BatchLine, InvalidLine, invalid_line, output_line, parse_line
+from producer.batch.sinks import Checkpoint, Counts, FileSink, Sink
+from producer.batch.sources import LineSource, file_source
+
+if TYPE_CHECKING:
+    from producer.client import Client
+
+LEASE_TTL_S = 10.0
+SHOWN_ERRORS = 20
+
+
+@dataclass
+class Validation:
+    valid: int = 0
+    invalid: int = 0
+    errors: list[InvalidLine] = field(default_factory=list)  # the first few, for the report
+    digest: str = ""
+
+
+class BatchInvalid(ValueError):
+    """Some lines are invalid and the caller did not ask to skip them: nothing was queued."""
+
+    def __init__(self, validation: Validation) -> None:
+        shown = "\n".join(f"  {e}" for e in validation.errors)
+        more = validation.invalid - len(validation.errors)
+        tail = f"\n  ... and {more} more" if more > 0 else ""
+        super().__init__(
+            f"{validation.invalid} invalid line(s); nothing was queued (--skip-invalid queues the rest):\n{shown}{tail}"
+        )
+        self.validation = validation
+
+
+class BatchBusy(RuntimeError):
+    """Another live process is running this batch."""
+
+
+def validate(source: LineSource, limits: Limits, *, endpoint: str | None = None) -> Validation:
+    """One streaming pass over the input: every line checked, the content hashed, custom_ids unique."""
+    result = Validation()
+    digest = hashlib.sha256()
+    seen: set[int] = set()  # 8-byte hashes of custom_ids: a few MB for 100k lines, never the lines
+    for number, raw in source():
+        digest.update(raw if raw.endswith(b"\n") else raw + b"\n")
+        parsed = parse_line(number, raw, limits, endpoint=endpoint)
+        if parsed is None:
+            continue
+        if isinstance(parsed, BatchLine):
+            key = int.from_bytes(hashlib.blake2b(parsed.custom_id.encode(), digest_size=8).digest())
+            if key in seen:
+                parsed = InvalidLine(number, parsed.custom_id, f"custom_id {parsed.custom_id!r} appears more than once")
+            else:
+                seen.add(key)
+                result.valid += 1
+                continue
+        result.invalid += 1
+        if len(result.errors) < SHOWN_ERRORS:
+            result.errors.append(parsed)
+    result.digest = digest.hexdigest()
+    return result
+
+
+@dataclass(frozen=True)
+class Progress:
+    batch_id: str
+    status: BatchStatus
+    total: int
+    submitted: int
+    counts: Counts
+    elapsed_s: float
+    tokens_per_s: float
+    eta_s: float | None
+
+    @property
+    def in_flight(self) -> int:
+        return max(0, self.submitted - self.counts.written)
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+class BatchRunner:
+    """Runs one batch whose record exists, until it is completed or cancelled and fully written."""
+
+    def __init__(
+        self,
+        client: Client,
+        book: BatchBook,
+        batch_id: str,
+        source: LineSource,
+        sink: Sink,
+        *,
+        total: int,
+        endpoint: str | None = None,
+        max_in_flight: int = 1000,
+        chunk: int = 256,
+        owner: str | None = None,
+        on_progress: ProgressCallback | None = None,
+        on_finalize: Callable[[Counts], None] | None = None,
+    ) -> None:
+        self.client = client
+        self.book = book
+        self.batch_id = batch_id
+        self.source = source
+        self.sink = sink
+        self.total = total
+        self.endpoint = endpoint
+        self.max_in_flight = max(1, max_in_flight)
+        self.chunk = max(1, chunk)
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.on_progress = on_progress
+        self.on_finalize = on_finalize
+        self.done_key = client.store.keys.batch_done(batch_id)
+
+    def run(self, *, wait_for_lease_s: float = 0.0) -> BatchRecord:
+        """Run to the end. A lease held by a process that died on this host is broken at once; one held
+        elsewhere is waited for up to `wait_for_lease_s` (it lapses LEASE_TTL_S after its holder died)."""
+        deadline = time.monotonic() + wait_for_lease_s
+        while not self.book.take_lease(self.batch_id, self.owner, LEASE_TTL_S):
+            holder = self.book.lease_holder(self.batch_id)
+            if holder is not None and _died_here(holder):
+                self.book.break_lease(self.batch_id, holder)
+            elif time.monotonic() > deadline:
+                raise BatchBusy(f"batch {self.batch_id} is being run by another live process ({holder})")
+            else:
+                time.sleep(0.2)
+        try:
+            self._loop()
+        finally:
+            self.book.release_lease(self.batch_id, self.owner)
+        return self.book.get(self.batch_id)
+
+    def _loop(self) -> None:
+        record = self.book.get(self.batch_id)
+        if record.status is BatchStatus.VALIDATING:
+            self.book.advance(self.batch_id, BatchStatus.IN_PROGRESS)
+        checkpoint = self.sink.checkpoint
+        submitted, submitted_line = record.submitted, self.book.submitted_line(self.batch_id)
+        lines = self._lines(submitted_line, checkpoint.invalid_through)
+        held: list[BatchLine] = []  # a chunk refused by a full queue, tried again later
+        invalid: list[InvalidLine] = []
+        exhausted, retry_at = False, 0.0
+        started, start_counts = time.monotonic(), replace(checkpoint.counts)
+        while True:
+            if not self.book.take_lease(self.batch_id, self.owner, LEASE_TTL_S):
+                raise BatchBusy(f"lost the lease of batch {self.batch_id} to another process")
+            status = self.book.get_status(self.batch_id)
+            stopping = status in (BatchStatus.CANCELLING, BatchStatus.CANCELLED)
+            waiting = True
+            if not stopping and time.monotonic() >= retry_at:
+                while not exhausted or held:
+                    room = self.max_in_flight - (submitted - checkpoint.counts.written)
+                    if room <= 0:
+                        break
+                    if not held:
+                        held, exhausted = self._take(lines, min(room, self.chunk), invalid)
+                        if not held:
+                            continue
+                    try:
+                        self._submit(held)
+                    except QueueFull:
+                        retry_at = time.monotonic() + 0.5
+                        break
+                    submitted += len(held)
+                    self.book.record_submitted(
+                        self.batch_id, [line.for_batch(self.batch_id)[0] for line in held], submitted, held[-1].number
+                    )
+                    held = []
+                    waiting = False
+            checkpoint, read = self._collect(checkpoint, invalid, block_ms=None if not waiting else 500)
+            invalid = []
+            self._report(status, submitted, checkpoint.counts, start_counts, started)
+            if checkpoint.counts.written < submitted and not (status.terminal and read == 0):
+                continue
+            if stopping:
+                self.book.advance(self.batch_id, BatchStatus.CANCELLED)
+                return
+            if status.terminal:
+                return  # a rerun of a finished batch: its output is now complete
+            # (when cancelled while finalizing, the next pass finishes as cancelled)
+            if (
+                exhausted
+                and not held
+                and self.book.advance(self.batch_id, BatchStatus.FINALIZING) is BatchStatus.FINALIZING
+            ):
+                if self.on_finalize is not None:
+                    self.on_finalize(checkpoint.counts)
+                self.book.advance(self.batch_id, BatchStatus.COMPLETED)
+                return
+
+    def _lines(self, submitted_line: int, invalid_through: int) -> Iterator[BatchLine | InvalidLine]:
+        """Lines not yet submitted, and invalid lines not yet written out, in file order."""
+        limits = self.client.settings.limits
+        for number, raw in self.source():
+            if number <= submitted_line and number <= invalid_through:
+                continue
+            parsed = parse_line(number, raw, limits, endpoint=self.endpoint)
+            if parsed is None:
+                continue
+            pending = number > (submitted_line if isinstance(parsed, BatchLine) else invalid_through)
+            if pending:
+                yield parsed
+
+    def _take(
+        self, lines: Iterator[BatchLine | InvalidLine], count: int, invalid: list[InvalidLine]
+    ) -> tuple[list[BatchLine], bool]:
+        taken: list[BatchLine] = []
+        for line in lines:
+            if isinstance(line, InvalidLine):
+                invalid.append(line)
+                continue
+            taken.append(line)
+            if len(taken) >= count:
+                return taken, False
+        return taken, True
+
+    def _submit(self, lines: list[BatchLine]) -> None:
+        pairs = [line.for_batch(self.batch_id) for line in lines]
+        routes = self.client.settings.routes
+        with self.client._reaching_redis():
+            self.client.store.submit_many(
+                [request for _, request in pairs],
+                route_for=routes.get,
+                default_timeout_s=self.client.settings.default_timeout_s,
+                batch_id=self.batch_id,
+                job_ids=[job_id for job_id, _ in pairs],
+            )
+
+    def _collect(
+        self, checkpoint: Checkpoint, invalid: list[InvalidLine], *, block_ms: int | None
+    ) -> tuple[Checkpoint, int]:
+        """Write out what finished since the checkpoint; returns the new checkpoint and how many jobs."""
+        redis_client = self.client.redis
+        reply = stream_reply(redis_client.xread({self.done_key: checkpoint.cursor}, count=self.chunk, block=block_ms))
+        entries = [entry for _stream, batch in reply for entry in batch]
+        if not entries and not invalid:
+            return checkpoint, 0
+        job_ids = [fields[b"job"].decode() for _id, fields in entries]
+        pipe = redis_client.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hget(self.client.store.keys.job(job_id), "result")
+        raws = pipe.execute()
+        counts = replace(checkpoint.counts)
+        output: list[str] = []
+        errors: list[str] = []
+        for job_id, raw in zip(job_ids, raws, strict=True):
+            result = None if raw is None else GenerationResult.model_validate_json(raw)
+            is_error, line = output_line(job_id, result)
+            (errors if is_error else output).append(line)
+            _count(counts, result)
+        for bad in invalid:
+            errors.append(invalid_line(bad))
+            counts.invalid += 1
+        updated = Checkpoint(
+            cursor=entries[-1][0].decode() if entries else checkpoint.cursor,
+            invalid_through=max([checkpoint.invalid_through, *(bad.number for bad in invalid)]),
+            counts=counts,
+        )
+        self.sink.commit(output, errors, updated)
+        self.book.update(
+            self.batch_id,
+            completed=counts.completed,
+            failed=counts.failed,
+            cancelled=counts.cancelled,
+            invalid=counts.invalid,
+            tokens=counts.tokens,
+        )
+        return updated, len(entries)
+
+    def _report(self, status: BatchStatus, submitted: int, counts: Counts, start: Counts, started: float) -> None:
+        if self.on_progress is None:
+            return
+        elapsed = time.monotonic() - started
+        done_now = counts.written - start.written
+        rate = done_now / elapsed if elapsed > 0 else 0.0
+        remaining = self.total - counts.written
+        self.on_progress(
+            Progress(
+                batch_id=self.batch_id,
+                status=status,
+                total=self.total,
+                submitted=submitted,
+                counts=counts,
+                elapsed_s=elapsed,
+                tokens_per_s=(counts.tokens - start.tokens) / elapsed if elapsed > 0 else 0.0,
+                eta_s=remaining / rate if rate > 0 else None,
+            )
+        )
+
+
+def _died_here(holder: str) -> bool:
+    """A lease owner named `host:pid:...` on this host whose process is gone."""
+    host, _, rest = holder.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _count(counts: Counts, result: GenerationResult | None) -> None:
+    if result is not None and result.state is JobState.SUCCEEDED:
+        counts.completed += 1
+        counts.tokens += result.usage.completion_tokens
+    elif result is not None and result.state is JobState.CANCELLED:
+        counts.cancelled += 1
+    else:
+        counts.failed += 1
+
+
+# -- a batch from a file on disk (the CLI and Client.batch_run) -------------------------------------------
+
+
+def file_batch_id(path: Path, digest: str) -> str:
+    """Fixed by the file's place and content: the same command run again resumes the same batch."""
+    return "batch_" + hashlib.sha256(f"{path.resolve()}\0{digest}".encode()).hexdigest()[:24]
+
+
+def run_file(
+    client: Client,
+    input_path: Path,
+    output_path: Path,
+    *,
+    errors_path: Path | None = None,
+    skip_invalid: bool = False,
+    batch_id: str | None = None,
+    max_in_flight: int = 1000,
+    on_progress: ProgressCallback | None = None,
+    on_start: Callable[[str, Validation], None] | None = None,
+) -> BatchRecord:
+    source = file_source(input_path)
+    validation = validate(source, client.settings.limits)
+    if validation.invalid and not skip_invalid:
+        raise BatchInvalid(validation)
+    batch_id = batch_id or file_batch_id(input_path, validation.digest)
+    book = client.batch_book()
+    book.create(
+        batch_id,
+        status=BatchStatus.IN_PROGRESS,
+        origin="cli",
+        input=str(input_path.resolve()),
+        total=validation.valid,
+        invalid=validation.invalid,
+    )
+    if on_start is not None:
+        on_start(batch_id, validation)
+    sink = FileSink(batch_id, output_path, errors_path or default_errors_path(output_path))
+    try:
+        runner = BatchRunner(
+            client,
+            book,
+            batch_id,
+            source,
+            sink,
+            total=validation.valid,
+            max_in_flight=max_in_flight,
+            on_progress=on_progress,
+        )
+        return runner.run(wait_for_lease_s=LEASE_TTL_S + 1)
+    finally:
+        sink.close()
+
+
+def default_errors_path(output: Path) -> Path:
+    stem = output.name.removesuffix(".jsonl")
+    return output.with_name(f"{stem}.errors.jsonl")
