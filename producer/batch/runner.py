@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -122,6 +123,7 @@ class BatchRunner:
         owner: str | None = None,
         on_progress: ProgressCallback | None = None,
         on_finalize: Callable[[Counts], None] | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         self.client = client
         self.book = book
@@ -135,6 +137,7 @@ class BatchRunner:
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.on_progress = on_progress
         self.on_finalize = on_finalize
+        self.stop = stop or threading.Event()  # set: leave the loop (queued jobs run on; a rerun resumes)
         self.done_key = client.store.keys.batch_done(batch_id)
 
     def run(self, *, wait_for_lease_s: float = 0.0) -> BatchRecord:
@@ -166,7 +169,7 @@ class BatchRunner:
         invalid: list[InvalidLine] = []
         exhausted, retry_at = False, 0.0
         started, start_counts = time.monotonic(), replace(checkpoint.counts)
-        while True:
+        while not self.stop.is_set():
             if not self.book.take_lease(self.batch_id, self.owner, LEASE_TTL_S):
                 raise BatchBusy(f"lost the lease of batch {self.batch_id} to another process")
             status = self.book.get_status(self.batch_id)

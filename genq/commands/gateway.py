@@ -1,0 +1,45 @@
+"""`genq gateway`: the OpenAI-compatible HTTP gateway on uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+log = logging.getLogger("genq.gateway")
+
+
+def register(sub: Any) -> None:
+    gateway = sub.add_parser("gateway", help="serve the OpenAI-compatible HTTP gateway")
+    gateway.add_argument("--host", help="GENQ_GATEWAY_HOST (loopback unless API keys are configured)")
+    gateway.add_argument("--port", type=int, help="GENQ_GATEWAY_PORT")
+    gateway.set_defaults(run=_gateway)
+
+
+def _gateway(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from jobcontract.connection import redact
+    from producer.gateway.app import create_app
+    from producer.gateway.settings import GatewaySettings, is_loopback
+
+    given = {"gateway_host": args.host, "gateway_port": args.port}
+    settings = GatewaySettings(**{k: v for k, v in given.items() if v is not None})
+    if settings.loopback_only:
+        if not is_loopback(settings.gateway_host):
+            print(
+                f"genq gateway: refusing to listen on {settings.gateway_host} without API keys; "
+                "set GENQ_GATEWAY_API_KEYS or listen on 127.0.0.1",
+                file=sys.stderr,
+            )
+            return 2
+        log.info("no API keys configured: serving on loopback only")
+    log.info(
+        "genq gateway on http://%s:%d (OpenAPI at /docs), redis %s",
+        settings.gateway_host,
+        settings.gateway_port,
+        redact(settings.redis_url),
+    )
+    uvicorn.run(create_app(settings), host=settings.gateway_host, port=settings.gateway_port, log_level="info")
+    return 0

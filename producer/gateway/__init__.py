@@ -1,0 +1,1 @@
+"""The HTTP gateway: OpenAI-compatible endpoints and genq's own job endpoints, all through the queue."""

@@ -1,0 +1,238 @@
+"""`/v1/batches` (OpenAI-compatible) and the runners behind it.
+
+A batch created here is run by the same loop as `genq batch run` (producer/batch/runner.py), in a
+thread of the gateway, reading its input from /v1/files in Redis and appending its output and error
+files there. Everything a runner needs to resume lives in Redis, and a runner holds a lease on its
+batch: when a gateway stops or dies, any gateway (the same one restarted, or another) adopts the
+batch once the lease lapses and finishes it without generating or writing any line twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Query
+from pydantic import BaseModel, ConfigDict, Field
+
+from jobcontract.keys import Keys
+from producer.batch.book import BatchBook, BatchRecord, BatchStatus, UnknownBatch
+from producer.batch.control import cancel_batch
+from producer.batch.runner import LEASE_TTL_S, BatchBusy, BatchRunner, validate
+from producer.batch.sinks import Counts, RedisSink
+from producer.batch.sources import redis_source
+from producer.client import Client
+from producer.gateway.errors import ApiError
+from producer.gateway.files import FileStore
+from producer.gateway.services import Services, services
+from producer.openai_format import CHAT_URL, COMPLETIONS_URL
+
+log = logging.getLogger(__name__)
+VALIDATION_LEASE_S = 120.0
+router = APIRouter(prefix="/v1/batches", tags=["openai batch"])
+
+
+class BatchCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    input_file_id: str = Field(min_length=1, max_length=128)
+    endpoint: Literal["/v1/completions", "/v1/chat/completions"]
+    completion_window: Literal["24h"] = "24h"
+    metadata: dict[str, str] | None = Field(default=None, max_length=16)
+
+
+def output_file_id(batch_id: str) -> str:
+    return f"file-{batch_id.removeprefix('batch_')}-output"
+
+
+def error_file_id(batch_id: str) -> str:
+    return f"file-{batch_id.removeprefix('batch_')}-errors"
+
+
+class BatchSupervisor:
+    """Runs this gateway's batches in threads and adopts any whose runner died."""
+
+    def __init__(self, client: Client, files: FileStore, *, adopt_every_s: float = 2.0) -> None:
+        self.client = client
+        self.files = files
+        self.book: BatchBook = client.batch_book()
+        self.keys: Keys = client.store.keys
+        self.adopt_every_s = adopt_every_s
+        self.stopping = threading.Event()
+        self.running: dict[str, threading.Thread] = {}
+        self._lock = threading.Lock()
+        self._adopter = threading.Thread(target=self._adopt_loop, name="batch-adopter", daemon=True)
+
+    def start(self) -> None:
+        self._adopter.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self.stopping.set()
+        for thread in list(self.running.values()):
+            thread.join(timeout_s)
+
+    def launch(self, batch_id: str) -> None:
+        with self._lock:
+            current = self.running.get(batch_id)
+            if current is not None and current.is_alive():
+                return
+            thread = threading.Thread(target=self._run, args=(batch_id,), name=f"batch-{batch_id}", daemon=True)
+            self.running[batch_id] = thread
+            thread.start()
+
+    def _adopt_loop(self) -> None:
+        while True:
+            try:
+                for batch_id in self.book.active():
+                    if self.book.lease_holder(batch_id) is None:
+                        self.launch(batch_id)
+            except Exception as error:  # Redis away for a moment: try again next round
+                log.warning("batch adoption round failed: %s", error)
+            if self.stopping.wait(self.adopt_every_s):
+                return
+
+    def _run(self, batch_id: str) -> None:
+        owner = f"gateway:{uuid.uuid4().hex[:12]}"
+        # Long enough to validate a large file; the runner then renews it every pass.
+        if not self.book.take_lease(batch_id, owner, VALIDATION_LEASE_S):
+            return
+        try:
+            record = self.book.get(batch_id)
+            if record.status.terminal:
+                self.book.advance(batch_id, record.status)  # drops it from the active set
+                return
+            source = redis_source(self.client.redis, self.keys.file_content(record.input))
+            total = record.total
+            if record.status is BatchStatus.VALIDATING:
+                validation = validate(source, self.client.settings.limits, endpoint=record.endpoint)
+                if validation.invalid:
+                    errors = [
+                        {"code": "invalid_request", "message": e.message, "param": None, "line": e.number}
+                        for e in validation.errors
+                    ]
+                    self.book.update(batch_id, errors=errors, invalid=validation.invalid, total=validation.valid)
+                    self.book.advance(batch_id, BatchStatus.FAILED)
+                    return
+                total = validation.valid
+                self.book.update(batch_id, total=total)
+            sink = RedisSink(
+                self.client.redis,
+                self.keys,
+                batch_id,
+                output_file_id(batch_id),
+                error_file_id(batch_id),
+                self.client.settings.result_ttl_s,
+            )
+
+            def finalize(counts: Counts) -> None:
+                self.files.record(output_file_id(batch_id), f"{batch_id}_output.jsonl", "batch_output")
+                fields: dict[str, Any] = {"output_file_id": output_file_id(batch_id)}
+                if counts.failed or counts.cancelled or counts.invalid:
+                    self.files.record(error_file_id(batch_id), f"{batch_id}_errors.jsonl", "batch_output")
+                    fields["error_file_id"] = error_file_id(batch_id)
+                self.book.update(batch_id, **fields)
+
+            runner = BatchRunner(
+                self.client,
+                self.book,
+                batch_id,
+                source,
+                sink,
+                total=total,
+                endpoint=record.endpoint,
+                on_finalize=finalize,
+                stop=self.stopping,
+                owner=owner,
+            )
+            final = runner.run()
+            if final.status is BatchStatus.CANCELLED:
+                finalize(Counts(failed=final.failed, cancelled=final.cancelled, completed=final.completed))
+        except BatchBusy:
+            return
+        except Exception:
+            log.exception("batch %s stopped; a gateway adopts it again within %.0fs", batch_id, LEASE_TTL_S)
+        finally:
+            self.book.release_lease(batch_id, owner)
+
+
+def batch_object(record: BatchRecord) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "object": "batch",
+        "endpoint": record.endpoint or COMPLETIONS_URL,
+        "errors": {"object": "list", "data": record.errors} if record.errors else None,
+        "input_file_id": record.input,
+        "completion_window": record.completion_window,
+        "status": record.status.value,
+        "output_file_id": record.output_file_id,
+        "error_file_id": record.error_file_id,
+        "created_at": record.created_at,
+        "in_progress_at": record.in_progress_at,
+        "expires_at": record.created_at + 24 * 3600,
+        "finalizing_at": record.finalizing_at,
+        "completed_at": record.completed_at,
+        "failed_at": record.failed_at,
+        "expired_at": None,
+        "cancelling_at": record.cancelling_at,
+        "cancelled_at": record.cancelled_at,
+        "request_counts": {
+            "total": record.total,
+            "completed": record.completed,
+            "failed": record.failed + record.cancelled,
+        },
+        "metadata": record.metadata,
+    }
+
+
+# Plain functions: FastAPI runs them in its thread pool, where blocking Redis calls are fine.
+@router.post("", summary="Create a batch from an uploaded file")
+def create(body: BatchCreate, s: Annotated[Services, Depends(services)]) -> dict[str, Any]:
+    source = s.files.get(body.input_file_id)
+    if source["purpose"] != "batch":
+        raise ApiError(400, f"file {body.input_file_id!r} has purpose {source['purpose']!r}, not 'batch'")
+    if body.endpoint not in (COMPLETIONS_URL, CHAT_URL):
+        raise ApiError(400, f"endpoint {body.endpoint!r} is not supported", param="endpoint")
+    batch_id = f"batch_{uuid.uuid4().hex}"
+    book = s.batches.book
+    book.create(
+        batch_id,
+        status=BatchStatus.VALIDATING,
+        origin="gateway",
+        input=body.input_file_id,
+        endpoint=body.endpoint,
+        metadata=body.metadata,
+        completion_window=body.completion_window,
+    )
+    s.batches.launch(batch_id)
+    return batch_object(book.get(batch_id))
+
+
+@router.get("/{batch_id}", summary="A batch's status and counts")
+def retrieve(batch_id: str, s: Annotated[Services, Depends(services)]) -> dict[str, Any]:
+    return batch_object(s.batches.book.get(batch_id))
+
+
+@router.get("", summary="List batches, newest first")
+def list_batches(
+    s: Annotated[Services, Depends(services)],
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: str | None = None,
+) -> dict[str, Any]:
+    records = s.batches.book.recent(limit=limit + 1, after=after)
+    data = [batch_object(r) for r in records[:limit]]
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": len(records) > limit,
+    }
+
+
+@router.post("/{batch_id}/cancel", summary="Cancel a batch: it stops, its queued and running jobs are cancelled")
+def cancel(batch_id: str, s: Annotated[Services, Depends(services)]) -> dict[str, Any]:
+    if not s.batches.book.exists(batch_id):
+        raise UnknownBatch(batch_id)
+    return batch_object(cancel_batch(s.client, batch_id, settle_s=0.0))

@@ -1,0 +1,123 @@
+"""`POST /v1/completions`, `POST /v1/chat/completions` and `GET /v1/models`, through the queue.
+
+A request becomes a job on the interactive lane (ahead of batch work), so a caller gets the
+queue's retries, reroutes and metrics. With `stream: true` the answer is server-sent events fed
+from the job's token stream as the worker produces it; a caller who hangs up cancels the job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import anyio
+from fastapi import APIRouter, Depends, Header
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from jobcontract.models import GenerationRequest, Lane
+from producer.gateway.services import Services, services
+from producer.openai_format import (
+    CHAT_URL,
+    COMPLETIONS_URL,
+    Body,
+    ChatBody,
+    CompletionBody,
+    chunk,
+    error_body,
+    failure,
+    now_s,
+    response_body,
+    to_request,
+    usage_chunk,
+)
+
+log = logging.getLogger(__name__)
+router = APIRouter(tags=["openai"])
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=256)]
+
+
+@router.post(COMPLETIONS_URL, summary="Create a completion (OpenAI-compatible)")
+async def completions(
+    body: CompletionBody, s: Annotated[Services, Depends(services)], idempotency_key: IdempotencyKey = None
+) -> Any:
+    return await _complete(COMPLETIONS_URL, body, s, idempotency_key)
+
+
+@router.post(CHAT_URL, summary="Create a chat completion (OpenAI-compatible)")
+async def chat_completions(
+    body: ChatBody, s: Annotated[Services, Depends(services)], idempotency_key: IdempotencyKey = None
+) -> Any:
+    return await _complete(CHAT_URL, body, s, idempotency_key)
+
+
+@router.get("/v1/models", summary="The models in the routes (OpenAI-compatible)")
+async def models(s: Annotated[Services, Depends(services)]) -> dict[str, Any]:
+    created = now_s()
+    data = [
+        {
+            "id": m.name,
+            "object": "model",
+            "created": created,
+            "owned_by": "genq",
+            "backends": [b.value for b in m.order],
+        }
+        for m in s.settings.routes.models
+    ]
+    return {"object": "list", "data": data}
+
+
+async def _complete(endpoint: str, body: Body, s: Services, idempotency_key: str | None) -> Any:
+    request = s.check(to_request(body, lane=Lane.INTERACTIVE, idempotency_key=idempotency_key))
+    job_id, _duplicate = await s.submit(request)
+    if not body.stream:
+        result = await s.store.wait(job_id, s.wait_s(request))
+        if not result.ok:
+            status, error = failure(result)
+            return JSONResponse(error, status_code=status)
+        return response_body(endpoint, result)
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    return StreamingResponse(
+        _events(endpoint, job_id, request, s, include_usage=include_usage),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Genq-Job-Id": job_id},
+    )
+
+
+def _sse(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, separators=(',', ':'), ensure_ascii=False)}\n\n"
+
+
+async def _events(
+    endpoint: str, job_id: str, request: GenerationRequest, s: Services, *, include_usage: bool
+) -> AsyncIterator[str]:
+    created, model = now_s(), request.model
+    finished = False
+    try:
+        if endpoint == CHAT_URL:
+            yield _sse(chunk(endpoint, job_id, model, created, text="", role=True))
+        expected = 0  # a retried attempt publishes from index 0 again: send each index once
+        async for token in s.store.tokens(job_id, s.wait_s(request)):
+            if token.index < expected:
+                continue
+            expected = token.index + 1
+            yield _sse(chunk(endpoint, job_id, model, created, text=token.text))
+        result = await s.store.result(job_id)
+        finished = True
+        if result is None or not result.ok:
+            message = "the job's result expired" if result is None else failure(result)[1]["error"]["message"]
+            yield _sse(error_body(message, "server_error", code="generation_failed"))
+        else:
+            reason = result.finish_reason if result.finish_reason in ("stop", "length") else "stop"
+            yield _sse(chunk(endpoint, job_id, model, created, finish_reason=reason))
+            if include_usage:
+                yield _sse(usage_chunk(endpoint, result, created))
+        yield "data: [DONE]\n\n"
+    finally:
+        if not finished:  # the caller hung up (or the wait timed out): free the worker's slot
+            with anyio.CancelScope(shield=True):
+                try:
+                    await s.store.cancel(job_id)
+                except Exception as error:  # the caller is gone either way; the job's deadline still holds
+                    log.warning("could not cancel abandoned job %s: %s", job_id, error)

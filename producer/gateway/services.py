@@ -1,0 +1,52 @@
+"""What the endpoints share, built once per app and handed to them through the request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import redis.asyncio as aioredis
+from fastapi import Request
+
+from jobcontract.jobs_async import AsyncJobStore
+from jobcontract.models import GenerationRequest
+from producer.client import Client
+from producer.gateway.errors import unknown_model
+from producer.gateway.settings import GatewaySettings
+
+if TYPE_CHECKING:
+    from producer.gateway.batches import BatchSupervisor
+    from producer.gateway.files import FileStore
+
+
+@dataclass
+class Services:
+    settings: GatewaySettings
+    redis: aioredis.Redis
+    store: AsyncJobStore
+    client: Client  # sync, for the batch endpoints (run in FastAPI's thread pool) and batch runners
+    files: FileStore
+    batches: BatchSupervisor
+
+    def check(self, fields: dict[str, Any]) -> GenerationRequest:
+        """Validate against this deployment's limits; an unknown model is a 404, as OpenAI answers."""
+        limits = self.settings.limits
+        model = fields.get("model")
+        if isinstance(model, str) and model not in limits.models:
+            raise unknown_model(model, list(limits.models))
+        return limits.cap(GenerationRequest.model_validate(fields, context={"limits": limits}))
+
+    async def submit(self, request: GenerationRequest) -> tuple[str, bool]:
+        """Queue one job; (job id, whether an idempotency key matched an earlier job)."""
+        receipt = await self.store.submit(
+            request, self.settings.routes.get(request.model), default_timeout_s=self.settings.default_timeout_s
+        )
+        return receipt.job_id, receipt.duplicate
+
+    def wait_s(self, request: GenerationRequest) -> float:
+        return (request.timeout_s or self.settings.default_timeout_s) + 5.0
+
+
+def services(request: Request) -> Services:
+    found: Services = request.app.state.services
+    return found
