@@ -4,12 +4,9 @@ endpoints; the cluster collector on a real Redis; the gateway middleware on a re
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
-import socket
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +14,6 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-from prometheus_client.parser import text_string_to_metric_families
 
 from genq.local_redis import LocalRedis
 from jobcontract.broker import StreamsBroker
@@ -26,31 +22,8 @@ from jobcontract.models import Backend, GenerationResult, JobState, Lane
 from jobcontract.settings import GenqSettings
 from producer.client import Client
 from tests.harness import WorkerHandle, start_worker, wait_until
+from tests.metrics_helpers import Samples, free_port, scrape, serving, standin_gateway, value
 from workers.circuit import CircuitBreaker
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def scrape(url: str) -> Samples:
-    text = httpx.get(url, timeout=10).text
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    """The sum of every sample of `name` whose labels include `labels`."""
-    wanted = set(labels.items())
-    return sum(v for (n, ls), v in samples.items() if n == name and wanted <= ls)
-
 
 # -- the cluster collector, on a real Redis with no worker ----------------------------------------------
 
@@ -146,9 +119,7 @@ class Pools:
 
 
 @pytest.fixture(scope="module")
-def pools(
-    redis_server: LocalRedis, models_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Pools]:
+def pools(redis_server: LocalRedis, models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pools]:
     directory = tmp_path_factory.mktemp("metrics")
     routes = directory / "routes.toml"
     routes.write_text(ROUTES.format(models=models_dir))
@@ -191,7 +162,7 @@ def expected_counts(results: list[GenerationResult]) -> dict[str, dict[tuple[str
         attempts = result.attempts
         for attempt in attempts:
             add("attempts", (attempt.backend.value, attempt.outcome.value))
-        for before, after in zip(attempts, attempts[1:], strict=False):
+        for before, after in itertools.pairwise(attempts):
             if before.backend is after.backend:
                 add("retries", (before.backend.value,))
             else:
@@ -256,8 +227,10 @@ def test_counters_and_histograms_match_what_happened(pools: Pools) -> None:
         rerouted = client.generate(ask(0), timeout=90)
         # The workers notice the frozen servers and restart them.
         assert wait_until(
-            lambda: value(pools.scrape("mlx"), "genq_backend_server_restarts_total") == restarts_before + 2
-            and value(pools.scrape("mlx"), "genq_backend_servers_up") == 2,
+            lambda: (
+                value(pools.scrape("mlx"), "genq_backend_server_restarts_total") == restarts_before + 2
+                and value(pools.scrape("mlx"), "genq_backend_servers_up") == 2
+            ),
             90,
         ), pools.mlx.log()
         succeeded = client.results(client.submit_many([ask(n) for n in range(1, 9)]), timeout=90)
@@ -300,9 +273,9 @@ def test_a_dead_worker_process_keeps_its_counts_and_drops_its_gauges(pools: Pool
     victim = pools.mlx.worker_pids()[0]
     os.kill(victim, signal.SIGKILL)
     # Replaced, and its replacement's server is up: two live servers, not three.
-    assert wait_until(
-        lambda: victim not in pools.mlx.worker_pids() and len(pools.mlx.server_pids()) == 2, 90
-    ), pools.mlx.log()
+    assert wait_until(lambda: victim not in pools.mlx.worker_pids() and len(pools.mlx.server_pids()) == 2, 90), (
+        pools.mlx.log()
+    )
     assert wait_until(lambda: value(pools.scrape("mlx"), "genq_backend_servers_up") == 2, 60)
     after = pools.scrape("mlx")
     assert {key: after.get(key) for key in counters} == counters
@@ -313,3 +286,33 @@ def test_a_dead_worker_process_keeps_its_counts_and_drops_its_gauges(pools: Pool
     assert value(pools.scrape("mlx"), "genq_jobs_total", outcome="succeeded") == value(
         before, "genq_jobs_total", outcome="succeeded"
     ) + (1 if result.backend is Backend.MLX else 0)
+
+
+# -- the gateway's request metrics, on a real HTTP server ----------------------------------------------
+
+
+def test_gateway_requests_are_counted_by_route_template_and_status() -> None:
+    app, _metrics = standin_gateway()
+    with serving(app, free_port()) as base, httpx.Client(base_url=base) as http:
+        for _ in range(3):
+            assert http.get("/v1/models").status_code == 200
+        for job_id in ("a1", "b2"):
+            assert http.get(f"/v1/genq/jobs/{job_id}").status_code == 404
+        assert http.get("/nowhere/at/all").status_code == 404
+        assert http.get("/broken").status_code == 500
+        samples = scrape(base + "/metrics")
+    requests = {
+        (dict(labels)["route"], dict(labels)["status"]): v
+        for (name, labels), v in samples.items()
+        if name == "genq_gateway_requests_total"
+    }
+    assert requests == {
+        ("/v1/models", "200"): 3,
+        ("/v1/genq/jobs/{job_id}", "404"): 2,
+        ("unmatched", "404"): 1,
+        ("/broken", "500"): 1,
+    }
+    assert value(samples, "genq_gateway_request_duration_seconds_count", route="/v1/models") == 3
+    assert value(samples, "genq_gateway_request_duration_seconds_count") == 7  # /metrics is not counted
+    assert value(samples, "genq_gateway_requests_in_progress") == 0
+    assert not any("a1" in str(labels) for _name, labels in samples)  # ids never become labels
