@@ -1,0 +1,297 @@
+"""Overhead per job: what genq adds to a generation, on an idle worker and on a busy one, beside
+plain dramatiq (its Redis broker and Results backend) running a no-op actor in the same run.
+
+genq's overhead for one job is its end-to-end latency as the caller sees it (submit, then the
+result in hand) minus the time the worker spent in its backend call for that job, so the backend's
+own speed drops out and what is left is admission, delivery, start, finish and the wake-up of the
+waiting caller. As a second view, the same server is also called directly with the same prompts,
+and the two latency distributions are compared. A no-op dramatiq actor's whole latency is its
+overhead, so the two are comparable.
+
+Idle probes come one at a time after a random pause, so each reaches a worker that has been
+waiting (where dramatiq's polling consumer shows its backoff); busy probes run while other jobs
+keep the worker (or the dramatiq worker) busy.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from bench.common import REPO_DIR, Lab, clean_env, direct_completion, prompts
+from bench.report import Options, Report, latency_ms, num, pick
+from jobcontract.models import GenerationRequest
+from producer.client import Client
+
+NAME = "overhead"
+P50_TARGET_MS = 2.0
+P99_TARGET_MS = 10.0
+
+
+class Background:
+    """`streams` threads that each keep one job in flight until the block ends."""
+
+    def __init__(self, streams: int, call: Callable[[str], object], tag: str) -> None:
+        self.stop = threading.Event()
+        self.done = 0
+        self.errors: list[BaseException] = []
+        self._lock = threading.Lock()
+        self.threads = [
+            threading.Thread(target=self._loop, args=(call, f"{tag}-{i}"), daemon=True) for i in range(streams)
+        ]
+
+    def _loop(self, call: Callable[[str], object], tag: str) -> None:
+        n = 0
+        while not self.stop.is_set():
+            try:
+                call(f"{tag} {n}")
+            except Exception as error:  # reported after the block; a probe run must not hang on it
+                self.errors.append(error)
+                return
+            n += 1
+            with self._lock:
+                self.done += 1
+
+    def __enter__(self) -> Background:
+        for thread in self.threads:
+            thread.start()
+        time.sleep(0.5)  # let the load settle before measuring beside it
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=120)
+        if self.errors and error is None:
+            raise RuntimeError(f"background load failed: {self.errors[0]!r}") from self.errors[0]
+
+
+def run(options: Options) -> Report:
+    size = options.size
+    idle_n: int = pick(size, 4, 30, 200)
+    busy_n: int = pick(size, 6, 150, 1000)
+    idle_gap: tuple[float, float] = pick(size, (0.05, 0.3), (0.2, 1.0), (0.2, 1.0))
+    busy_gap = (0.0, 0.02)
+    streams: int = pick(size, 2, 4, 4)
+    max_tokens: int = pick(size, 8, 8, 8)
+    load_tokens = 32
+    rng = random.Random(7)
+    report = Report(NAME, "Overhead per job: genq vs direct calls, and plain dramatiq on a no-op actor", options)
+    report.params = {
+        "idle_probes": idle_n,
+        "busy_probes": busy_n,
+        "idle_gap_s": idle_gap,
+        "busy_gap_s": busy_gap,
+        "busy_background_streams": streams,
+        "probe_max_tokens": max_tokens,
+        "background_max_tokens": load_tokens,
+        "genq_worker": {"processes": 1, "concurrency": 8},
+        "dramatiq_worker": {"processes": 1, "threads": 8, "broker": "RedisBroker", "results": "RedisBackend"},
+    }
+    with Lab(options, NAME) as lab:
+        genq = _measure_genq(lab, rng, idle_n, busy_n, idle_gap, busy_gap, streams, max_tokens, load_tokens)
+        plain = _measure_dramatiq(lab, rng, idle_n, busy_n, idle_gap, busy_gap, streams)
+    report.results = {"genq": genq, "dramatiq": plain}
+    rows = []
+    for mode in ("idle", "busy"):
+        g = genq[mode]
+        rows.append(_row(f"genq overhead per job ({mode})", g["overhead"]))
+        rows.append(_row(f"- call to queued ({mode})", g["submit"]))
+        rows.append(_row(f"- queued to started on the worker ({mode})", g["queue_wait"]))
+        rows.append(_row(f"- finished to result in the caller's hand ({mode})", g["finish"]))
+        rows.append(_row(f"genq end to end ({mode})", g["e2e"]))
+        rows.append(_row(f"worker's backend call, streamed ({mode})", g["backend_call"]))
+        rows.append(_row(f"direct call, same server ({mode})", g["direct"]))
+        rows.append(_row(f"plain dramatiq no-op end to end ({mode})", plain[mode]["e2e"]))
+    report.table(f"Latency in ms, {max_tokens}-token jobs", ["what", "n", "p50", "p95", "p99", "max"], rows)
+    diff_rows = [
+        [
+            mode,
+            num(genq[mode]["e2e"]["p50_ms"] - genq[mode]["direct"]["p50_ms"], 2),
+            num(genq[mode]["e2e"]["p95_ms"] - genq[mode]["direct"]["p95_ms"], 2),
+            num(genq[mode]["e2e"]["p99_ms"] - genq[mode]["direct"]["p99_ms"], 2),
+        ]
+        for mode in ("idle", "busy")
+    ]
+    report.table(
+        "genq end to end minus a direct call, percentile by percentile (ms)", ["worker", "p50", "p95", "p99"], diff_rows
+    )
+    for mode in ("idle", "busy"):
+        overhead = genq[mode]["overhead"]
+        report.target(f"overhead p50 ({mode})", f"<= {P50_TARGET_MS} ms", overhead["p50_ms"], "ms", _at_most(2.0))
+        report.target(f"overhead p99 ({mode})", f"<= {P99_TARGET_MS} ms", overhead["p99_ms"], "ms", _at_most(10.0))
+    report.notes += [
+        "Overhead per job = the caller's end-to-end latency minus the worker's backend call for that job "
+        "(result.timings.generation_s).",
+        f"p99 of {idle_n} idle probes is close to their maximum; run --size full for a steadier tail.",
+    ]
+    return report
+
+
+def _at_most(limit: float) -> Callable[[float], bool]:
+    return lambda value: value <= limit
+
+
+def _row(label: str, stats: dict[str, float]) -> list[str]:
+    return [label, str(int(stats["n"])), *(num(stats[k], 2) for k in ("p50_ms", "p95_ms", "p99_ms", "max_ms"))]
+
+
+def _measure_genq(
+    lab: Lab,
+    rng: random.Random,
+    idle_n: int,
+    busy_n: int,
+    idle_gap: tuple[float, float],
+    busy_gap: tuple[float, float],
+    streams: int,
+    max_tokens: int,
+    load_tokens: int,
+) -> dict[str, Any]:
+    settings = lab.settings(routes_file=lab.routes("mlx", [lab.mlx_route()]))
+    worker = lab.start_worker(settings, concurrency=8)
+    [url] = worker.server_urls()
+    model = str(lab.mlx_model)
+    with Client(settings) as client, Client(settings) as load_client, httpx.Client() as http:
+
+        def genq_probe(prompt: str) -> dict[str, float]:
+            request = GenerationRequest(model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0.0)
+            called_at = time.time()  # same host as Redis: its TIME and this clock agree
+            started = time.perf_counter()
+            result = client.generate(request, timeout=120)
+            e2e = time.perf_counter() - started
+            returned_at = time.time()
+            if not result.ok:
+                raise RuntimeError(f"probe job {result.job_id} {result.state.value}: {result.error}")
+            t = result.timings
+            assert t.generation_s is not None and t.queue_wait_s is not None
+            return {
+                "e2e": e2e,
+                "backend": t.generation_s,
+                "queue_wait": t.queue_wait_s,
+                "submit": t.enqueued_at.timestamp() - called_at,
+                "finish": returned_at - t.finished_at.timestamp(),
+            }
+
+        def direct_probe(prompt: str) -> float:
+            return direct_completion(http, url, model, prompt, max_tokens)[0]
+
+        def load(prompt: str) -> None:
+            request = GenerationRequest(model="tiny", prompt=prompt, max_tokens=load_tokens, temperature=0.0)
+            if not load_client.generate(request, timeout=300).ok:
+                raise RuntimeError("a background job failed")
+
+        for prompt in prompts(5, "warm"):
+            genq_probe(prompt)
+            direct_probe(prompt)
+        out: dict[str, Any] = {}
+        idle = _probe_pairs(rng, prompts(idle_n, "idle"), idle_gap, genq_probe, direct_probe)
+        with Background(streams, load, "load") as background:
+            busy = _probe_pairs(rng, prompts(busy_n, "busy"), busy_gap, genq_probe, direct_probe)
+        out["background_jobs_done"] = background.done
+        for mode, (g, d) in (("idle", idle), ("busy", busy)):
+            out[mode] = {
+                "overhead": latency_ms([p["e2e"] - p["backend"] for p in g]),
+                "submit": latency_ms([p["submit"] for p in g]),
+                "queue_wait": latency_ms([p["queue_wait"] for p in g]),
+                "finish": latency_ms([p["finish"] for p in g]),
+                "e2e": latency_ms([p["e2e"] for p in g]),
+                "backend_call": latency_ms([p["backend"] for p in g]),
+                "direct": latency_ms(d),
+            }
+    lab.stop_worker(worker)
+    return out
+
+
+def _probe_pairs(
+    rng: random.Random,
+    texts: list[str],
+    gap: tuple[float, float],
+    genq_probe: Callable[[str], dict[str, float]],
+    direct_probe: Callable[[str], float],
+) -> tuple[list[dict[str, float]], list[float]]:
+    """One genq probe and one direct probe per prompt, each after its own pause, in alternating order."""
+    genq: list[dict[str, float]] = []
+    direct: list[float] = []
+    for i, text in enumerate(texts):
+        for side in ("genq", "direct") if i % 2 == 0 else ("direct", "genq"):
+            time.sleep(rng.uniform(*gap))
+            if side == "genq":
+                genq.append(genq_probe(text))
+            else:
+                direct.append(direct_probe(text + " (direct)"))
+    return genq, direct
+
+
+def _measure_dramatiq(
+    lab: Lab,
+    rng: random.Random,
+    idle_n: int,
+    busy_n: int,
+    idle_gap: tuple[float, float],
+    busy_gap: tuple[float, float],
+    streams: int,
+) -> dict[str, Any]:
+    from bench.dramatiq_app import URL_ENV, setup
+
+    log_path = lab.run_dir / "dramatiq-worker.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "dramatiq", "bench.dramatiq_app", "--processes", "1", "--threads", "8"],
+            env=clean_env({URL_ENV: lab.url}),
+            cwd=REPO_DIR,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    lab.closers.append(lambda: _stop_group(process))
+    broker, backend, actor = setup(lab.url)
+    lab.closers.append(broker.close)
+
+    def probe(_: str = "") -> float:
+        started = time.perf_counter()
+        message = actor.send()
+        message.get_result(backend=backend, block=True, timeout=60_000)
+        return time.perf_counter() - started
+
+    try:
+        probe()  # waits for the worker to boot
+    except Exception as error:
+        raise RuntimeError(f"the dramatiq worker did not answer: {log_path.read_text()[-3000:]}") from error
+    for _ in range(5):
+        probe()
+    idle = []
+    for _ in range(idle_n):
+        time.sleep(rng.uniform(*idle_gap))
+        idle.append(probe())
+    busy = []
+    with Background(streams, probe, "load") as background:
+        for _ in range(busy_n):
+            time.sleep(rng.uniform(*busy_gap))
+            busy.append(probe())
+    _stop_group(process)
+    return {
+        "idle": {"e2e": latency_ms(idle)},
+        "busy": {"e2e": latency_ms(busy)},
+        "background_jobs_done": background.done,
+    }
+
+
+def _stop_group(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()

@@ -1,0 +1,113 @@
+"""The benchmarks keep working: `genq bench all --size ci` runs every script once on real workers
+and servers (a private Redis of its own), and each writes well-formed JSON and Markdown with the
+fields the README's performance section is built from. Times are reported, never asserted."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+BENCHMARKS = ("throughput", "overhead", "failover", "lifecycle", "scale")
+
+
+@pytest.fixture(scope="module")
+def bench_run(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    out = tmp_path_factory.mktemp("bench-results")
+    done = subprocess.run(
+        [sys.executable, "-m", "genq", "bench", "all", "--size", "ci", "--out", str(out)]
+        + ["--models-dir", str(models_dir)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    return out, done
+
+
+def load(out: Path, name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((out / f"{name}.json").read_text())
+    return data
+
+
+def finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def test_every_benchmark_ran(bench_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    out, done = bench_run
+    assert done.returncode == 0, done.stderr[-5000:]
+    summary = (out / "summary.md").read_text()
+    for name in BENCHMARKS:
+        assert (out / f"{name}.json").exists() and (out / f"{name}.md").exists(), name
+        assert f"{name}: " in summary
+    assert "Could not run" not in summary
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_each_report_is_well_formed(bench_run: tuple[Path, subprocess.CompletedProcess[str]], name: str) -> None:
+    out, _ = bench_run
+    data = load(out, name)
+    assert data["benchmark"] == name and data["size"] == "ci"
+    assert data["machine"]["cores"] >= 1 and data["machine"]["cpu"] and data["machine"]["python"]
+    assert data["duration_s"] > 0 and len(data["load_avg_before"]) == 3
+    assert data["targets"], "every benchmark states its targets"
+    for target in data["targets"]:
+        assert set(target) == {"name", "goal", "measured", "unit", "met"}
+        assert finite(target["measured"]) and isinstance(target["met"], bool), target
+    markdown = (out / f"{name}.md").read_text()
+    assert markdown.startswith(f"## {data['title']}")
+    assert "| target | goal | measured | verdict |" in markdown
+    assert markdown.count("\n| ") >= 2 + len(data["targets"])
+
+
+def test_throughput_compares_genq_with_direct_calls(bench_run: tuple[Path, Any]) -> None:
+    levels = load(bench_run[0], "throughput")["results"]["levels"]
+    assert [level["concurrency"] for level in levels] == [1, 8]
+    for level in levels:
+        for side in ("direct", "genq"):
+            assert level[side]["jobs"] > 0 and level[side]["tokens"] > 0 and level[side]["tokens_per_s"] > 0
+        assert level["ratio"] == pytest.approx(level["genq"]["tokens_per_s"] / level["direct"]["tokens_per_s"])
+
+
+def test_overhead_has_genq_and_plain_dramatiq_idle_and_busy(bench_run: tuple[Path, Any]) -> None:
+    results = load(bench_run[0], "overhead")["results"]
+    for mode in ("idle", "busy"):
+        genq = results["genq"][mode]
+        for part in ("overhead", "e2e", "backend_call", "direct", "queue_wait"):
+            assert genq[part]["n"] > 0 and finite(genq[part]["p50_ms"]), (mode, part)
+        # What genq adds is what is left of its latency once the backend call is taken out.
+        assert genq["overhead"]["p50_ms"] < genq["e2e"]["p50_ms"]
+        assert results["dramatiq"][mode]["e2e"]["n"] > 0
+    assert results["genq"]["background_jobs_done"] > 0 and results["dramatiq"]["background_jobs_done"] > 0
+
+
+def test_failover_moves_every_job_from_the_frozen_server_to_llama_cpp(bench_run: tuple[Path, Any]) -> None:
+    results = load(bench_run[0], "failover")["results"]
+    assert results["failed_over"] == len(results["samples"]) > 0
+    for sample in results["samples"]:
+        assert [a["backend"] for a in sample["attempts"]] == ["mlx", "llamacpp"]
+        assert sample["attempts"][0]["outcome"] == "timeout"
+        parts = sample["detection_s"] + sample["handoff_s"] + sample["llama_ttft_s"]
+        assert sample["failover_s"] == pytest.approx(parts, abs=1e-3)
+
+
+def test_lifecycle_times_starts_crashes_and_memory(bench_run: tuple[Path, Any]) -> None:
+    results = load(bench_run[0], "lifecycle")["results"]
+    assert results["genq"][0]["first_result_s"] > 0 and results["bare"][0]["first_completion_s"] > 0
+    assert results["crash"]["serving_again_s"]["n"] >= 1
+    assert results["memory"]["genq_mb"] > 0 and results["memory"]["servers_mb"] > 0
+
+
+def test_scale_reports_producer_memory_redis_per_job_and_processes(bench_run: tuple[Path, Any]) -> None:
+    results = load(bench_run[0], "scale")["results"]
+    batch = results["batch"]
+    assert batch["jobs"] == load(bench_run[0], "scale")["params"]["batch_lines"]
+    assert batch["peak_rss_mb"] > 0 and batch["redis_bytes_per_job"] > 0
+    assert [level["processes"] for level in results["throughput"]] == [1, 2]
+    assert all(level["jobs_per_s"] > 0 for level in results["throughput"])
+    assert results["throughput"][1]["processes_that_served"] == 2
