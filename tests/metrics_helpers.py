@@ -12,6 +12,8 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from jobcontract.settings import GenqSettings
+
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
@@ -46,7 +48,7 @@ def serving(app: Any, port: int) -> Iterator[str]:
     """A real uvicorn server for `app` on loopback, in a thread; yields its base URL."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -61,33 +63,9 @@ def serving(app: Any, port: int) -> Iterator[str]:
         thread.join(timeout=10)
 
 
-def standin_gateway() -> tuple[Any, Any]:
-    """A Starlette app with the gateway's metrics mounted the way the gateway mounts them (until
-    the gateway app exists): one plain route, one templated route, one that raises."""
-    from prometheus_client import CollectorRegistry
-    from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse
-    from starlette.routing import Route
+def gateway_app(settings: GenqSettings) -> Any:
+    """The real gateway app (its request metrics mounted by create_app) for these settings."""
+    from producer.gateway.app import create_app
+    from producer.gateway.settings import GatewaySettings
 
-    from producer.gateway_metrics import instrument
-
-    async def models(_request: Request) -> JSONResponse:
-        return JSONResponse({"data": [{"id": "tiny"}]})
-
-    async def job(request: Request) -> JSONResponse:
-        return JSONResponse({"error": f"no job {request.path_params['job_id']}"}, status_code=404)
-
-    async def broken(_request: Request) -> JSONResponse:
-        raise RuntimeError("boom")
-
-    app = Starlette(
-        routes=[
-            Route("/v1/models", models),
-            Route("/v1/genq/jobs/{job_id}", job),
-            Route("/broken", broken),
-        ]
-    )
-    registry = CollectorRegistry()
-    metrics = instrument(app, registry)
-    return app, metrics
+    return create_app(GatewaySettings(**settings.model_dump(include=set(GenqSettings.model_fields))))

@@ -22,7 +22,7 @@ from jobcontract.models import Backend, GenerationResult, JobState, Lane
 from jobcontract.settings import GenqSettings
 from producer.client import Client
 from tests.harness import WorkerHandle, start_worker, wait_until
-from tests.metrics_helpers import Samples, free_port, scrape, serving, standin_gateway, value
+from tests.metrics_helpers import Samples, free_port, gateway_app, scrape, serving, value
 from workers.circuit import CircuitBreaker
 
 # -- the cluster collector, on a real Redis with no worker ----------------------------------------------
@@ -291,28 +291,31 @@ def test_a_dead_worker_process_keeps_its_counts_and_drops_its_gauges(pools: Pool
 # -- the gateway's request metrics, on a real HTTP server ----------------------------------------------
 
 
-def test_gateway_requests_are_counted_by_route_template_and_status() -> None:
-    app, _metrics = standin_gateway()
-    with serving(app, free_port()) as base, httpx.Client(base_url=base) as http:
+def test_gateway_requests_are_counted_by_route_template_and_status(settings: GenqSettings) -> None:
+    with serving(gateway_app(settings), free_port()) as base, httpx.Client(base_url=base) as http:
         for _ in range(3):
             assert http.get("/v1/models").status_code == 200
-        for job_id in ("a1", "b2"):
+        for job_id in ("a1b2c3", "d4e5f6"):
             assert http.get(f"/v1/genq/jobs/{job_id}").status_code == 404
+        assert http.post("/v1/genq/jobs", json={"model": "tiny", "prompt": "hi", "max_tokens": 2}).status_code == 202
+        assert http.post("/v1/genq/jobs", json={"model": "tiny"}).status_code == 400
+        assert http.post("/v1/completions", content=b"x" * (8 * 1024 * 1024)).status_code == 413
         assert http.get("/nowhere/at/all").status_code == 404
-        assert http.get("/broken").status_code == 500
         samples = scrape(base + "/metrics")
     requests = {
-        (dict(labels)["route"], dict(labels)["status"]): v
+        (dict(labels)["method"], dict(labels)["route"], dict(labels)["status"]): v
         for (name, labels), v in samples.items()
         if name == "genq_gateway_requests_total"
     }
     assert requests == {
-        ("/v1/models", "200"): 3,
-        ("/v1/genq/jobs/{job_id}", "404"): 2,
-        ("unmatched", "404"): 1,
-        ("/broken", "500"): 1,
+        ("GET", "/v1/models", "200"): 3,
+        ("GET", "/v1/genq/jobs/{job_id}", "404"): 2,
+        ("POST", "/v1/genq/jobs", "202"): 1,
+        ("POST", "/v1/genq/jobs", "400"): 1,
+        ("POST", "unmatched", "413"): 1,  # refused by the body bound before any route matched
+        ("GET", "unmatched", "404"): 1,
     }
     assert value(samples, "genq_gateway_request_duration_seconds_count", route="/v1/models") == 3
-    assert value(samples, "genq_gateway_request_duration_seconds_count") == 7  # /metrics is not counted
+    assert value(samples, "genq_gateway_request_duration_seconds_count") == 9  # /metrics itself is not counted
     assert value(samples, "genq_gateway_requests_in_progress") == 0
-    assert not any("a1" in str(labels) for _name, labels in samples)  # ids never become labels
+    assert not any("a1b2c3" in str(labels) for _name, labels in samples)  # ids never become labels

@@ -26,7 +26,7 @@ from genq.local_redis import LocalRedis
 from jobcontract.settings import GenqSettings
 from producer.client import Client
 from tests.harness import start_worker, wait_until
-from tests.metrics_helpers import free_port, serving, standin_gateway
+from tests.metrics_helpers import free_port, gateway_app, serving
 
 OPS = Path(__file__).resolve().parents[1] / "ops"
 PROMETHEUS_DIR = OPS / "prometheus"
@@ -109,7 +109,7 @@ def write_config(directory: Path, targets: dict[str, list[str]]) -> Path:
 
 @pytest.fixture(scope="module")
 def stack(redis_server: LocalRedis, models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
-    """A worker, `genq metrics`, the gateway's metrics, and Prometheus scraping all three."""
+    """A worker, `genq metrics`, the gateway, and Prometheus scraping all three."""
     directory = tmp_path_factory.mktemp("prometheus")
     settings = GenqSettings(redis_url=redis_server.url, namespace=f"tp{os.getpid()}", models_dir=models_dir)
     worker_port, cluster_port, gateway_port, prometheus_port = (free_port() for _ in range(4))
@@ -139,10 +139,9 @@ def stack(redis_server: LocalRedis, models_dir: Path, tmp_path_factory: pytest.T
     checked = promtool("check", "config", config)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     log = directory / "prometheus.log"
-    gateway, _metrics = standin_gateway()
     prometheus: subprocess.Popen[bytes] | None = None
     try:
-        with serving(gateway, gateway_port) as gateway_url, log.open("wb") as log_file:
+        with serving(gateway_app(settings), gateway_port) as gateway_url, log.open("wb") as log_file:
             prometheus = subprocess.Popen(
                 [
                     binary("prometheus"),
@@ -191,8 +190,9 @@ def _traffic(settings: GenqSettings, gateway_url: str) -> None:
             jobs = [{"model": "tiny", "prompt": f"wave {wave} job {n}", "max_tokens": 8} for n in range(4)]
             results = client.results(client.submit_many(jobs), timeout=60)
             assert all(r.ok for r in results), [r.error for r in results]
-            http.get("/v1/models")
-            http.get(f"/v1/genq/jobs/missing{wave}")
+            completion = http.post("/v1/completions", json={"model": "tiny", "prompt": f"wave {wave}", "max_tokens": 4})
+            assert completion.status_code == 200, completion.text
+            assert http.get(f"/v1/genq/jobs/missing{wave}").status_code == 404
             time.sleep(1.2)
         failed = client.generate({"model": "tiny", "prompt": "too late", "max_tokens": 4, "timeout_s": 1e-6}, 60)
         assert not failed.ok
