@@ -76,7 +76,8 @@ class Keys:
         return f"{self.namespace}:batch:{batch_id}"
 
     def batch_jobs(self, batch_id: str) -> str:
-        """A list of the job ids a batch submitted, so it can be cancelled without its input file."""
+        """A hash of the jobs a batch submitted (job id -> custom_id): to cancel it without its input
+        file, and to name the line of a job cancelled before it ran (its result has no metadata)."""
         return f"{self.namespace}:batch:{batch_id}:jobs"
 
     def batch_lease(self, batch_id: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from enum import StrEnum
 from typing import Any
 
@@ -164,10 +165,11 @@ class BatchBook:
         pipe.expire(self.keys.batch(batch_id), self.ttl_s)
         pipe.execute()
 
-    def record_submitted(self, batch_id: str, job_ids: list[str], submitted: int, through_line: int) -> None:
+    def record_submitted(self, batch_id: str, jobs: dict[str, str], submitted: int, through_line: int) -> None:
+        """`jobs`: job id -> custom_id of the lines just submitted, through input line `through_line`."""
         pipe = self.client.pipeline(transaction=True)
-        if job_ids:
-            pipe.rpush(self.keys.batch_jobs(batch_id), *job_ids)
+        if jobs:
+            pipe.hset(self.keys.batch_jobs(batch_id), mapping=dict[Any, Any](jobs))
             pipe.expire(self.keys.batch_jobs(batch_id), self.ttl_s)
         pipe.hset(self.keys.batch(batch_id), mapping={"submitted": submitted, "submitted_line": through_line})
         pipe.execute()
@@ -175,15 +177,21 @@ class BatchBook:
     def submitted_line(self, batch_id: str) -> int:
         return int(self.client.hget(self.keys.batch(batch_id), "submitted_line") or 0)
 
-    def job_ids(self, batch_id: str, chunk: int = 1000) -> list[list[str]]:
-        key, start = self.keys.batch_jobs(batch_id), 0
-        chunks: list[list[str]] = []
-        while True:
-            piece = [_text(j) for j in self.client.lrange(key, start, start + chunk - 1)]
-            if not piece:
-                return chunks
-            chunks.append(piece)
-            start += len(piece)
+    def job_ids(self, batch_id: str, chunk: int = 1000) -> Iterator[list[str]]:
+        piece: list[str] = []
+        for job_id, _custom_id in self.client.hscan_iter(self.keys.batch_jobs(batch_id), count=chunk):
+            piece.append(_text(job_id))
+            if len(piece) >= chunk:
+                yield piece
+                piece = []
+        if piece:
+            yield piece
+
+    def custom_ids(self, batch_id: str, job_ids: list[str]) -> list[str | None]:
+        if not job_ids:
+            return []
+        found = self.client.hmget(self.keys.batch_jobs(batch_id), job_ids)
+        return [None if c is None else _text(c) for c in found]
 
     def take_lease(self, batch_id: str, owner: str, ttl_s: float) -> bool:
         return bool(self._lease(keys=[self.keys.batch_lease(batch_id)], args=[owner, int(ttl_s * 1000)]))

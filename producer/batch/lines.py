@@ -104,18 +104,19 @@ def _dump(data: dict[str, Any]) -> str:
     return json.dumps(data, separators=(",", ":"), ensure_ascii=False) + "\n"
 
 
-def output_line(job_id: str, result: GenerationResult | None) -> tuple[bool, str]:
-    """(is an error, the JSONL line) for a finished job, in OpenAI's batch output format."""
+def output_line(job_id: str, result: GenerationResult | None, *, custom_id: str | None = None) -> tuple[bool, str]:
+    """(is an error, the JSONL line) for a finished job, in OpenAI's batch output format; `custom_id`
+    names the line when the result does not (a job cancelled before it ran, an expired result)."""
     line: dict[str, Any]
     if result is None:
         line = {
             "id": f"batch_req_{job_id}",
-            "custom_id": None,
+            "custom_id": custom_id,
             "response": None,
             "error": {"code": "result_expired", "message": f"the result of job {job_id} expired before it was written"},
         }
         return True, _dump(line)
-    custom_id = result.metadata.get(CUSTOM_ID)
+    custom_id = result.metadata.get(CUSTOM_ID, custom_id)
     endpoint = result.metadata.get(ENDPOINT, CHAT_URL)
     if result.ok:
         body = response_body(endpoint, result)

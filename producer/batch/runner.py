@@ -25,7 +25,7 @@ from jobcontract.jobs import QueueFull
 from jobcontract.limits import Limits
 from jobcontract.models import GenerationResult, JobState
 from producer.batch.book import BatchBook, BatchRecord, BatchStatus
-from producer.batch.lines import BatchLine, InvalidLine, invalid_line, output_line, parse_line
+from producer.batch.lines import CUSTOM_ID, BatchLine, InvalidLine, invalid_line, output_line, parse_line
 from producer.batch.sinks import Checkpoint, Counts, FileSink, Sink
 from producer.batch.sources import LineSource, file_source
 
@@ -190,9 +190,8 @@ class BatchRunner:
                         retry_at = time.monotonic() + 0.5
                         break
                     submitted += len(held)
-                    self.book.record_submitted(
-                        self.batch_id, [line.for_batch(self.batch_id)[0] for line in held], submitted, held[-1].number
-                    )
+                    jobs = {line.for_batch(self.batch_id)[0]: line.custom_id for line in held}
+                    self.book.record_submitted(self.batch_id, jobs, submitted, held[-1].number)
                     held = []
                     waiting = False
             checkpoint, read = self._collect(checkpoint, invalid, block_ms=None if not waiting else 500)
@@ -271,9 +270,12 @@ class BatchRunner:
         counts = replace(checkpoint.counts)
         output: list[str] = []
         errors: list[str] = []
-        for job_id, raw in zip(job_ids, raws, strict=True):
-            result = None if raw is None else GenerationResult.model_validate_json(raw)
-            is_error, line = output_line(job_id, result)
+        results = [None if raw is None else GenerationResult.model_validate_json(raw) for raw in raws]
+        # A job cancelled before it ran has a result without the request's metadata: ask the batch.
+        unnamed = [j for j, r in zip(job_ids, results, strict=True) if r is None or CUSTOM_ID not in r.metadata]
+        names = dict(zip(unnamed, self.book.custom_ids(self.batch_id, unnamed), strict=True))
+        for job_id, result in zip(job_ids, results, strict=True):
+            is_error, line = output_line(job_id, result, custom_id=names.get(job_id))
             (errors if is_error else output).append(line)
             _count(counts, result)
         for bad in invalid:
