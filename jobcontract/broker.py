@@ -156,7 +156,10 @@ class StreamsBroker(dramatiq.Broker):
             message = message.copy(queue_name=queue_name, options={"eta": current_millis() + delay})
         self.emit_before("enqueue", message, delay)
         try:
-            self.client.xadd(self.keys.stream(queue_name), {MESSAGE_FIELD: message.encode(), REDELIVERIES_FIELD: 0})
+            pipe = self.client.pipeline(transaction=False)
+            pipe.sadd(self.keys.queues, queue_name)  # a rerouted job's queue may be new to rescuers
+            pipe.xadd(self.keys.stream(queue_name), {MESSAGE_FIELD: message.encode(), REDELIVERIES_FIELD: 0})
+            pipe.execute()
         except redis.RedisError as error:
             raise BrokerConnectionError(str(error)) from error
         self.emit_after("enqueue", message, delay)

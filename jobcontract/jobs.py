@@ -45,14 +45,15 @@ local function us(n) return string.format('%.0f', n) end
 SUBMIT_SCRIPT = (
     _NOW_US
     + """
--- KEYS: job, idempotency, then (stream, pool, circuit) for each candidate backend in order.
+-- KEYS: job, idempotency, then (stream, pool, circuit) for each candidate backend in order, then the
+-- set of known queues (so a queue nobody serves yet is still seen by rescuers and metrics).
 -- ARGV: job_id, max_queued, ttl_s, timeout_us, model, lane, batch_id, use_idempotency,
 --       then a message per candidate, then a queue name per candidate.
 if ARGV[8] == '1' then
   local existing = redis.call('GET', KEYS[2])
   if existing then return {'existing', existing, ''} end
 end
-local candidates = (#KEYS - 2) / 3
+local candidates = (#KEYS - 3) / 3
 local chosen, fallback = nil, nil
 for i = 0, candidates - 1 do
   local live = redis.call('ZCOUNT', KEYS[4 + 3 * i], now, '+inf') > 0
@@ -68,6 +69,7 @@ redis.call('HSET', KEYS[1], 'state', 'queued', 'model', ARGV[5], 'lane', ARGV[6]
 if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'batch', ARGV[7]) end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('XADD', stream, '*', 'm', ARGV[9 + chosen], 'r', '0')
+redis.call('SADD', KEYS[#KEYS], queue)
 if ARGV[8] == '1' then redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[3]) end
 return {'queued', ARGV[1], queue}
 """
@@ -249,6 +251,7 @@ class JobStore:
             keys += [self.keys.stream(queue), self.keys.pool(pool), self.keys.circuit(pool)]
             messages.append(build_message(job_id, request, queue, request.lane, batch_id=batch_id).encode())
             queues.append(queue)
+        keys.append(self.keys.queues)
         timeout_us = int((request.timeout_s or default_timeout_s) * 1_000_000)
         args = [
             job_id,

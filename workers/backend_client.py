@@ -90,7 +90,7 @@ def complete(
     gaps: list[float] = []
     first_token_at: float | None = None
     last_token_at = started
-    finish_reason = "length"
+    finish_reason: str | None = None
     usage: dict[str, Any] = {}
     events = 0
     try:
@@ -133,6 +133,14 @@ def complete(
         raise BackendError(AttemptOutcome.CONNECTION_ERROR, f"{spec.name}: {error!r}", retryable=True) from error
     if events == 0:
         raise _empty_stream(client, base_url + path, payload, spec, timeout)
+    if finish_reason is None:
+        # mlx_lm.server answers in HTTP/1.0 without a length: a server killed mid-answer looks like
+        # a normal end of body. Only a finish_reason says the answer is whole.
+        raise BackendError(
+            AttemptOutcome.CONNECTION_ERROR,
+            f"{spec.name} stopped after {len(pieces)} tokens without finishing",
+            retryable=True,
+        )
     completion_tokens = int(usage.get("completion_tokens") or len(pieces))
     return Completion(
         text="".join(pieces),
@@ -153,12 +161,16 @@ def _empty_stream(
     if spec.hides_errors_in_streams:
         probe = {**payload, "stream": False, "max_tokens": 1}
         probe.pop("stream_options", None)
-        try:
-            response = client.post(url, json=probe, timeout=timeout)
-        except httpx.HTTPError as error:
-            return BackendError(AttemptOutcome.CONNECTION_ERROR, f"{spec.name}: {error!r}", retryable=True)
-        if response.status_code != 200:
-            return _http_error(response)
+        for attempt in range(2):  # it drops the kept-alive connection after such a stream: retry on a new one
+            try:
+                response = client.post(url, json=probe, timeout=timeout)
+            except httpx.TransportError as error:
+                if attempt == 0:
+                    continue
+                return BackendError(AttemptOutcome.CONNECTION_ERROR, f"{spec.name}: {error!r}", retryable=True)
+            if response.status_code != 200:
+                return _http_error(response)
+            break
     return BackendError(AttemptOutcome.SERVER_ERROR, f"{spec.name} closed the stream without a token", retryable=True)
 
 

@@ -42,7 +42,11 @@ def decide(
     preferred: Backend | None,
     remaining_s: float,
     circuit_open: Callable[[Backend], bool],
+    serving: Callable[[Backend], bool],
 ) -> Decision:
+    """Retry here while this pool's attempts, its circuit and the deadline allow; then move to the next
+    backend in the job's order that has live workers (preferring one whose circuit is closed); with
+    none left, give up. A job is never sent to a pool nobody serves: it would only wait there."""
     if not retryable:
         return GiveUp(f"{failed.outcome.value}: {failed.error}", dead_letter=False)
     if remaining_s <= 0:
@@ -54,10 +58,12 @@ def decide(
         if delay < remaining_s:
             return RetryHere(delay)
     tried = {a.backend for a in history} | {failed.backend}
-    untried = [b for b in candidate_backends(route, preferred) if b not in tried]
-    if untried:
-        closed = [b for b in untried if not circuit_open(b)]
-        return Reroute((closed or untried)[0])
+    live = [b for b in candidate_backends(route, preferred) if b not in tried and serving(b)]
+    if live:
+        closed = [b for b in live if not circuit_open(b)]
+        return Reroute((closed or live)[0])
     return GiveUp(
-        f"every backend failed ({', '.join(b.value for b in sorted(tried))}); last: {failed.error}", dead_letter=True
+        f"no backend left to try (tried {', '.join(b.value for b in sorted(tried))}; the rest have no live "
+        f"worker); last: {failed.error}",
+        dead_letter=True,
     )

@@ -12,10 +12,11 @@ from typing import Any
 import dramatiq
 
 from jobcontract.jobs import JobStore
-from jobcontract.keys import queue_name
+from jobcontract.keys import pool_name, queue_name
 from jobcontract.models import (
     Attempt,
     AttemptOutcome,
+    Backend,
     GenerationRequest,
     GenerationResult,
     JobError,
@@ -72,6 +73,7 @@ class Rerouting(dramatiq.Middleware):
             preferred=request.backend,
             remaining_s=remaining,
             circuit_open=self.circuit.is_open,
+            serving=self._serving,
         )
         attempts = [*message.kwargs.get("attempts", []), failed.model_dump(mode="json")]
         kwargs = {**message.kwargs, "attempts": attempts}
@@ -92,6 +94,13 @@ class Rerouting(dramatiq.Middleware):
             )
         else:
             self._give_up(message, request, [*history, failed], decision, exception)
+
+    def _serving(self, backend: Backend) -> bool:
+        """A pool serves while some worker's vouched-until instant (Redis clock) is still ahead."""
+        seconds, micros = self.store.client.time()
+        now_us = int(seconds) * 1_000_000 + int(micros)
+        pool = self.store.keys.pool(pool_name(self.route.name, backend))
+        return int(self.store.client.zcount(pool, now_us, "+inf")) > 0
 
     def _give_up(
         self,

@@ -125,11 +125,17 @@ class Rescuer:
         try:
             groups = self.client.xinfo_groups(stream)
         except redis.ResponseError:
-            return False
+            return False  # no such stream: nothing waits
         group = next((g for g in groups if _text(g["name"]) == CONSUMER_GROUP), None)
-        if group is None:
-            return False
-        after = _text(group["last-delivered-id"])
+        if group is None:  # jobs were queued for a pool that never started: read them from the start
+            try:
+                self.client.xgroup_create(stream, CONSUMER_GROUP, id="0")
+            except redis.ResponseError as error:
+                if "BUSYGROUP" not in str(error):
+                    raise
+            after = "0-0"
+        else:
+            after = _text(group["last-delivered-id"])
         first = self.client.xrange(stream, min=f"({after}", count=1)
         if not first:
             return False
