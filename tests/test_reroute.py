@@ -194,3 +194,22 @@ def test_the_circuit_opens_on_a_failing_pool_and_closes_when_it_recovers(routes_
     finally:
         thaw(servers)
         mlx.stop()
+
+
+def test_killing_the_whole_mlx_pool_does_not_stall_its_queue(routes_settings: GenqSettings, tmp_path: Path,
+                                                             llama_worker: WorkerHandle) -> None:
+    """Every mlx process SIGKILLed at once (supervisor, worker, server) with jobs running and queued:
+    its liveness keys expire on Redis's clock, a live llama.cpp supervisor hands the jobs back and
+    moves them to its own pool."""
+    mlx = start_worker(routes_settings, tmp_path, concurrency=2, env={"GENQ_LIVENESS_TTL_S": "3"})
+    with Client(routes_settings) as client:
+        job_ids = client.submit_many([ask(max_tokens=400, backend="mlx") for _ in range(6)])
+        assert wait_until(lambda: client.status(job_ids[0]).state is not JobState.QUEUED, 30)
+        pool = mlx.worker_pids() + mlx.server_pids() + [mlx.pid]
+        for pid in pool:
+            os.kill(pid, signal.SIGKILL)
+        mlx.process.wait()
+        results = client.results(job_ids, timeout=90)
+    assert all(r.ok for r in results), [r.error for r in results]
+    assert Backend.LLAMACPP in {r.backend for r in results}  # the unfinished ones moved
+    assert len({r.job_id for r in results}) == 6
