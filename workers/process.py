@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -183,7 +184,7 @@ def _lead_own_group_and_follow_parent() -> None:
 
     def watch_parent() -> None:
         while True:
-            threading.Event().wait(0.5)
+            time.sleep(0.5)
             if os.getppid() != parent:
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
