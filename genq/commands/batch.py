@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,6 +41,8 @@ def _run(args: argparse.Namespace) -> int:
     from producer.batch.runner import BatchInvalid, default_errors_path
     from producer.client import Client
 
+    # A service manager's SIGTERM stops the run as Ctrl-C does: the lease is released for the rerun.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     console = Console(stderr=True)
     display = _ProgressDisplay(console, enabled=not args.no_progress)
     errors_path = args.errors or default_errors_path(args.output)

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from jobcontract.models import JobState
 from producer.batch.book import BatchRecord, BatchStatus
+from producer.batch.runner import died_here
 
 if TYPE_CHECKING:
     from producer.client import Client
@@ -36,7 +37,9 @@ def cancel_batch(client: Client, batch_id: str, *, settle_s: float = 10.0) -> Ba
     deadline = time.monotonic() + settle_s
     while True:
         record = book.get(batch_id)
-        if record.runner_alive or record.status.terminal or not finish_here:
+        holder = book.lease_holder(batch_id) if record.runner_alive else None
+        alive = holder is not None and not died_here(holder)
+        if alive or record.status.terminal or not finish_here:
             return record
         if record.finished >= record.submitted:
             book.advance(batch_id, BatchStatus.CANCELLED)

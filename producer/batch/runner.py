@@ -146,7 +146,7 @@ class BatchRunner:
         deadline = time.monotonic() + wait_for_lease_s
         while not self.book.take_lease(self.batch_id, self.owner, LEASE_TTL_S):
             holder = self.book.lease_holder(self.batch_id)
-            if holder is not None and _died_here(holder):
+            if holder is not None and died_here(holder):
                 self.book.break_lease(self.batch_id, holder)
             elif time.monotonic() > deadline:
                 raise BatchBusy(f"batch {self.batch_id} is being run by another live process ({holder})")
@@ -318,7 +318,7 @@ class BatchRunner:
         )
 
 
-def _died_here(holder: str) -> bool:
+def died_here(holder: str) -> bool:
     """A lease owner named `host:pid:...` on this host whose process is gone."""
     host, _, rest = holder.partition(":")
     pid = rest.partition(":")[0]
