@@ -17,6 +17,8 @@ from jobcontract.keys import Keys
 from jobcontract.settings import GenqSettings
 from tests.harness import WorkerHandle, start_worker
 
+pytest_plugins = ["tests.reliability_figures"]
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--soak", action="store_true", help="run the long soak variants of the fault tests")
