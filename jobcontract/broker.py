@@ -24,17 +24,24 @@ from dramatiq.common import current_millis, dq_name
 from dramatiq.errors import BrokerConnectionError, QueueNotFound
 
 from jobcontract.connection import MAX_BLOCK_MS, stream_reply
+from jobcontract.jobs import FAIL_JOB_LUA
 from jobcontract.keys import CONSUMER_GROUP, Keys
+from jobcontract.outage import OUTAGE_ERRORS, ride_out
 
 log = logging.getLogger(__name__)
 
 MESSAGE_FIELD = "m"
 REDELIVERIES_FIELD = "r"
+# How often a consumer looks for entries pending on its name that it never received.
+ORPHAN_CHECK_S = 10.0
 
 # Hands entries back to their stream as new entries. XACK answers 1 only for an entry still
 # pending, so when several janitors race for the same entry exactly one moves it. An entry handed
-# back more than ARGV[2] times (a poison job that kills whoever runs it) goes to dead letters.
-_MOVE_ENTRIES = """
+# back more than ARGV[2] times (a poison job that kills whoever runs it) goes to dead letters, and
+# its job is finished as failed so nobody waits on it.
+_MOVE_ENTRIES = (
+    FAIL_JOB_LUA
+    + """
 local function move(stream, group, id, max_redeliveries, dead)
   local entries = redis.call('XRANGE', stream, id, id)
   local acked = redis.call('XACK', stream, group, id)
@@ -49,14 +56,17 @@ local function move(stream, group, id, max_redeliveries, dead)
   end
   if message == nil then return 0 end
   if redeliveries >= max_redeliveries then
-    redis.call('XADD', dead, '*', 'm', message, 'queue', stream,
-               'reason', 'handed back ' .. redeliveries .. ' times after its worker died')
+    local reason = 'handed back ' .. redeliveries .. ' times after its worker died'
+    local queue = string.match(stream, ':q:(.*)$') or stream
+    redis.call('XADD', dead, '*', 'm', message, 'queue', queue, 'reason', reason)
+    fail_job(stream, message, 'worker_died', reason)
     return 0
   end
   redis.call('XADD', stream, '*', 'm', message, 'r', tostring(redeliveries + 1))
   return 1
 end
 """
+)
 
 REQUEUE_SCRIPT = (
     _MOVE_ENTRIES
@@ -110,12 +120,15 @@ class StreamsBroker(dramatiq.Broker):
         consumer_name: str = "producer",
         middleware: list[dramatiq.Middleware] | None = None,
         max_redeliveries: int = 5,
+        outage_patience_s: float = 0.0,
     ) -> None:
         super().__init__(middleware=middleware)
         self.client = client
         self.keys = keys
         self.consumer_name = consumer_name
         self.max_redeliveries = max_redeliveries
+        # Workers re-enqueue jobs they hold (retries, reroutes, due delayed jobs): wait out an outage.
+        self.outage_patience_s = outage_patience_s
         self.queues: set[str] = set()
         self._requeue = client.register_script(REQUEUE_SCRIPT)
         self._reclaim = client.register_script(RECLAIM_SCRIPT)
@@ -155,11 +168,16 @@ class StreamsBroker(dramatiq.Broker):
             queue_name = dq_name(queue_name)
             message = message.copy(queue_name=queue_name, options={"eta": current_millis() + delay})
         self.emit_before("enqueue", message, delay)
-        try:
+        encoded = message.encode()
+
+        def add() -> None:
             pipe = self.client.pipeline(transaction=False)
             pipe.sadd(self.keys.queues, queue_name)  # a rerouted job's queue may be new to rescuers
-            pipe.xadd(self.keys.stream(queue_name), {MESSAGE_FIELD: message.encode(), REDELIVERIES_FIELD: 0})
+            pipe.xadd(self.keys.stream(queue_name), {MESSAGE_FIELD: encoded, REDELIVERIES_FIELD: 0})
             pipe.execute()
+
+        try:
+            ride_out(add, self.outage_patience_s)
         except redis.RedisError as error:
             raise BrokerConnectionError(str(error)) from error
         self.emit_after("enqueue", message, delay)
@@ -228,7 +246,8 @@ class StreamsConsumer(dramatiq.Consumer):
     """Reads one queue for one worker process, holding at most `prefetch` unacked entries.
 
     dramatiq acks from worker threads, so the in-flight count is guarded by a lock and a freed
-    slot wakes a consumer that was waiting for room.
+    slot wakes a consumer that was waiting for room. `held` names the entries taken and not yet
+    settled, so entries pending on this consumer's name that it never received can be told apart.
     """
 
     def __init__(self, broker: StreamsBroker, queue_name: str, *, prefetch: int, timeout_ms: int) -> None:
@@ -240,9 +259,11 @@ class StreamsConsumer(dramatiq.Consumer):
         self.timeout_ms = min(timeout_ms, MAX_BLOCK_MS)
         self.buffer: deque[StreamMessage] = deque()
         self.in_flight = 0
+        self.held: set[str] = set()
         self.lock = threading.Lock()
         self.slot_freed = threading.Event()
         self.reconnect_delay = 0.0
+        self.next_orphan_check = time.monotonic() + ORPHAN_CHECK_S
 
     def __iter__(self) -> Iterator[dramatiq.MessageProxy | None]:  # type: ignore[override]
         return self
@@ -258,6 +279,8 @@ class StreamsConsumer(dramatiq.Consumer):
             self.slot_freed.wait(self.timeout_ms / 1000)
             return None
         try:
+            if time.monotonic() >= self.next_orphan_check:
+                self._adopt_orphans()
             reply = self.client.xreadgroup(
                 CONSUMER_GROUP,
                 self.broker.consumer_name,
@@ -275,6 +298,7 @@ class StreamsConsumer(dramatiq.Consumer):
         except (redis.ConnectionError, redis.TimeoutError) as error:
             # Ride out a Redis restart here rather than letting dramatiq restart the consumer after 3 s.
             self.reconnect_delay = min(1.0, max(0.05, self.reconnect_delay * 2))
+            self.next_orphan_check = 0.0  # a read whose reply was lost may have delivered entries
             log.warning(
                 "redis unreachable while reading %s (%s); retrying in %.2fs", self.stream, error, self.reconnect_delay
             )
@@ -296,33 +320,62 @@ class StreamsConsumer(dramatiq.Consumer):
         redeliveries = int(fields.get(REDELIVERIES_FIELD.encode(), b"0"))
         with self.lock:
             self.in_flight += 1
+            self.held.add(entry_id)
         self.buffer.append(StreamMessage(message, entry_id, redeliveries))
 
+    def _adopt_orphans(self) -> None:
+        """Take entries pending on this consumer's name that it never received. A read whose reply was
+        lost (Redis restarted after running it, or redis-py re-sent it) delivered them to this name,
+        and while this process lives no janitor hands them to anyone else: without this they wait
+        forever."""
+        self.next_orphan_check = time.monotonic() + ORPHAN_CHECK_S
+        reply = self.client.xreadgroup(CONSUMER_GROUP, self.broker.consumer_name, {self.stream: "0"}, count=1000)
+        for _stream, entries in stream_reply(reply):
+            for raw_id, fields in entries:
+                entry_id = _text(raw_id)
+                with self.lock:
+                    if entry_id in self.held:
+                        continue
+                if not fields:  # deleted while pending: nothing is left to run
+                    self.client.xack(self.stream, CONSUMER_GROUP, entry_id)
+                    continue
+                log.warning("entry %s of %s was delivered here but never received; taking it", entry_id, self.stream)
+                self._take(entry_id, fields)
+
     def ack(self, message: dramatiq.MessageProxy) -> None:
+        if isinstance(getattr(message, "_exception", None), OUTAGE_ERRORS):
+            # The run broke off because Redis was away, not because of the job: it runs again.
+            self.requeue([message])
+            return
         self._settle(_entry_id(message))
-        self._release()
+        self._release(_entry_id(message))
 
     def nack(self, message: dramatiq.MessageProxy) -> None:
         exception = getattr(message, "_exception", None)
         reason = repr(exception) if exception is not None else "rejected"
         self._settle(_entry_id(message), dead_reason=reason, raw=message._message.encode())
-        self._release()
+        self._release(_entry_id(message))
 
     def requeue(self, messages: Iterable[dramatiq.MessageProxy]) -> None:
         ids = [_entry_id(m) for m in messages]
         if ids:
-            self.broker.requeue_entries(self.queue_name, ids)
-            for _ in ids:
-                self._release()
+            try:
+                ride_out(lambda: self.broker.requeue_entries(self.queue_name, ids), 16.0)
+            except OUTAGE_ERRORS as error:  # dramatiq retries a BrokerConnectionError until Redis is back
+                raise BrokerConnectionError(str(error)) from error
+            for entry_id in ids:
+                self._release(entry_id)
 
     def close(self) -> None:
         if self.buffer:
             self.requeue(list(self.buffer))
             self.buffer.clear()
 
-    def _release(self) -> None:
+    def _release(self, entry_id: str) -> None:
+        """Called only once the entry is settled in Redis, so it never looks orphaned in between."""
         with self.lock:
             self.in_flight = max(0, self.in_flight - 1)
+            self.held.discard(entry_id)
         self.slot_freed.set()
 
     def _settle(self, entry_id: str, *, dead_reason: str | None = None, raw: bytes = b"") -> None:

@@ -33,6 +33,7 @@ from jobcontract.models import (
     TokenEvent,
     utc_from_micros,
 )
+from jobcontract.outage import ride_out
 from jobcontract.routes import ModelRoute
 
 # Redis's clock in integer microseconds (exact in a Lua double); `us` prints one without an exponent.
@@ -110,6 +111,43 @@ return 1
 """
 )
 
+# FINISH for a job that no worker can finish: one whose stream entry goes to dead letters without a
+# run that ended (its workers kept dying). Called from the broker's scripts, which know only the
+# stream key, so the namespace is read from it and the key layout of `Keys` is spelled out here.
+# Timings are Unix seconds (cjson keeps 0.1 ms), which GenerationResult reads like ISO instants.
+FAIL_JOB_LUA = """
+local function fail_job(stream, message, error_type, reason)
+  local ok, decoded = pcall(cjson.decode, message)
+  local namespace = string.match(stream, '^(.-):q:')
+  if not ok or type(decoded) ~= 'table' or type(decoded['message_id']) ~= 'string' or not namespace then
+    return 0
+  end
+  local job_id = decoded['message_id']
+  local job = namespace .. ':job:' .. job_id
+  local state = redis.call('HGET', job, 'state')
+  if not state or state == 'succeeded' or state == 'failed' or state == 'cancelled' then return 0 end
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local f = redis.call('HMGET', job, 'model', 'worker', 'enqueued_us', 'started_us', 'backend', 'batch')
+  local result = {job_id = job_id, model = f[1] or '', state = 'failed', finish_reason = 'error',
+                  timings = {enqueued_at = tonumber(f[3] or now) / 1e6, finished_at = now / 1e6},
+                  error = {type = error_type, message = reason, retryable = true}}
+  if f[2] then result['worker'] = f[2] end
+  if f[4] then result['timings']['started_at'] = tonumber(f[4]) / 1e6 end
+  if f[5] then result['backend'] = f[5] end
+  local ttl = redis.call('TTL', job)
+  redis.call('HSET', job, 'state', 'failed', 'result', cjson.encode(result), 'finished_us', string.format('%.0f', now))
+  redis.call('XADD', job .. ':events', '*', 'type', 'done', 'state', 'failed')
+  if ttl > 0 then redis.call('EXPIRE', job .. ':events', ttl) end
+  if f[6] then
+    local done = namespace .. ':batch:' .. f[6] .. ':done'
+    redis.call('XADD', done, '*', 'job', job_id, 'state', 'failed')
+    if ttl > 0 then redis.call('EXPIRE', done, ttl) end
+  end
+  return 1
+end
+"""
+
 
 class QueueFull(Exception):
     """The queue is at its configured bound; try again later instead of filling Redis."""
@@ -185,11 +223,16 @@ def build_message(
 
 
 class JobStore:
-    def __init__(self, client: redis.Redis, keys: Keys, *, result_ttl_s: int, max_queued: int) -> None:
+    def __init__(
+        self, client: redis.Redis, keys: Keys, *, result_ttl_s: int, max_queued: int, outage_patience_s: float = 0.0
+    ) -> None:
+        """`outage_patience_s`: how long the worker-side calls (start, tokens, finish, now) wait out a
+        Redis outage before raising; workers set it, callers keep 0 and fail at once."""
         self.client = client
         self.keys = keys
         self.result_ttl_s = result_ttl_s
         self.max_queued = max_queued
+        self.outage_patience_s = outage_patience_s
         self._submit = client.register_script(SUBMIT_SCRIPT)
         self._start = client.register_script(START_SCRIPT)
         self._finish = client.register_script(FINISH_SCRIPT)
@@ -361,14 +404,20 @@ class JobStore:
         return cast(JobState, outcome)
 
     def now(self) -> datetime:
-        seconds, micros = self.client.time()
+        seconds, micros = ride_out(self.client.time, self.outage_patience_s)
         return utc_from_micros(int(seconds) * 1_000_000 + int(micros))
 
     # -- workers -------------------------------------------------------------------------------------
     def start(self, job_id: str, worker: str, backend: Backend, queue: str) -> StartTicket | JobState | None:
         """Mark the job running. Returns a ticket to run it; a terminal state if it is already done
         (a duplicate delivery); CANCELLED if a cancel was asked for; None if its record is gone."""
-        reply = [_text(v) for v in self._start(keys=[self.keys.job(job_id)], args=[worker, backend.value, queue])]
+        reply = [
+            _text(v)
+            for v in ride_out(
+                lambda: self._start(keys=[self.keys.job(job_id)], args=[worker, backend.value, queue]),
+                self.outage_patience_s,
+            )
+        ]
         if reply[0] == "run":
             return StartTicket(enqueued_us=int(reply[1]), deadline_us=int(reply[2]), started_us=int(reply[3]))
         if reply[0] == "missing":
@@ -379,18 +428,20 @@ class JobStore:
 
     def publish_token(self, job_id: str, index: int, text: str) -> None:
         key = self.keys.events(job_id)
-        pipe = self.client.pipeline(transaction=False)
-        pipe.xadd(key, {"type": "token", "i": index, "t": text})
-        if index == 0:
-            pipe.expire(key, self.result_ttl_s)
-        pipe.execute()
+
+        def publish() -> None:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.xadd(key, {"type": "token", "i": index, "t": text})
+            if index == 0:
+                pipe.expire(key, self.result_ttl_s)
+            pipe.execute()
+
+        ride_out(publish, self.outage_patience_s)
 
     def finish(self, result: GenerationResult, batch_id: str | None = None) -> bool:
         """Record a terminal result once; False when another run already finished the job."""
-        written = self._finish(
-            keys=self._finish_keys(result.job_id, batch_id), args=self._finish_args(result, batch_id)
-        )
-        return bool(written)
+        keys, args = self._finish_keys(result.job_id, batch_id), self._finish_args(result, batch_id)
+        return bool(ride_out(lambda: self._finish(keys=keys, args=args), self.outage_patience_s))
 
     def _finish_keys(self, job_id: str, batch_id: str | None) -> list[str]:
         batch_key = self.keys.batch_done(batch_id) if batch_id else self.keys.job(job_id)

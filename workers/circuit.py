@@ -12,6 +12,7 @@ import redis
 
 from jobcontract.keys import Keys, pool_name
 from jobcontract.models import Backend
+from jobcontract.outage import OUTAGE_ERRORS
 
 
 class CircuitBreaker:
@@ -28,10 +29,21 @@ class CircuitBreaker:
         return self.keys.circuit(pool_name(self.model, backend))
 
     def is_open(self, backend: Backend) -> bool:
-        return bool(self.client.exists(self._key(backend)))
+        """Best effort: with Redis away the circuit reads closed, so a job's next step (which waits
+        out the outage) is not lost to an error here."""
+        try:
+            return bool(self.client.exists(self._key(backend)))
+        except OUTAGE_ERRORS:
+            return False
 
     def record_failure(self, backend: Backend) -> bool:
-        """Count a failure; returns True when this one opened the circuit."""
+        """Count a failure; returns True when this one opened the circuit. Best effort, like is_open."""
+        try:
+            return self._record_failure(backend)
+        except OUTAGE_ERRORS:
+            return False
+
+    def _record_failure(self, backend: Backend) -> bool:
         streak = self._key(backend) + ":streak"
         pipe = self.client.pipeline(transaction=True)
         pipe.incr(streak)

@@ -105,7 +105,13 @@ def serve(
         on_state=on_server_state,
     )
     server.start()
-    store = JobStore(client, keys, result_ttl_s=settings.result_ttl_s, max_queued=settings.max_queued_jobs)
+    store = JobStore(
+        client,
+        keys,
+        result_ttl_s=settings.result_ttl_s,
+        max_queued=settings.max_queued_jobs,
+        outage_patience_s=settings.redis_outage_patience_s,
+    )
     cancels = CancelWatch(client, keys.cancel_channel)
     cancels.start()
     http = httpx.Client(
@@ -137,7 +143,13 @@ def serve(
         metrics=metrics,
         worker_name=consumer_name,
     )
-    broker = StreamsBroker(client, keys, consumer_name=consumer_name, middleware=[rerouting])
+    broker = StreamsBroker(
+        client,
+        keys,
+        consumer_name=consumer_name,
+        middleware=[rerouting],
+        outage_patience_s=settings.redis_outage_patience_s,
+    )
     declare_actors(broker, runner, queues)
     worker = dramatiq.Worker(broker, worker_threads=settings.concurrency, worker_timeout=1000)
     # Hold no more than can run, plus a little, so other processes get the rest of the queue.
