@@ -215,15 +215,55 @@ class BareServer:
                 self.process.wait()
 
 
-def direct_completion(http: httpx.Client, url: str, model: str, prompt: str, max_tokens: int) -> tuple[float, int]:
-    """One plain completion straight to a server, as an application without genq would send it:
-    returns (latency in seconds, completion tokens)."""
-    payload = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0}
-    started = time.perf_counter()
-    response = http.post(url + "/v1/completions", json=payload, timeout=300)
-    elapsed = time.perf_counter() - started
-    response.raise_for_status()
-    return elapsed, int(response.json()["usage"]["completion_tokens"])
+class DirectClient:
+    """Completions straight to a server, as an application without genq would send them, plain or
+    streamed (as a genq worker asks for them). mlx_lm.server's HTTP server now and then resets a
+    kept-alive connection under a burst of them; like any real client this one tries again, and
+    counts how often."""
+
+    def __init__(self, url: str, model: str | None, *, connections: int = 8) -> None:
+        self.url = url
+        self.model = model
+        self.retries = 0
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        self.http = httpx.Client(limits=limits, timeout=300)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.http.close()
+
+    def complete(self, prompt: str, max_tokens: int, *, stream: bool = False) -> tuple[float, int]:
+        """Returns (latency in seconds, including any retry; completion tokens)."""
+        started = time.perf_counter()
+        for attempt in range(3):
+            try:
+                tokens = self._once(prompt, max_tokens, stream)
+                return time.perf_counter() - started, tokens
+            except httpx.TransportError:
+                if attempt == 2:
+                    raise
+                self.retries += 1
+        raise AssertionError("unreachable")
+
+    def _once(self, prompt: str, max_tokens: int, stream: bool) -> int:
+        payload: dict[str, Any] = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0}
+        if self.model is not None:
+            payload["model"] = self.model
+        if not stream:
+            response = self.http.post(self.url + "/v1/completions", json=payload)
+            response.raise_for_status()
+            return int(response.json()["usage"]["completion_tokens"])
+        payload |= {"stream": True, "stream_options": {"include_usage": True}}
+        tokens = 0
+        with self.http.stream("POST", self.url + "/v1/completions", json=payload) as response:
+            response.raise_for_status()
+            for line in response.iter_lines():
+                if line.startswith("data:") and '"usage"' in line:
+                    usage = json.loads(line[5:]).get("usage") or {}
+                    tokens = int(usage.get("completion_tokens") or tokens)
+        return tokens
 
 
 def closed_loop(concurrency: int, items: Sequence[T], call: Callable[[T], R]) -> tuple[list[R], float]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from bench.common import Lab, WorkerProc, direct_completion, prompts, rss_mb, wait_until
+from bench.common import DirectClient, Lab, WorkerProc, prompts, rss_mb, wait_until
 from bench.report import Options, Report, latency_ms, num, pick
 from jobcontract.keys import Keys
 from jobcontract.models import Backend, GenerationRequest, GenerationResult
@@ -110,8 +110,8 @@ def _bare_start(lab: Lab, concurrency: int) -> dict[str, float]:
     server = lab.bare_mlx(concurrency=concurrency)
     server.launch()
     ready = server.wait_ready()
-    with httpx.Client() as http:
-        direct_completion(http, server.url, server.model, "a first prompt", MAX_TOKENS)
+    with DirectClient(server.url, server.model) as http:
+        http.complete("a first prompt", MAX_TOKENS)
         first = time.monotonic() - server.launched
     assert server.process is not None
     memory = rss_mb(server.process.pid)
@@ -148,18 +148,19 @@ def _steady_state(lab: Lab, worker: WorkerProc, settings: Any, later_n: int, cra
     [url] = worker.server_urls()
     model = str(lab.mlx_model)
     genq_later, direct_later = [], []
-    with Client(settings) as client, httpx.Client() as http:
+    with Client(settings) as client, DirectClient(url, model) as http:
         for prompt in prompts(later_n, "later"):
             started = time.perf_counter()
             if not client.generate(_request(prompt), timeout=120).ok:
                 raise RuntimeError("a later request failed")
             genq_later.append(time.perf_counter() - started)
-            direct_later.append(direct_completion(http, url, model, prompt + " (direct)", MAX_TOKENS)[0])
+            direct_later.append(http.complete(prompt + " (direct)", MAX_TOKENS)[0])
         memory = worker.memory_mb()
         bare = lab.bare_mlx(concurrency=8)
         bare.launch()
         bare.wait_ready()
-        direct_completion(http, bare.url, bare.model, "warm", MAX_TOKENS)
+        with DirectClient(bare.url, bare.model) as bare_http:
+            bare_http.complete("warm", MAX_TOKENS)
         assert bare.process is not None
         memory["bare_server_mb"] = rss_mb(bare.process.pid)
         lab.stop_server(bare)

@@ -26,11 +26,18 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-import httpx
-
-from bench.common import REPO_DIR, Lab, clean_env, direct_completion, prompts
+from bench.common import REPO_DIR, DirectClient, Lab, clean_env, prompts
 from bench.report import Options, Report, latency_ms, num, pick
-from jobcontract.models import GenerationRequest
+from jobcontract.jobs import JobStore, StartTicket
+from jobcontract.keys import Keys
+from jobcontract.models import (
+    Backend,
+    GenerationRequest,
+    GenerationResult,
+    JobState,
+    Timings,
+    utc_from_micros,
+)
 from producer.client import Client
 
 NAME = "overhead"
@@ -101,7 +108,8 @@ def run(options: Options) -> Report:
     with Lab(options, NAME) as lab:
         genq = _measure_genq(lab, rng, idle_n, busy_n, idle_gap, busy_gap, streams, max_tokens, load_tokens)
         plain = _measure_dramatiq(lab, rng, idle_n, busy_n, idle_gap, busy_gap, streams)
-    report.results = {"genq": genq, "dramatiq": plain}
+        floor = _redis_floor(lab, pick(size, 20, 200, 1000))
+    report.results = {"genq": genq, "dramatiq": plain, "floor": floor}
     rows = []
     for mode in ("idle", "busy"):
         g = genq[mode]
@@ -126,6 +134,11 @@ def run(options: Options) -> Report:
     report.table(
         "genq end to end minus a direct call, percentile by percentile (ms)", ["worker", "p50", "p95", "p99"], diff_rows
     )
+    report.table(
+        "The floor: one job's own steps timed alone in this process, no worker (ms)",
+        ["step", "n", "p50", "p95", "p99", "max"],
+        [_row(label, floor[key]) for key, label in FLOOR_STEPS.items()],
+    )
     for mode in ("idle", "busy"):
         overhead = genq[mode]["overhead"]
         report.target(f"overhead p50 ({mode})", f"<= {P50_TARGET_MS} ms", overhead["p50_ms"], "ms", _at_most(2.0))
@@ -136,6 +149,78 @@ def run(options: Options) -> Report:
         f"p99 of {idle_n} idle probes is close to their maximum; run --size full for a steadier tail.",
     ]
     return report
+
+
+FLOOR_STEPS = {
+    "ping": "one Redis round trip (PING), for scale",
+    "validate": "validate a request at the door",
+    "submit": "admit it (Client.submit_many: SCRIPT EXISTS, then the Lua call)",
+    "start": "mark it running (one Lua call)",
+    "finish": "record its result (one Lua call)",
+    "wake": "finish called to a blocked waiter holding the result",
+}
+
+
+def _redis_floor(lab: Lab, n: int) -> dict[str, Any]:
+    """What the Redis work of one job costs with no worker and no load: the part of the overhead no
+    thread hand-off or process switch is in, so the rest of the measured overhead is theirs."""
+    settings = lab.settings(routes_file=lab.routes("floor", [lab.mlx_route()]))
+    redis_client = lab.client()
+    store = JobStore(redis_client, Keys(settings.namespace), result_ttl_s=600, max_queued=10**7)
+    timings: dict[str, list[float]] = {key: [] for key in FLOOR_STEPS}
+
+    def lap(step: str, started: float) -> None:
+        timings[step].append(time.perf_counter() - started)
+
+    with Client(settings) as client:
+        for text in prompts(n, "floor"):
+            started = time.perf_counter()
+            redis_client.ping()
+            lap("ping", started)
+            started = time.perf_counter()
+            request = client.validate({"model": "tiny", "prompt": text, "max_tokens": 8})
+            lap("validate", started)
+            started = time.perf_counter()
+            [receipt] = store.submit_many([request], route_for=settings.routes.get, default_timeout_s=600)
+            lap("submit", started)
+            started = time.perf_counter()
+            ticket = store.start(receipt.job_id, "bench", Backend.MLX, receipt.queue)
+            lap("start", started)
+            assert isinstance(ticket, StartTicket)
+            result = _result(receipt.job_id, ticket)
+            started = time.perf_counter()
+            store.finish(result)
+            lap("finish", started)
+            # Again with a caller blocked on the result (a thread here, so it includes a GIL hand-off).
+            [receipt] = store.submit_many([request], route_for=settings.routes.get, default_timeout_s=600)
+            ticket = store.start(receipt.job_id, "bench", Backend.MLX, receipt.queue)
+            assert isinstance(ticket, StartTicket)
+            woke: list[float] = []
+
+            def wait(job_id: str = receipt.job_id, woke: list[float] = woke) -> None:
+                store.wait(job_id, 10)
+                woke.append(time.perf_counter())
+
+            waiter = threading.Thread(target=wait)
+            waiter.start()
+            time.sleep(0.005)  # the waiter is blocked in XREAD by now
+            result = _result(receipt.job_id, ticket)
+            started = time.perf_counter()
+            store.finish(result)
+            waiter.join(timeout=10)
+            timings["wake"].append(woke[0] - started)
+    return {key: latency_ms(values) for key, values in timings.items()}
+
+
+def _result(job_id: str, ticket: StartTicket) -> GenerationResult:
+    now = utc_from_micros(ticket.started_us)
+    return GenerationResult(
+        job_id=job_id,
+        model="tiny",
+        state=JobState.SUCCEEDED,
+        text="x" * 32,
+        timings=Timings(enqueued_at=now, started_at=now, first_token_at=now, finished_at=now),
+    )
 
 
 def _at_most(limit: float) -> Callable[[float], bool]:
@@ -161,7 +246,7 @@ def _measure_genq(
     worker = lab.start_worker(settings, concurrency=8)
     [url] = worker.server_urls()
     model = str(lab.mlx_model)
-    with Client(settings) as client, Client(settings) as load_client, httpx.Client() as http:
+    with Client(settings) as client, Client(settings) as load_client, DirectClient(url, model) as http:
 
         def genq_probe(prompt: str) -> dict[str, float]:
             request = GenerationRequest(model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0.0)
@@ -183,7 +268,7 @@ def _measure_genq(
             }
 
         def direct_probe(prompt: str) -> float:
-            return direct_completion(http, url, model, prompt, max_tokens)[0]
+            return http.complete(prompt, max_tokens)[0]
 
         def load(prompt: str) -> None:
             request = GenerationRequest(model="tiny", prompt=prompt, max_tokens=load_tokens, temperature=0.0)
