@@ -4,6 +4,7 @@ CLI as a subprocess (killed half way, resumed, watched and cancelled from anothe
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -67,7 +68,10 @@ def start_genq(settings: GenqSettings, *args: str) -> subprocess.Popen[str]:
 
 
 def batch_id_of(stderr: str) -> str:
-    return stderr.split("batch ", 1)[1].split(":", 1)[0]
+    """The id from the runner's own `batch ID: ...` line (log lines from elsewhere may mention batches)."""
+    found = re.search(r"^batch ([\w.-]+): ", stderr, re.MULTILINE)
+    assert found, stderr
+    return found.group(1)
 
 
 def test_malformed_lines_are_reported_by_number_and_nothing_is_queued(
