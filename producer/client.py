@@ -50,7 +50,12 @@ class Client:
 
     def validate(self, request: RequestLike) -> GenerationRequest:
         """Check a request against the field bounds and this deployment's limits and routes."""
-        data = request.model_dump(exclude_unset=True) if isinstance(request, GenerationRequest) else dict(request)
+        data: Any = request
+        if isinstance(request, GenerationRequest):
+            data = request.model_dump(exclude_unset=True)
+        elif isinstance(request, Mapping):
+            data = dict(request)
+        # Anything else (a JSON body need not be an object) is pydantic's to refuse with a ValidationError.
         limits = self.settings.limits
         return limits.cap(GenerationRequest.model_validate(data, context={"limits": limits}))
 
