@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from typing import Any, cast
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -37,11 +37,19 @@ def stream_reply(reply: Any) -> StreamReply:
 
 
 def redact(url: str) -> str:
-    """The URL without its password, for logs and error messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    """The URL without its password, for logs and error messages: redis-py takes one from the
+    userinfo (`user:pass@`) or from a `password=` query argument, so both are masked."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if parts.password is not None:
+            netloc = f"{parts.username or ''}:***@{netloc.rpartition('@')[2]}"
+    except ValueError:  # not even a URL: say nothing of it
+        return "<unparsable Redis URL>"
+    query = "&".join(
+        f"{piece.partition('=')[0]}=***" if piece.partition("=")[0].lower() == "password" else piece
+        for piece in parts.query.split("&")
+    )
+    # Replace the pieces in place: urlunsplit would turn `unix:///path` into `unix:/path`.
+    head, mark, _ = url.partition("?")
+    return head.replace(parts.netloc, netloc, 1) + (mark + query if mark else "")

@@ -105,3 +105,16 @@ class Keys:
     def files(self) -> str:
         """A sorted set of file ids by creation time, for listing."""
         return f"{self.namespace}:files"
+
+    def caller_jobs(self, caller: str) -> str:
+        """A sorted set of an API key's unfinished jobs (id -> reserved at), for its bound on queued work."""
+        return f"{self.namespace}:caller:{caller}:jobs"
+
+    def caller_batches(self, caller: str) -> str:
+        """A sorted set of an API key's unfinished gateway batches, for its bound on batches."""
+        return f"{self.namespace}:caller:{caller}:batches"
+
+    @property
+    def rate_limits(self) -> str:
+        """The prefix of the gateway's per-key rate-limit windows (kept by the `limits` library)."""
+        return f"{self.namespace}:rate"

@@ -34,7 +34,19 @@ def _gateway(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
-        log.info("no API keys configured: serving on loopback only")
+        log.warning(
+            "no API keys configured: any program on this host may call the gateway, so it serves loopback only "
+            "(set GENQ_GATEWAY_API_KEYS or GENQ_GATEWAY_API_KEYS_FILE to serve other hosts)"
+        )
+    else:  # names only: a key itself is never logged
+        for key in settings.key_ring.keys:
+            log.info(
+                "API key %s: rate %s, at most %d unfinished jobs and %d unfinished batches",
+                key.name,
+                key.rate_text,
+                key.max_queued,
+                key.max_batches,
+            )
     log.info(
         "genq gateway on http://%s:%d (OpenAPI at /docs), redis %s",
         settings.gateway_host,

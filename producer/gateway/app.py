@@ -14,7 +14,9 @@ from producer.client import Client
 from producer.gateway import batches, completions, errors, files, jobs
 from producer.gateway.batches import BatchSupervisor
 from producer.gateway.files import FileStore
-from producer.gateway.guards import BodyLimit, authenticate
+from producer.gateway.guards import BodyLimit
+from producer.gateway.quotas import Quotas
+from producer.gateway.security import authenticate
 from producer.gateway.services import Services
 from producer.gateway.settings import GatewaySettings
 from producer.gateway_metrics import instrument
@@ -30,7 +32,7 @@ def create_app(settings: GatewaySettings | None = None, *, registry: CollectorRe
         client = Client(settings)
         async_redis = connect_async(settings.redis_url)
         file_store = FileStore(client.redis, client.store.keys, ttl_s=settings.result_ttl_s)
-        supervisor = BatchSupervisor(client, file_store)
+        supervisor = BatchSupervisor(client, file_store, max_lines=settings.gateway_max_batch_lines)
         app.state.services = Services(
             settings=settings,
             redis=async_redis,
@@ -43,6 +45,7 @@ def create_app(settings: GatewaySettings | None = None, *, registry: CollectorRe
             client=client,
             files=file_store,
             batches=supervisor,
+            quotas=Quotas.build(async_redis, client.store.keys, ttl_s=settings.result_ttl_s),
         )
         supervisor.start()
         try:

@@ -12,20 +12,25 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
+import anyio.from_thread
 from fastapi import APIRouter, Depends, Query
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from jobcontract.keys import Keys
 from producer.batch.book import BatchBook, BatchRecord, BatchStatus, UnknownBatch
 from producer.batch.control import cancel_batch
 from producer.batch.runner import LEASE_TTL_S, BatchBusy, BatchRunner, validate
 from producer.batch.sinks import Counts, RedisSink
-from producer.batch.sources import redis_source
+from producer.batch.sources import LineSource, redis_source
 from producer.client import Client
 from producer.gateway.errors import ApiError
 from producer.gateway.files import FileStore
+from producer.gateway.guards import ResourceId
+from producer.gateway.quotas import too_many
+from producer.gateway.security import CallerDep
 from producer.gateway.services import Services, services
 from producer.openai_format import CHAT_URL, COMPLETIONS_URL
 
@@ -37,10 +42,29 @@ router = APIRouter(prefix="/v1/batches", tags=["openai batch"])
 class BatchCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    input_file_id: str = Field(min_length=1, max_length=128)
+    input_file_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")
     endpoint: Literal["/v1/completions", "/v1/chat/completions"]
     completion_window: Literal["24h"] = "24h"
-    metadata: dict[str, str] | None = Field(default=None, max_length=16)
+    metadata: (
+        dict[Annotated[str, StringConstraints(max_length=64)], Annotated[str, StringConstraints(max_length=512)]] | None
+    ) = Field(default=None, max_length=16)
+
+
+class TooManyLines(Exception):
+    pass
+
+
+def at_most(source: LineSource, max_lines: int) -> LineSource:
+    """The source, stopping with TooManyLines past `max_lines` lines, so an oversized file is refused
+    without reading it all."""
+
+    def lines() -> Iterator[tuple[int, bytes]]:
+        for number, raw in source():
+            if number > max_lines:
+                raise TooManyLines(f"the input file has more than {max_lines} lines, the limit of one batch")
+            yield number, raw
+
+    return lines
 
 
 def output_file_id(batch_id: str) -> str:
@@ -54,9 +78,10 @@ def error_file_id(batch_id: str) -> str:
 class BatchSupervisor:
     """Runs this gateway's batches in threads and adopts any whose runner died."""
 
-    def __init__(self, client: Client, files: FileStore, *, adopt_every_s: float = 2.0) -> None:
+    def __init__(self, client: Client, files: FileStore, *, max_lines: int, adopt_every_s: float = 2.0) -> None:
         self.client = client
         self.files = files
+        self.max_lines = max_lines
         self.book: BatchBook = client.batch_book()
         self.keys: Keys = client.store.keys
         self.adopt_every_s = adopt_every_s
@@ -106,7 +131,15 @@ class BatchSupervisor:
             source = redis_source(self.client.redis, self.keys.file_content(record.input))
             total = record.total
             if record.status is BatchStatus.VALIDATING:
-                validation = validate(source, self.client.settings.limits, endpoint=record.endpoint)
+                try:
+                    validation = validate(
+                        at_most(source, self.max_lines), self.client.settings.limits, endpoint=record.endpoint
+                    )
+                except TooManyLines as error:
+                    line = {"code": "too_many_lines", "message": str(error), "param": None, "line": self.max_lines + 1}
+                    self.book.update(batch_id, errors=[line])
+                    self.book.advance(batch_id, BatchStatus.FAILED)
+                    return
                 if validation.invalid:
                     errors = [
                         {"code": "invalid_request", "message": e.message, "param": None, "line": e.number}
@@ -188,13 +221,20 @@ def batch_object(record: BatchRecord) -> dict[str, Any]:
 
 # Plain functions: FastAPI runs them in its thread pool, where blocking Redis calls are fine.
 @router.post("", summary="Create a batch from an uploaded file")
-def create(body: BatchCreate, s: Annotated[Services, Depends(services)]) -> dict[str, Any]:
+def create(body: BatchCreate, s: Annotated[Services, Depends(services)], caller: CallerDep) -> dict[str, Any]:
     source = s.files.get(body.input_file_id)
     if source["purpose"] != "batch":
         raise ApiError(400, f"file {body.input_file_id!r} has purpose {source['purpose']!r}, not 'batch'")
     if body.endpoint not in (COMPLETIONS_URL, CHAT_URL):
         raise ApiError(400, f"endpoint {body.endpoint!r} is not supported", param="endpoint")
     batch_id = f"batch_{uuid.uuid4().hex}"
+    key = caller.key
+    if key is not None:
+        if key.max_batches == 0:
+            raise ApiError(403, f"API key {key.name!r} may not create batches", "permission_error", code="no_batches")
+        # This endpoint runs in a worker thread; the allowance lives on the event loop's Redis client.
+        if not anyio.from_thread.run(s.quotas.batches.reserve, key.name, batch_id, key.max_batches):
+            raise too_many(key.name, "batches", key.max_batches)
     book = s.batches.book
     book.create(
         batch_id,
@@ -210,7 +250,7 @@ def create(body: BatchCreate, s: Annotated[Services, Depends(services)]) -> dict
 
 
 @router.get("/{batch_id}", summary="A batch's status and counts")
-def retrieve(batch_id: str, s: Annotated[Services, Depends(services)]) -> dict[str, Any]:
+def retrieve(batch_id: ResourceId, s: Annotated[Services, Depends(services)]) -> dict[str, Any]:
     return batch_object(s.batches.book.get(batch_id))
 
 
@@ -232,7 +272,7 @@ def list_batches(
 
 
 @router.post("/{batch_id}/cancel", summary="Cancel a batch: it stops, its queued and running jobs are cancelled")
-def cancel(batch_id: str, s: Annotated[Services, Depends(services)]) -> dict[str, Any]:
+def cancel(batch_id: ResourceId, s: Annotated[Services, Depends(services)]) -> dict[str, Any]:
     if not s.batches.book.exists(batch_id):
         raise UnknownBatch(batch_id)
     return batch_object(cancel_batch(s.client, batch_id, settle_s=0.0))

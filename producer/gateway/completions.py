@@ -17,6 +17,8 @@ from fastapi import APIRouter, Depends, Header
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from jobcontract.models import GenerationRequest, Lane
+from producer.gateway.api_keys import Caller
+from producer.gateway.security import CallerDep
 from producer.gateway.services import Services, services
 from producer.openai_format import (
     CHAT_URL,
@@ -40,16 +42,22 @@ IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_lengt
 
 @router.post(COMPLETIONS_URL, summary="Create a completion (OpenAI-compatible)")
 async def completions(
-    body: CompletionBody, s: Annotated[Services, Depends(services)], idempotency_key: IdempotencyKey = None
+    body: CompletionBody,
+    s: Annotated[Services, Depends(services)],
+    caller: CallerDep,
+    idempotency_key: IdempotencyKey = None,
 ) -> Any:
-    return await _complete(COMPLETIONS_URL, body, s, idempotency_key)
+    return await _complete(COMPLETIONS_URL, body, s, caller, idempotency_key)
 
 
 @router.post(CHAT_URL, summary="Create a chat completion (OpenAI-compatible)")
 async def chat_completions(
-    body: ChatBody, s: Annotated[Services, Depends(services)], idempotency_key: IdempotencyKey = None
+    body: ChatBody,
+    s: Annotated[Services, Depends(services)],
+    caller: CallerDep,
+    idempotency_key: IdempotencyKey = None,
 ) -> Any:
-    return await _complete(CHAT_URL, body, s, idempotency_key)
+    return await _complete(CHAT_URL, body, s, caller, idempotency_key)
 
 
 @router.get("/v1/models", summary="The models in the routes (OpenAI-compatible)")
@@ -68,9 +76,9 @@ async def models(s: Annotated[Services, Depends(services)]) -> dict[str, Any]:
     return {"object": "list", "data": data}
 
 
-async def _complete(endpoint: str, body: Body, s: Services, idempotency_key: str | None) -> Any:
+async def _complete(endpoint: str, body: Body, s: Services, caller: Caller, idempotency_key: str | None) -> Any:
     request = s.check(to_request(body, lane=Lane.INTERACTIVE, idempotency_key=idempotency_key))
-    job_id, _duplicate = await s.submit(request)
+    job_id, _duplicate = await s.submit(request, caller)
     if not body.stream:
         result = await s.store.wait(job_id, s.wait_s(request))
         if not result.ok:

@@ -28,10 +28,12 @@ class ApiError(Exception):
         *,
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.body = error_body(message, kind, param=param, code=code)
+        self.headers = headers
 
 
 def unknown_model(model: str, known: list[str]) -> ApiError:
@@ -50,7 +52,7 @@ def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = No
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, error: ApiError) -> JSONResponse:
-        return _json(error.status, error.body)
+        return _json(error.status, error.body, error.headers)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_request: Request, error: RequestValidationError) -> JSONResponse:

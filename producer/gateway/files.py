@@ -14,6 +14,7 @@ from fastapi.responses import StreamingResponse
 
 from jobcontract.keys import Keys
 from producer.gateway.errors import ApiError
+from producer.gateway.guards import ResourceId
 from producer.gateway.services import Services, services
 
 CHUNK = 1 << 20
@@ -124,18 +125,18 @@ def list_files(
 
 
 @router.get("/{file_id}", summary="A file's metadata")
-def retrieve(file_id: str, s: Annotated[Services, Depends(services)]) -> dict[str, Any]:
+def retrieve(file_id: ResourceId, s: Annotated[Services, Depends(services)]) -> dict[str, Any]:
     return s.files.get(file_id)
 
 
 @router.get("/{file_id}/content", summary="A file's content", response_class=StreamingResponse)
-def content(file_id: str, s: Annotated[Services, Depends(services)]) -> StreamingResponse:
+def content(file_id: ResourceId, s: Annotated[Services, Depends(services)]) -> StreamingResponse:
     s.files.get(file_id)  # 404 for an unknown file
     return StreamingResponse(s.files.content(file_id), media_type="application/octet-stream")
 
 
 @router.delete("/{file_id}", summary="Delete a file")
-def delete(file_id: str, s: Annotated[Services, Depends(services)]) -> dict[str, Any]:
+def delete(file_id: ResourceId, s: Annotated[Services, Depends(services)]) -> dict[str, Any]:
     if not s.files.delete(file_id):
         raise ApiError(404, f"no file {file_id!r}", code="not_found")
     return {"id": file_id, "object": "file", "deleted": True}

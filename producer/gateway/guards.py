@@ -1,19 +1,14 @@
-"""What stands in front of every endpoint: a bound on request bodies, and the caller check.
-
-The caller check is one dependency, so API keys with per-key limits (another issue) replace its
-body without touching any endpoint."""
+"""What stands in front of every endpoint: a bound on request bodies (the caller check, API keys
+and their limits, is in security.py)."""
 
 from __future__ import annotations
 
-import hmac
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import Request
+from fastapi import Path
 
-from producer.gateway.errors import ApiError
 from producer.openai_format import error_body
 
 Scope = MutableMapping[str, Any]
@@ -22,27 +17,9 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-
-@dataclass(frozen=True)
-class Caller:
-    key: str | None  # None: anonymous (no keys configured, loopback only)
-
-
-def authenticate(request: Request) -> Caller:
-    keys: list[str] = request.app.state.services.settings.gateway_api_keys
-    if not keys:
-        return Caller(key=None)
-    header = request.headers.get("authorization", "")
-    token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
-    for key in keys:
-        if token and hmac.compare_digest(token.encode(), key.encode()):
-            return Caller(key=key)
-    raise ApiError(
-        401,
-        "missing or unknown API key (send Authorization: Bearer KEY)",
-        "authentication_error",
-        code="invalid_api_key",
-    )
+# A job, file or batch id in a path: it becomes part of a Redis key, so no ':' may reach into
+# another record's keys (`JOB:events` is a stream, not a job).
+ResourceId = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")]
 
 
 class _TooLarge(Exception):

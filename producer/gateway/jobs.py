@@ -8,6 +8,8 @@ from fastapi import APIRouter, Depends, Header, Query
 from fastapi.responses import JSONResponse
 
 from jobcontract.models import GenerationRequest, GenerationResult, JobStatus
+from producer.gateway.guards import ResourceId
+from producer.gateway.security import CallerDep
 from producer.gateway.services import Services, services
 
 router = APIRouter(prefix="/v1/genq/jobs", tags=["genq jobs"])
@@ -17,13 +19,14 @@ router = APIRouter(prefix="/v1/genq/jobs", tags=["genq jobs"])
 async def submit(
     body: GenerationRequest,
     s: Annotated[Services, Depends(services)],
+    caller: CallerDep,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=256)] = None,
 ) -> dict[str, Any]:
     fields = body.model_dump(mode="json", exclude_unset=True)
     if idempotency_key is not None:
         fields["idempotency_key"] = idempotency_key
     request = s.check(fields)
-    job_id, duplicate = await s.submit(request)
+    job_id, duplicate = await s.submit(request, caller)
     return {
         "job_id": job_id,
         "duplicate": duplicate,
@@ -33,7 +36,7 @@ async def submit(
 
 
 @router.get("/{job_id}", summary="Where a job is now")
-async def status(job_id: str, s: Annotated[Services, Depends(services)]) -> JobStatus:
+async def status(job_id: ResourceId, s: Annotated[Services, Depends(services)]) -> JobStatus:
     return await s.store.status(job_id)
 
 
@@ -43,7 +46,7 @@ async def status(job_id: str, s: Annotated[Services, Depends(services)]) -> JobS
     responses={202: {"model": JobStatus}},
 )
 async def result(
-    job_id: str,
+    job_id: ResourceId,
     s: Annotated[Services, Depends(services)],
     wait: Annotated[float, Query(ge=0, description="Seconds to wait for the result before answering 202.")] = 0.0,
 ) -> Any:
@@ -60,7 +63,7 @@ async def result(
 
 
 @router.post("/{job_id}/cancel", summary="Cancel a queued job (it never runs) or a running one (aborted)")
-async def cancel(job_id: str, s: Annotated[Services, Depends(services)]) -> dict[str, str]:
+async def cancel(job_id: ResourceId, s: Annotated[Services, Depends(services)]) -> dict[str, str]:
     state = await s.store.cancel(job_id)
     return {"job_id": job_id, "state": state.value}
 

@@ -8,10 +8,13 @@ from typing import TYPE_CHECKING, Any
 import redis.asyncio as aioredis
 from fastapi import Request
 
+from jobcontract.jobs import new_job_id
 from jobcontract.jobs_async import AsyncJobStore
 from jobcontract.models import GenerationRequest
 from producer.client import Client
+from producer.gateway.api_keys import Caller
 from producer.gateway.errors import unknown_model
+from producer.gateway.quotas import Quotas, too_many
 from producer.gateway.settings import GatewaySettings
 
 if TYPE_CHECKING:
@@ -27,6 +30,7 @@ class Services:
     client: Client  # sync, for the batch endpoints (run in FastAPI's thread pool) and batch runners
     files: FileStore
     batches: BatchSupervisor
+    quotas: Quotas
 
     def check(self, fields: dict[str, Any]) -> GenerationRequest:
         """Validate against this deployment's limits; an unknown model is a 404, as OpenAI answers."""
@@ -36,11 +40,25 @@ class Services:
             raise unknown_model(model, list(limits.models))
         return limits.cap(GenerationRequest.model_validate(fields, context={"limits": limits}))
 
-    async def submit(self, request: GenerationRequest) -> tuple[str, bool]:
-        """Queue one job; (job id, whether an idempotency key matched an earlier job)."""
-        receipt = await self.store.submit(
-            request, self.settings.routes.get(request.model), default_timeout_s=self.settings.default_timeout_s
-        )
+    async def submit(self, request: GenerationRequest, caller: Caller) -> tuple[str, bool]:
+        """Queue one job within the caller's bound on unfinished jobs; (job id, whether an
+        idempotency key matched an earlier job)."""
+        job_id, key = new_job_id(), caller.key
+        if key is not None and not await self.quotas.jobs.reserve(key.name, job_id, key.max_queued):
+            raise too_many(key.name, "jobs", key.max_queued)
+        try:
+            receipt = await self.store.submit(
+                request,
+                self.settings.routes.get(request.model),
+                default_timeout_s=self.settings.default_timeout_s,
+                job_id=job_id,
+            )
+        except BaseException:
+            if key is not None:
+                await self.quotas.jobs.release(key.name, job_id)
+            raise
+        if key is not None and receipt.duplicate:  # the earlier job holds its own slot
+            await self.quotas.jobs.release(key.name, job_id)
         return receipt.job_id, receipt.duplicate
 
     def wait_s(self, request: GenerationRequest) -> float:

@@ -129,7 +129,8 @@ class ServerSupervisor:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         if self._log_file is None:
             self._log_file = self.log_path.open("ab")
-        env = {**os.environ, **self.spec.env}
+        # The server needs none of genq's settings, and some are secrets (the Redis password).
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("GENQ_")}, **self.spec.env}
         argv = self.spec.argv(self.port)
         log.info("starting %s on port %d", self.spec.name, self.port)
         self.process = subprocess.Popen(
