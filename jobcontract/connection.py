@@ -14,16 +14,22 @@ from redis.retry import Retry
 MAX_BLOCK_MS = 2000
 
 
+# Shared by the sync and asyncio clients: connecting gives up after 2 s, a silent Redis is noticed.
+TIMEOUTS: dict[str, Any] = {
+    "socket_connect_timeout": 2.0,
+    "socket_timeout": MAX_BLOCK_MS / 1000 + 3.0,
+    "socket_keepalive": True,
+    "health_check_interval": 15,
+}
+
+
 def connect(url: str) -> redis.Redis:
     """TLS, user and password all come from the URL (`rediss://user:pass@host:port/db`)."""
     return redis.Redis.from_url(
         url,
-        socket_connect_timeout=2.0,
-        socket_timeout=MAX_BLOCK_MS / 1000 + 3.0,
-        socket_keepalive=True,
-        health_check_interval=15,
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        **TIMEOUTS,
     )
 
 

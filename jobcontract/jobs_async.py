@@ -13,7 +13,7 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 
-from jobcontract.connection import MAX_BLOCK_MS, stream_reply
+from jobcontract.connection import MAX_BLOCK_MS, TIMEOUTS, stream_reply
 from jobcontract.jobs import (
     FINISH_SCRIPT,
     SUBMIT_SCRIPT,
@@ -40,13 +40,7 @@ from jobcontract.routes import ModelRoute
 
 def connect_async(url: str) -> aioredis.Redis:
     """As jobcontract.connection.connect, for asyncio: an outage is an error, not a hang."""
-    return aioredis.Redis.from_url(
-        url,
-        socket_connect_timeout=2.0,
-        socket_timeout=MAX_BLOCK_MS / 1000 + 3.0,
-        socket_keepalive=True,
-        health_check_interval=15,
-    )
+    return aioredis.Redis.from_url(url, **TIMEOUTS)
 
 
 class _Calls(JobStore):
