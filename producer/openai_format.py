@@ -41,7 +41,10 @@ class _Body(BaseModel):
     n: Literal[1] = Field(default=1, description="genq generates one choice per request.")
     user: str | None = Field(default=None, max_length=256, description="Accepted and ignored.")
     metadata: dict[str, str] | None = Field(default=None, description="Returned with the genq result.")
-    timeout_s: float | None = Field(default=None, gt=0, description="genq extension: deadline of the whole job.")
+    # A deadline under a second cannot cover queueing and a first token: refuse it rather than fail the job.
+    timeout_s: float | None = Field(
+        default=None, ge=1.0, le=7 * 24 * 3600, description="genq extension: deadline of the whole job, in seconds."
+    )
 
 
 class CompletionBody(_Body):
