@@ -475,3 +475,23 @@ def test_no_secret_reaches_a_log_an_error_or_a_server(
     for secret in (*locked.secrets, *KEYS):
         leaks = [p for p, t in zip([*logs, "outputs", "outputs", "outputs"], texts, strict=True) if secret in t]
         assert not leaks, f"a secret appears in {leaks}"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+        ("redis://:pw-1@h:1/0", "redis://:***@h:1/0"),
+        (
+            "rediss://user:p%40ss-2@[::1]:6380/0?ssl_ca_certs=/x&password=pw-3",
+            "rediss://user:***@[::1]:6380/0?ssl_ca_certs=/x&password=***",
+        ),
+        ("redis://u:p@ss-4@host:1/0", "redis://u:***@host:1/0"),
+        ("unix:///tmp/r.sock?password=pw-5&db=1", "unix:///tmp/r.sock?password=***&db=1"),
+        ("redis://:pw-6@h:notaport/0", "redis://:***@h:notaport/0"),
+        ("redis://:pw-7@[bad", "<unparsable Redis URL>"),
+    ],
+)
+def test_redact_masks_every_place_redis_py_takes_a_password_from(url: str, shown: str) -> None:
+    assert redact(url) == shown
+    assert "pw-" not in redact(url) and "ss-" not in redact(url)
