@@ -124,6 +124,7 @@ class AttemptOutcome(StrEnum):
     CONNECTION_ERROR = "connection_error"
     SERVER_ERROR = "server_error"
     UNAVAILABLE = "unavailable"
+    SERVER_CRASHED = "server_crashed"  # the server died while answering: the job is a suspect
     INVALID = "invalid"
     CANCELLED = "cancelled"
 
@@ -137,6 +138,7 @@ class Attempt(BaseModel):
     started_at: datetime
     duration_s: float
     error: str | None = None
+    solo: bool = Field(default=False, description="Ran alone on its server (a suspect after a crash).")
 
 
 class Timings(BaseModel):

@@ -129,7 +129,9 @@ def complete(
         raise BackendError(
             AttemptOutcome.TIMEOUT, f"{spec.name} sent no {phase} in time ({error!r})", retryable=True
         ) from error
-    except httpx.TransportError as error:  # connect refused, reset, closed mid-stream: the server died
+    except httpx.ConnectError as error:  # nobody listening: the server is down, not hurt by this job
+        raise BackendError(AttemptOutcome.UNAVAILABLE, f"{spec.name}: {error!r}", retryable=True) from error
+    except httpx.TransportError as error:  # reset or closed mid-stream: the server died under this job
         raise BackendError(AttemptOutcome.CONNECTION_ERROR, f"{spec.name}: {error!r}", retryable=True) from error
     if events == 0:
         raise _empty_stream(client, base_url + path, payload, spec, timeout)

@@ -62,8 +62,8 @@ class Rerouting(dramatiq.Middleware):
         history = [Attempt.model_validate(a) for a in message.kwargs.get("attempts", [])]
         labels = {"model": request.model, "backend": failed.backend.value}
         self.metrics.attempts.labels(**labels, outcome=failed.outcome.value).inc()
-        if exception.retryable:
-            self.circuit.record_failure(failed.backend)
+        if exception.retryable and failed.outcome is not AttemptOutcome.SERVER_CRASHED:
+            self.circuit.record_failure(failed.backend)  # a crash is the supervisor's to mend
         remaining = (exception.deadline_us - exception.enqueued_us) / 1e6 - _elapsed_s(exception, failed)
         decision = decide(
             failed=failed,
@@ -76,11 +76,12 @@ class Rerouting(dramatiq.Middleware):
             serving=self._serving,
         )
         attempts = [*message.kwargs.get("attempts", []), failed.model_dump(mode="json")]
-        kwargs = {**message.kwargs, "attempts": attempts}
+        kwargs = {**message.kwargs, "attempts": attempts, "solo": False}
         if isinstance(decision, RetryHere):
             self.metrics.retries.labels(**labels, reason=failed.outcome.value).inc()
             delay_ms = int(decision.delay_s * 1000)
-            broker.enqueue(message._message.copy(kwargs=kwargs), delay=delay_ms if delay_ms > 0 else None)
+            retry = message._message.copy(kwargs={**kwargs, "solo": decision.solo})
+            broker.enqueue(retry, delay=delay_ms if delay_ms > 0 else None)
         elif isinstance(decision, Reroute):
             self.metrics.observe_reroute(request.model, failed.backend.value, decision.backend.value)
             target = queue_name(request.model, decision.backend, request.lane)

@@ -32,6 +32,7 @@ from workers.backend_client import BackendError, Cancelled, Timeouts, complete
 from workers.cancellation import CancelWatch
 from workers.metrics import WorkerMetrics
 from workers.servers.supervisor import ServerSupervisor
+from workers.solo import SoloGate
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +72,15 @@ class JobRunner:
         self.metrics = metrics
         self.in_flight = 0
         self._count_lock = threading.Lock()
+        self.gate = SoloGate()
 
     def run(
-        self, job_id: str, request: dict[str, Any], attempts: list[dict[str, Any]], batch_id: str | None = None
+        self,
+        job_id: str,
+        request: dict[str, Any],
+        attempts: list[dict[str, Any]],
+        batch_id: str | None = None,
+        solo: bool = False,
     ) -> None:
         parsed = GenerationRequest.model_validate(request)
         queue = self.queue_for_lane[parsed.lane.value]
@@ -87,7 +94,8 @@ class JobRunner:
             self.in_flight += 1
             self.metrics.in_flight.set(self.in_flight)
         try:
-            self._attempt(job_id, parsed, attempts, batch_id, ticket)
+            with self.gate.enter(solo=solo):
+                self._attempt(job_id, parsed, attempts, batch_id, ticket, solo)
         finally:
             with self._count_lock:
                 self.in_flight -= 1
@@ -100,6 +108,7 @@ class JobRunner:
         history: list[dict[str, Any]],
         batch_id: str | None,
         ticket: StartTicket,
+        solo: bool,
     ) -> None:
         started_mono = time.monotonic()
         started_at = utc_from_micros(ticket.started_us)
@@ -116,6 +125,7 @@ class JobRunner:
                 started_at=started_at,
                 duration_s=time.monotonic() - started_mono,
                 error=message,
+                solo=solo,
             )
             return AttemptFailed(
                 attempt, retryable=retryable, deadline_us=ticket.deadline_us, enqueued_us=ticket.enqueued_us
@@ -126,6 +136,7 @@ class JobRunner:
             raise fail(AttemptOutcome.TIMEOUT, "deadline passed before the job started", False)
         if not self.server.wait_ready(min(remaining, self.route.first_token_timeout_s)):
             raise fail(AttemptOutcome.UNAVAILABLE, f"{self.server.spec.name} is not ready", True)
+        server_before = self.server.pid
         timeouts = Timeouts(
             first_token_s=self.route.first_token_timeout_s,
             between_tokens_s=self.route.token_timeout_s,
@@ -155,7 +166,10 @@ class JobRunner:
                 )
                 return
             except BackendError as error:
-                raise fail(error.outcome, str(error), error.retryable) from error
+                outcome = error.outcome
+                if outcome is AttemptOutcome.CONNECTION_ERROR and self.server.died_since(server_before):
+                    outcome = AttemptOutcome.SERVER_CRASHED
+                raise fail(outcome, str(error), error.retryable) from error
 
         def at(mono: float) -> datetime:
             return started_at + timedelta(seconds=mono - started_mono)

@@ -93,7 +93,14 @@ class ServerSupervisor:
         self._monitor = threading.Thread(target=self._watch, name=f"watch-{self.spec.name}", daemon=True)
         self._monitor.start()
 
+    def died_since(self, pid: int | None) -> bool:
+        """Whether the server process that was running as `pid` has exited (or been replaced)."""
+        process = self.process
+        return process is None or process.pid != pid or process.poll() is not None or not self.ready.is_set()
+
     def wait_ready(self, timeout_s: float) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            self.ready.clear()  # died since the last probe: don't send it anything
         return self.ready.wait(max(0.0, timeout_s))
 
     def stop(self, grace_s: float = 5.0) -> None:

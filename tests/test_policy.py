@@ -1,0 +1,84 @@
+"""The failure policy as a pure function: every branch, no servers needed."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import UTC, datetime
+
+from jobcontract.models import Attempt, AttemptOutcome, Backend
+from jobcontract.routes import BackendRoute, ModelRoute
+from workers.policy import GiveUp, Reroute, RetryHere, decide
+from workers.solo import SoloGate
+
+ROUTE = ModelRoute(
+    name="m",
+    backends=[BackendRoute(path="mlx-folder", max_attempts=2), BackendRoute(path="m.gguf", max_attempts=1)],
+)
+MLX, LLAMA = Backend.MLX, Backend.LLAMACPP
+
+
+def attempt(backend: Backend, outcome: AttemptOutcome, *, solo: bool = False) -> Attempt:
+    return Attempt(backend=backend, worker="w", outcome=outcome, started_at=datetime.now(UTC), duration_s=0.1,
+                   solo=solo)
+
+
+def choose(failed: Attempt, history: list[Attempt] = [], *, retryable: bool = True, remaining_s: float = 60,  # noqa: B006
+           open_circuits: set[Backend] = set(), serving: set[Backend] = {MLX, LLAMA}) -> object:  # noqa: B006
+    return decide(failed=failed, retryable=retryable, history=history, route=ROUTE, preferred=None,
+                  remaining_s=remaining_s, circuit_open=lambda b: b in open_circuits, serving=lambda b: b in serving)
+
+
+def test_a_timeout_is_retried_here_then_rerouted_then_given_up() -> None:
+    first = attempt(MLX, AttemptOutcome.TIMEOUT)
+    assert isinstance(choose(first), RetryHere)
+    assert choose(first, [attempt(MLX, AttemptOutcome.TIMEOUT)]) == Reroute(LLAMA)
+    last = choose(attempt(LLAMA, AttemptOutcome.TIMEOUT), [first, first])
+    assert isinstance(last, GiveUp) and last.dead_letter
+
+
+def test_a_refused_request_fails_at_once_without_dead_letter() -> None:
+    decision = choose(attempt(MLX, AttemptOutcome.INVALID), retryable=False)
+    assert isinstance(decision, GiveUp) and not decision.dead_letter
+
+
+def test_no_time_left_gives_up() -> None:
+    assert isinstance(choose(attempt(MLX, AttemptOutcome.TIMEOUT), remaining_s=0), GiveUp)
+
+
+def test_an_open_circuit_reroutes_at_once_but_not_when_nothing_else_serves() -> None:
+    failed = attempt(MLX, AttemptOutcome.TIMEOUT)
+    assert choose(failed, open_circuits={MLX}) == Reroute(LLAMA)
+    assert isinstance(choose(failed, open_circuits={MLX}, serving={MLX}), RetryHere)
+
+
+def test_a_job_is_never_rerouted_to_a_pool_nobody_serves() -> None:
+    decision = choose(attempt(MLX, AttemptOutcome.TIMEOUT), [attempt(MLX, AttemptOutcome.TIMEOUT)], serving={MLX})
+    assert isinstance(decision, GiveUp)
+
+
+def test_a_crash_is_not_charged_and_the_suspect_runs_alone() -> None:
+    crashed = attempt(MLX, AttemptOutcome.SERVER_CRASHED)
+    assert choose(crashed, [attempt(MLX, AttemptOutcome.TIMEOUT)]) == RetryHere(ROUTE.backends[0].retry_backoff_s,
+                                                                                 solo=True)
+    guilty = choose(attempt(MLX, AttemptOutcome.SERVER_CRASHED, solo=True), [crashed])
+    assert isinstance(guilty, GiveUp) and guilty.dead_letter and "alone" in guilty.reason
+
+
+def test_the_solo_gate_runs_a_suspect_with_nothing_else_on_the_server() -> None:
+    gate, inside, overlaps = SoloGate(), [0], []
+
+    def job(solo: bool) -> None:
+        with gate.enter(solo=solo):
+            inside[0] += 1
+            overlaps.append((solo, inside[0]))
+            time.sleep(0.02)
+            inside[0] -= 1
+
+    threads = [threading.Thread(target=job, args=(n == 3,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [count for solo, count in overlaps if solo] == [1]
+    assert max(count for _solo, count in overlaps) > 1  # the others did share the server
