@@ -96,7 +96,13 @@ class ServerSupervisor:
     def died_since(self, pid: int | None) -> bool:
         """Whether the server process that was running as `pid` has exited (or been replaced)."""
         process = self.process
-        return process is None or process.pid != pid or process.poll() is not None or not self.ready.is_set()
+        if process is None or process.pid != pid:
+            return True
+        try:  # its socket closes a moment before the kernel reports the exit
+            process.wait(timeout=0.5)
+            return True
+        except subprocess.TimeoutExpired:
+            return not self.ready.is_set()
 
     def wait_ready(self, timeout_s: float) -> bool:
         if self.process is not None and self.process.poll() is not None:
