@@ -17,11 +17,24 @@ BENCHMARKS = ("throughput", "overhead", "failover", "lifecycle", "scale")
 
 
 @pytest.fixture(scope="module")
-def bench_run(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+def bench_run(
+    models_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, subprocess.CompletedProcess[str]]:
     out = tmp_path_factory.mktemp("bench-results")
     done = subprocess.run(
-        [sys.executable, "-m", "genq", "bench", "all", "--size", "ci", "--out", str(out)]
-        + ["--models-dir", str(models_dir)],
+        [
+            sys.executable,
+            "-m",
+            "genq",
+            "bench",
+            "all",
+            "--size",
+            "ci",
+            "--out",
+            str(out),
+            "--models-dir",
+            str(models_dir),
+        ],
         capture_output=True,
         text=True,
         timeout=900,

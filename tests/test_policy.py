@@ -19,14 +19,30 @@ MLX, LLAMA = Backend.MLX, Backend.LLAMACPP
 
 
 def attempt(backend: Backend, outcome: AttemptOutcome, *, solo: bool = False) -> Attempt:
-    return Attempt(backend=backend, worker="w", outcome=outcome, started_at=datetime.now(UTC), duration_s=0.1,
-                   solo=solo)
+    return Attempt(
+        backend=backend, worker="w", outcome=outcome, started_at=datetime.now(UTC), duration_s=0.1, solo=solo
+    )
 
 
-def choose(failed: Attempt, history: list[Attempt] = [], *, retryable: bool = True, remaining_s: float = 60,  # noqa: B006
-           open_circuits: set[Backend] = set(), serving: set[Backend] = {MLX, LLAMA}) -> object:  # noqa: B006
-    return decide(failed=failed, retryable=retryable, history=history, route=ROUTE, preferred=None,
-                  remaining_s=remaining_s, circuit_open=lambda b: b in open_circuits, serving=lambda b: b in serving)
+def choose(
+    failed: Attempt,
+    history: list[Attempt] = [],
+    *,
+    retryable: bool = True,
+    remaining_s: float = 60,  # noqa: B006
+    open_circuits: set[Backend] = set(),
+    serving: set[Backend] = {MLX, LLAMA},
+) -> object:  # noqa: B006
+    return decide(
+        failed=failed,
+        retryable=retryable,
+        history=history,
+        route=ROUTE,
+        preferred=None,
+        remaining_s=remaining_s,
+        circuit_open=lambda b: b in open_circuits,
+        serving=lambda b: b in serving,
+    )
 
 
 def test_a_timeout_is_retried_here_then_rerouted_then_given_up() -> None:
@@ -59,8 +75,9 @@ def test_a_job_is_never_rerouted_to_a_pool_nobody_serves() -> None:
 
 def test_a_crash_is_not_charged_and_the_suspect_runs_alone() -> None:
     crashed = attempt(MLX, AttemptOutcome.SERVER_CRASHED)
-    assert choose(crashed, [attempt(MLX, AttemptOutcome.TIMEOUT)]) == RetryHere(ROUTE.backends[0].retry_backoff_s,
-                                                                                 solo=True)
+    assert choose(crashed, [attempt(MLX, AttemptOutcome.TIMEOUT)]) == RetryHere(
+        ROUTE.backends[0].retry_backoff_s, solo=True
+    )
     guilty = choose(attempt(MLX, AttemptOutcome.SERVER_CRASHED, solo=True), [crashed])
     assert isinstance(guilty, GiveUp) and guilty.dead_letter and "alone" in guilty.reason
 

@@ -3,6 +3,7 @@ launch styles (the C++ llama-server binary and python -m llama_cpp.server), a re
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -79,14 +80,13 @@ def ask(**extra: object) -> GenerationRequest:
 
 def thaw(pids: list[int]) -> None:
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
 
 
-def test_a_frozen_mlx_server_hands_the_job_to_llamacpp(routes_settings: GenqSettings, tmp_path: Path,
-                                                        llama_worker: WorkerHandle) -> None:
+def test_a_frozen_mlx_server_hands_the_job_to_llamacpp(
+    routes_settings: GenqSettings, tmp_path: Path, llama_worker: WorkerHandle
+) -> None:
     # A long hang timeout keeps the supervisor from restarting the frozen server: the job must
     # leave it on its own first-token timeout.
     mlx = start_worker(routes_settings, tmp_path, env={"GENQ_SERVER_HANG_TIMEOUT_S": "60"})
@@ -110,9 +110,9 @@ def test_a_frozen_mlx_server_hands_the_job_to_llamacpp(routes_settings: GenqSett
         mlx.stop()
 
 
-def test_a_killed_mlx_server_mid_job_still_completes_and_comes_back(routes_settings: GenqSettings,
-                                                                     tmp_path: Path,
-                                                                     llama_worker: WorkerHandle) -> None:
+def test_a_killed_mlx_server_mid_job_still_completes_and_comes_back(
+    routes_settings: GenqSettings, tmp_path: Path, llama_worker: WorkerHandle
+) -> None:
     mlx = start_worker(routes_settings, tmp_path)
     try:
         [server] = mlx.server_pids()
@@ -130,8 +130,9 @@ def test_a_killed_mlx_server_mid_job_still_completes_and_comes_back(routes_setti
         mlx.stop()
 
 
-def test_with_no_mlx_worker_at_all_jobs_complete_on_llamacpp(routes_settings: GenqSettings,
-                                                             llama_worker: WorkerHandle) -> None:
+def test_with_no_mlx_worker_at_all_jobs_complete_on_llamacpp(
+    routes_settings: GenqSettings, llama_worker: WorkerHandle
+) -> None:
     with Client(routes_settings) as client:
         results = client.results(client.submit_many([ask(metadata={"n": str(n)}) for n in range(4)]), timeout=60)
     assert all(r.state is JobState.SUCCEEDED for r in results), [r.error for r in results]
@@ -139,14 +140,16 @@ def test_with_no_mlx_worker_at_all_jobs_complete_on_llamacpp(routes_settings: Ge
     assert all(len(r.attempts) == 1 for r in results)  # admitted straight to the live pool
 
 
-def test_jobs_stranded_in_a_dead_pool_are_rescued(routes_settings: GenqSettings, tmp_path: Path,
-                                                  llama_style: list[str]) -> None:
+def test_jobs_stranded_in_a_dead_pool_are_rescued(
+    routes_settings: GenqSettings, tmp_path: Path, llama_style: list[str]
+) -> None:
     with Client(routes_settings) as client:
         # No worker anywhere: admission falls back to the route's first backend, mlx.
         job_ids = client.submit_many([ask() for _ in range(3)])
         assert {client.status(j).queue for j in job_ids} == {queue_name("tiny", Backend.MLX, Lane.INTERACTIVE)}
-        llama = start_worker(routes_settings, tmp_path, backend="llamacpp", extra_args=llama_style,
-                             env={"GENQ_RESCUE_AFTER_S": "1"})
+        llama = start_worker(
+            routes_settings, tmp_path, backend="llamacpp", extra_args=llama_style, env={"GENQ_RESCUE_AFTER_S": "1"}
+        )
         try:
             results = client.results(job_ids, timeout=60)
         finally:
@@ -155,8 +158,9 @@ def test_jobs_stranded_in_a_dead_pool_are_rescued(routes_settings: GenqSettings,
     assert all(r.ok for r in results)
 
 
-def test_a_request_the_server_refuses_fails_once_without_retry(routes_settings: GenqSettings,
-                                                                llama_worker: WorkerHandle, keys: Keys) -> None:
+def test_a_request_the_server_refuses_fails_once_without_retry(
+    routes_settings: GenqSettings, llama_worker: WorkerHandle, keys: Keys
+) -> None:
     too_long = ask(prompt="hello world " * 400, backend="llamacpp")  # over the 512-token context
     with Client(routes_settings) as client:
         result = client.generate(too_long, timeout=60)
@@ -167,13 +171,14 @@ def test_a_request_the_server_refuses_fails_once_without_retry(routes_settings: 
     assert client.redis.xlen(keys.dead_letters) == 0
 
 
-def test_the_circuit_opens_on_a_failing_pool_and_closes_when_it_recovers(routes_settings: GenqSettings,
-                                                                         tmp_path: Path,
-                                                                         llama_worker: WorkerHandle,
-                                                                         keys: Keys) -> None:
-    mlx = start_worker(routes_settings, tmp_path,
-                       env={"GENQ_SERVER_HANG_TIMEOUT_S": "60", "GENQ_CIRCUIT_THRESHOLD": "2",
-                            "GENQ_CIRCUIT_COOL_DOWN_S": "4"})
+def test_the_circuit_opens_on_a_failing_pool_and_closes_when_it_recovers(
+    routes_settings: GenqSettings, tmp_path: Path, llama_worker: WorkerHandle, keys: Keys
+) -> None:
+    mlx = start_worker(
+        routes_settings,
+        tmp_path,
+        env={"GENQ_SERVER_HANG_TIMEOUT_S": "60", "GENQ_CIRCUIT_THRESHOLD": "2", "GENQ_CIRCUIT_COOL_DOWN_S": "4"},
+    )
     servers = mlx.server_pids()
     circuit = keys.circuit(pool_name("tiny", Backend.MLX))
     try:
@@ -196,8 +201,9 @@ def test_the_circuit_opens_on_a_failing_pool_and_closes_when_it_recovers(routes_
         mlx.stop()
 
 
-def test_killing_the_whole_mlx_pool_does_not_stall_its_queue(routes_settings: GenqSettings, tmp_path: Path,
-                                                             llama_worker: WorkerHandle) -> None:
+def test_killing_the_whole_mlx_pool_does_not_stall_its_queue(
+    routes_settings: GenqSettings, tmp_path: Path, llama_worker: WorkerHandle
+) -> None:
     """Every mlx process SIGKILLed at once (supervisor, worker, server) with jobs running and queued:
     its liveness keys expire on Redis's clock, a live llama.cpp supervisor hands the jobs back and
     moves them to its own pool."""
