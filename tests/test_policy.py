@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from jobcontract.models import Attempt, AttemptOutcome, Backend
@@ -26,13 +27,13 @@ def attempt(backend: Backend, outcome: AttemptOutcome, *, solo: bool = False) ->
 
 def choose(
     failed: Attempt,
-    history: list[Attempt] = [],
+    history: Sequence[Attempt] = (),
     *,
     retryable: bool = True,
-    remaining_s: float = 60,  # noqa: B006
-    open_circuits: set[Backend] = set(),
-    serving: set[Backend] = {MLX, LLAMA},
-) -> object:  # noqa: B006
+    remaining_s: float = 60,
+    open_circuits: frozenset[Backend] = frozenset(),
+    serving: frozenset[Backend] = frozenset({MLX, LLAMA}),
+) -> object:
     return decide(
         failed=failed,
         retryable=retryable,
@@ -64,12 +65,14 @@ def test_no_time_left_gives_up() -> None:
 
 def test_an_open_circuit_reroutes_at_once_but_not_when_nothing_else_serves() -> None:
     failed = attempt(MLX, AttemptOutcome.TIMEOUT)
-    assert choose(failed, open_circuits={MLX}) == Reroute(LLAMA)
-    assert isinstance(choose(failed, open_circuits={MLX}, serving={MLX}), RetryHere)
+    assert choose(failed, open_circuits=frozenset({MLX})) == Reroute(LLAMA)
+    assert isinstance(choose(failed, open_circuits=frozenset({MLX}), serving=frozenset({MLX})), RetryHere)
 
 
 def test_a_job_is_never_rerouted_to_a_pool_nobody_serves() -> None:
-    decision = choose(attempt(MLX, AttemptOutcome.TIMEOUT), [attempt(MLX, AttemptOutcome.TIMEOUT)], serving={MLX})
+    decision = choose(
+        attempt(MLX, AttemptOutcome.TIMEOUT), [attempt(MLX, AttemptOutcome.TIMEOUT)], serving=frozenset({MLX})
+    )
     assert isinstance(decision, GiveUp)
 
 
