@@ -8,6 +8,8 @@ probes the pool again; a success clears the count, another failure streak reopen
 
 from __future__ import annotations
 
+import contextlib
+
 import redis
 
 from jobcontract.keys import Keys, pool_name
@@ -56,4 +58,6 @@ class CircuitBreaker:
         return False
 
     def record_success(self, backend: Backend) -> None:
-        self.client.delete(self._key(backend) + ":streak", self._key(backend))
+        """A success ends the failure streak and closes the circuit: the pool has recovered."""
+        with contextlib.suppress(*OUTAGE_ERRORS):
+            self.client.delete(self._key(backend) + ":streak", self._key(backend))

@@ -133,6 +133,7 @@ def serve(
     rerouting = Rerouting(
         store=store,
         route=model_route,
+        backend=settings.backend,
         circuit=CircuitBreaker(
             client,
             keys,

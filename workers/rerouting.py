@@ -35,9 +35,17 @@ log = logging.getLogger(__name__)
 
 class Rerouting(dramatiq.Middleware):
     def __init__(
-        self, *, store: JobStore, route: ModelRoute, circuit: CircuitBreaker, metrics: WorkerMetrics, worker_name: str
+        self,
+        *,
+        store: JobStore,
+        route: ModelRoute,
+        backend: Backend,
+        circuit: CircuitBreaker,
+        metrics: WorkerMetrics,
+        worker_name: str,
     ) -> None:
         self.store = store
+        self.backend = backend
         self.route = route
         self.circuit = circuit
         self.metrics = metrics
@@ -52,6 +60,7 @@ class Rerouting(dramatiq.Middleware):
         exception: BaseException | None = None,
     ) -> None:
         if exception is None:
+            self.circuit.record_success(self.backend)  # "in a row": a success ends a failure streak
             return
         request = GenerationRequest.model_validate(message.kwargs["request"])
         if not isinstance(exception, AttemptFailed):
