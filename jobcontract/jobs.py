@@ -384,14 +384,7 @@ class JobStore:
                 pipe.hset(self.keys.job(job_id), "cancel_requested", "1")
                 pipe.publish(self.keys.cancel_channel, job_id)
                 return JobState.RUNNING
-            cancelled = GenerationResult(
-                job_id=job_id,
-                model=status.model,
-                state=JobState.CANCELLED,
-                finish_reason="cancelled",
-                timings=Timings(enqueued_at=status.enqueued_at, finished_at=self.now()),
-                error=JobError(type="cancelled", message="cancelled before it ran"),
-            )
+            cancelled = cancelled_before_it_ran(status, self.now())
             pipe.multi()
             self._finish(
                 keys=self._finish_keys(job_id, status.batch_id),
@@ -455,6 +448,18 @@ class JobStore:
             result.job_id,
             "1" if batch_id else "0",
         ]
+
+
+def cancelled_before_it_ran(status: JobStatus, now: datetime) -> GenerationResult:
+    """The result of a job cancelled while queued: it will never run."""
+    return GenerationResult(
+        job_id=status.job_id,
+        model=status.model,
+        state=JobState.CANCELLED,
+        finish_reason="cancelled",
+        timings=Timings(enqueued_at=status.enqueued_at, finished_at=now),
+        error=JobError(type="cancelled", message="cancelled before it ran"),
+    )
 
 
 def parse_status(job_id: str, fields: dict[Any, Any]) -> JobStatus:

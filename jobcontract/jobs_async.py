@@ -21,6 +21,7 @@ from jobcontract.jobs import (
     QueueFull,
     Receipt,
     UnknownJob,
+    cancelled_before_it_ran,
     new_job_id,
     parse_status,
 )
@@ -28,10 +29,8 @@ from jobcontract.keys import Keys
 from jobcontract.models import (
     GenerationRequest,
     GenerationResult,
-    JobError,
     JobState,
     JobStatus,
-    Timings,
     TokenEvent,
     utc_from_micros,
 )
@@ -168,14 +167,7 @@ class AsyncJobStore:
                 pipe.hset(self.keys.job(job_id), "cancel_requested", "1")
                 pipe.publish(self.keys.cancel_channel, job_id)
                 return JobState.RUNNING
-            cancelled = GenerationResult(
-                job_id=job_id,
-                model=status.model,
-                state=JobState.CANCELLED,
-                finish_reason="cancelled",
-                timings=Timings(enqueued_at=status.enqueued_at, finished_at=await self.now()),
-                error=JobError(type="cancelled", message="cancelled before it ran"),
-            )
+            cancelled = cancelled_before_it_ran(status, await self.now())
             pipe.multi()
             await self._finish(
                 keys=self._calls._finish_keys(job_id, status.batch_id),

@@ -61,12 +61,21 @@ class Gateway:
                 self.process.wait()
 
 
-def start_gateway(settings: GenqSettings, log_dir: Path, *, port: int | None = None, **env: str) -> Gateway:
+def start_gateway(
+    settings: GenqSettings,
+    log_dir: Path,
+    *,
+    port: int | None = None,
+    argv: list[str] | None = None,
+    **env: str,
+) -> Gateway:
+    """`genq gateway` (or `argv`) on a free port, ready when /openapi.json (which needs no key) answers."""
     port = port or free_port()
     log_path = log_dir / f"gateway-{port}-{time.monotonic_ns()}.log"
+    command = argv or [sys.executable, "-m", "genq", "gateway"]
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", "genq", "gateway", "--port", str(port)],
+            [*command, "--port", str(port)],
             env=genq_env(settings, **env),
             stdout=log_file,
             stderr=subprocess.STDOUT,
@@ -77,7 +86,7 @@ def start_gateway(settings: GenqSettings, log_dir: Path, *, port: int | None = N
         if process.poll() is not None:
             raise RuntimeError(f"gateway exited with {process.returncode}:\n{gateway.log()}")
         try:
-            if httpx.get(f"{gateway.url}/v1/models", timeout=1).status_code == 200:
+            if httpx.get(f"{gateway.url}/openapi.json", timeout=1).status_code == 200:
                 return gateway
         except httpx.TransportError:
             pass
