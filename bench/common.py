@@ -86,24 +86,29 @@ class WorkerProc:
     def pid(self) -> int:
         return self.process.pid
 
-    def pool_members(self) -> int:
-        client = redis.Redis.from_url(self.settings.redis_url)
+    def pool_members(self, client: redis.Redis | None = None) -> int:
+        own = client or redis.Redis.from_url(self.settings.redis_url)
         try:
-            key = Keys(self.settings.namespace).pool(pool_name(MODEL, self.backend))
-            return int(client.zcount(key, "-inf", "+inf"))
+            return int(own.zcount(Keys(self.settings.namespace).pool(pool_name(MODEL, self.backend)), "-inf", "+inf"))
         finally:
-            client.close()
+            if client is None:
+                own.close()
 
     def wait_ready(self, processes: int | None = None, timeout: float = 300) -> float:
-        """Block until every process serves; returns seconds since launch."""
+        """Block until every process serves (has joined its pool, its server is up); returns seconds
+        since launch. Polls gently: on 2 cores a busy poller would slow the start it measures."""
         wanted = processes or self.processes
         deadline = time.monotonic() + timeout
-        while self.pool_members() < wanted or len(self.server_pids()) < wanted:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"genq worker exited with {self.process.returncode}:\n{self.log()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"genq worker not ready after {timeout:.0f}s:\n{self.log()}")
-            time.sleep(0.01)
+        client = redis.Redis.from_url(self.settings.redis_url)
+        try:
+            while self.pool_members(client) < wanted or len(self.server_pids()) < wanted:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"genq worker exited with {self.process.returncode}:\n{self.log()}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"genq worker not ready after {timeout:.0f}s:\n{self.log()}")
+                time.sleep(0.02)
+        finally:
+            client.close()
         return time.monotonic() - self.launched
 
     def worker_pids(self) -> list[int]:
@@ -203,7 +208,7 @@ class BareServer:
                         return time.monotonic() - self.launched
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"mlx_lm.server did not start; see {self.log_path}")
-                time.sleep(0.01)
+                time.sleep(0.02)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -256,13 +261,15 @@ class DirectClient:
             response.raise_for_status()
             return int(response.json()["usage"]["completion_tokens"])
         payload |= {"stream": True, "stream_options": {"include_usage": True}}
-        tokens = 0
+        tokens, pieces = 0, []
         with self.http.stream("POST", self.url + "/v1/completions", json=payload) as response:
             response.raise_for_status()
-            for line in response.iter_lines():
-                if line.startswith("data:") and '"usage"' in line:
-                    usage = json.loads(line[5:]).get("usage") or {}
-                    tokens = int(usage.get("completion_tokens") or tokens)
+            for line in response.iter_lines():  # every chunk read as a streaming caller reads it
+                if not line.startswith("data:") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[5:])
+                pieces += [c.get("text") or "" for c in chunk.get("choices") or ()]
+                tokens = int((chunk.get("usage") or {}).get("completion_tokens") or tokens)
         return tokens
 
 

@@ -204,5 +204,5 @@ def _watch_restart(worker: WorkerProc, old: int, back: list[float]) -> None:
             except httpx.HTTPError:
                 return False
 
-        if wait_until(answers, 120, interval=0.005):
+        if wait_until(answers, 120, interval=0.05):
             back.append(time.monotonic())

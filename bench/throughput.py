@@ -9,9 +9,13 @@ so neither side gains from the server's prompt cache.
 
 from __future__ import annotations
 
+import os
+import statistics
 from typing import Any
 
-from bench.common import DirectClient, Lab, closed_loop, prompts
+import psutil
+
+from bench.common import DirectClient, Lab, WorkerProc, closed_loop, prompts
 from bench.report import Options, Report, num, pick
 from jobcontract.models import GenerationRequest
 from producer.client import Client
@@ -23,9 +27,10 @@ TARGET_RATIO = 0.95
 def run(options: Options) -> Report:
     size = options.size
     levels: list[int] = pick(size, [1, 8], [1, 8, 32], [1, 8, 32])
-    jobs: dict[int, int] = pick(size, {1: 4, 8: 16}, {1: 16, 8: 64, 32: 128}, {1: 100, 8: 400, 32: 800})
+    # Short blocks, many rounds: on a shared machine load drifts, and short alternating blocks share it fairly.
+    jobs: dict[int, int] = pick(size, {1: 4, 8: 16}, {1: 8, 8: 32, 32: 96}, {1: 32, 8: 128, 32: 256})
     max_tokens: int = pick(size, 16, 64, 64)
-    rounds: int = pick(size, 1, 3, 6)
+    rounds: int = pick(size, 1, 6, 12)
     report = Report(NAME, "Throughput: genq vs the same mlx_lm.server called directly", options)
     report.params = {
         "concurrency": levels,
@@ -74,8 +79,10 @@ def run(options: Options) -> Report:
                     entry: dict[str, Any] = {"round": r, "order": order}
                     for side in order:
                         failed_before = len(failed)
+                        cpu_before = cpu_by_part(worker, lab)
                         tokens, wall = closed_loop(level, prompts(jobs[level], f"{side}-{level}-{r}"), sides[side])
-                        entry[side] = {"jobs": len(tokens), "tokens": sum(tokens), "wall_s": wall}
+                        cpu = {k: v - cpu_before.get(k, 0.0) for k, v in cpu_by_part(worker, lab).items()}
+                        entry[side] = {"jobs": len(tokens), "tokens": sum(tokens), "wall_s": wall, "cpu_s": cpu}
                         entry[side]["failed"] = len(failed) - failed_before
                     rounds_out.append(entry)
                 levels_out.append(_level_summary(level, rounds_out))
@@ -91,7 +98,8 @@ def run(options: Options) -> Report:
                 num(s["tokens_per_s"], 0),
                 num(g["tokens_per_s"], 0),
                 num(summary["ratio"], 3),
-                ", ".join(num(x, 3) for x in summary["round_ratios"]),
+                num(summary["median_round_ratio"], 3),
+                f"{num(min(summary['round_ratios']), 2)} to {num(max(summary['round_ratios']), 2)}",
                 num(summary["ratio_to_streamed"], 3),
                 num(d["jobs_per_s"], 1),
                 num(g["jobs_per_s"], 1),
@@ -101,25 +109,43 @@ def run(options: Options) -> Report:
         report.target(
             f"genq/direct tokens/s at concurrency {summary['concurrency']}",
             f">= {TARGET_RATIO}",
-            summary["ratio"],
+            summary["median_round_ratio"],
             "",
             lambda v: v >= TARGET_RATIO,
         )
     report.table(
-        f"Tokens/s and jobs/s, {max_tokens} tokens per job, pooled over {rounds} round(s)",
+        f"Tokens/s and jobs/s, {max_tokens} tokens per job, pooled over {rounds} alternating round(s); "
+        "the target is judged on the median of the rounds' ratios, which one disturbed round cannot move",
         [
             "concurrency",
             "direct tok/s",
             "direct streamed tok/s",
             "genq tok/s",
             "genq/direct",
-            "per round",
+            "median of rounds",
+            "rounds range",
             "genq/direct streamed",
             "direct jobs/s",
             "genq jobs/s",
             "genq jobs failed",
         ],
         rows,
+    )
+    cpu_rows = []
+    for summary in levels_out:
+        for side in ("direct", "direct_streamed", "genq"):
+            cpu = summary[side]["cpu_ms_per_job"]
+            cpu_rows.append(
+                [
+                    str(summary["concurrency"]),
+                    side,
+                    *(num(cpu[k], 1) for k in ("server", "genq_worker", "redis", "caller")),
+                ]
+            )
+    report.table(
+        "CPU per job (ms): where the cores went, by process",
+        ["concurrency", "side", "mlx_lm.server", "genq worker", "redis-server", "caller"],
+        cpu_rows,
     )
     if failed:
         report.notes.append(
@@ -138,6 +164,32 @@ def run(options: Options) -> Report:
     return report
 
 
+def cpu_by_part(worker: WorkerProc, lab: Lab) -> dict[str, float]:
+    """CPU seconds used so far by the server, genq's own worker processes, Redis and this caller:
+    on a CPU-only machine whatever the others use is taken from generation."""
+    servers = set(worker.server_pids())
+    try:
+        tree = [psutil.Process(worker.pid), *psutil.Process(worker.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    assert lab.redis.process is not None
+    parts = {
+        "server": [p for p in tree if p.pid in servers],
+        "genq_worker": [p for p in tree if p.pid not in servers],
+        "redis": [psutil.Process(lab.redis.process.pid)],
+        "caller": [psutil.Process(os.getpid())],
+    }
+    return {name: sum(_cpu(p) for p in processes) for name, processes in parts.items()}
+
+
+def _cpu(process: psutil.Process) -> float:
+    try:
+        times = process.cpu_times()
+    except psutil.NoSuchProcess:
+        return 0.0
+    return float(times.user + times.system)
+
+
 def _level_summary(level: int, rounds: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"concurrency": level, "rounds": rounds}
     for side in ("direct", "genq", "direct_streamed"):
@@ -151,10 +203,14 @@ def _level_summary(level: int, rounds: list[dict[str, Any]]) -> dict[str, Any]:
             "tokens_per_s": tokens / wall,
             "jobs_per_s": jobs / wall,
             "failed": sum(r[side]["failed"] for r in rounds),
+            "cpu_ms_per_job": {
+                part: 1000 * sum(r[side]["cpu_s"][part] for r in rounds) / jobs for part in rounds[0][side]["cpu_s"]
+            },
         }
     out["ratio"] = out["genq"]["tokens_per_s"] / out["direct"]["tokens_per_s"]
     out["ratio_to_streamed"] = out["genq"]["tokens_per_s"] / out["direct_streamed"]["tokens_per_s"]
     out["round_ratios"] = [
         (r["genq"]["tokens"] / r["genq"]["wall_s"]) / (r["direct"]["tokens"] / r["direct"]["wall_s"]) for r in rounds
     ]
+    out["median_round_ratio"] = statistics.median(out["round_ratios"])
     return out
