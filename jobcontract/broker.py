@@ -31,6 +31,7 @@ from jobcontract.outage import OUTAGE_ERRORS, ride_out
 log = logging.getLogger(__name__)
 
 MESSAGE_FIELD = "m"
+DELAY_QUEUE_BLOCK_MS = 100
 REDELIVERIES_FIELD = "r"
 # How often a consumer looks for entries pending on its name that it never received.
 ORPHAN_CHECK_S = 10.0
@@ -256,7 +257,9 @@ class StreamsConsumer(dramatiq.Consumer):
         self.queue_name = queue_name
         self.stream = broker.keys.stream(queue_name)
         self.prefetch = max(1, prefetch)
-        self.timeout_ms = min(timeout_ms, MAX_BLOCK_MS)
+        # A delay queue's consumer must come back often: dramatiq releases a delayed message (a
+        # retry's backoff) only when the read returns, so a long block would stretch a 50 ms backoff to a second.
+        self.timeout_ms = min(timeout_ms, DELAY_QUEUE_BLOCK_MS if queue_name.endswith(".DQ") else MAX_BLOCK_MS)
         self.buffer: deque[StreamMessage] = deque()
         self.in_flight = 0
         self.held: set[str] = set()

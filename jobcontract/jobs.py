@@ -266,12 +266,19 @@ class JobStore:
     ) -> list[Receipt]:
         """Admit requests in one round trip; each is admitted or refused on its own."""
         ids = list(job_ids) if job_ids is not None else [new_job_id() for _ in requests]
-        pipe = self.client.pipeline(transaction=False)
-        for job_id, request in zip(ids, requests, strict=True):
-            keys, args = self._submit_call(job_id, request, route_for(request.model), default_timeout_s, batch_id)
-            self._submit(keys=keys, args=args, client=pipe)
+        calls = [
+            self._submit_call(job_id, request, route_for(request.model), default_timeout_s, batch_id)
+            for job_id, request in zip(ids, requests, strict=True)
+        ]
+        if len(calls) == 1:  # one EVALSHA: a pipeline would first ask SCRIPT EXISTS, a second round trip
+            replies = [self._submit(keys=calls[0][0], args=calls[0][1])]
+        else:
+            pipe = self.client.pipeline(transaction=False)
+            for keys, args in calls:
+                self._submit(keys=keys, args=args, client=pipe)
+            replies = pipe.execute(raise_on_error=True)
         receipts = []
-        for reply in pipe.execute(raise_on_error=True):
+        for reply in replies:
             status, job_id, queue = (_text(v) for v in reply)
             if status == "full":
                 raise QueueFull(queue)
