@@ -68,15 +68,15 @@ def worker_process(redis_url: str, log_path: Path) -> Iterator[subprocess.Popen[
 def wait_for_pool(
     settings: GenqSettings, model: str, backend: Backend, worker: subprocess.Popen[bytes], timeout_s: float = 180
 ) -> None:
-    client = Client(settings).redis
     key = Keys(settings.namespace).pool(pool_name(model, backend))
     deadline = time.monotonic() + timeout_s
-    while client.zcard(key) == 0:
-        if worker.poll() is not None:
-            raise RuntimeError(f"the worker exited with {worker.returncode} before serving")
-        if time.monotonic() > deadline:
-            raise TimeoutError("the worker did not become ready")
-        time.sleep(0.1)
+    with Client(settings) as client:
+        while client.redis.zcard(key) == 0:
+            if worker.poll() is not None:
+                raise RuntimeError(f"the worker exited with {worker.returncode} before serving")
+            if time.monotonic() > deadline:
+                raise TimeoutError("the worker did not become ready")
+            time.sleep(0.1)
 
 
 def run_demo(*, prompts: int, max_tokens: int) -> int:
