@@ -265,11 +265,7 @@ class JobStore:
         job_ids: Sequence[str] | None = None,
     ) -> list[Receipt]:
         """Admit requests in one round trip; each is admitted or refused on its own."""
-        ids = list(job_ids) if job_ids is not None else [new_job_id() for _ in requests]
-        calls = [
-            self._submit_call(job_id, request, route_for(request.model), default_timeout_s, batch_id)
-            for job_id, request in zip(ids, requests, strict=True)
-        ]
+        calls = self._submit_calls(requests, route_for, default_timeout_s, batch_id, job_ids)
         if len(calls) == 1:  # one EVALSHA: a pipeline would first ask SCRIPT EXISTS, a second round trip
             replies = [self._submit(keys=calls[0][0], args=calls[0][1])]
         else:
@@ -277,13 +273,22 @@ class JobStore:
             for keys, args in calls:
                 self._submit(keys=keys, args=args, client=pipe)
             replies = pipe.execute(raise_on_error=True)
-        receipts = []
-        for reply in replies:
-            status, job_id, queue = (_text(v) for v in reply)
-            if status == "full":
-                raise QueueFull(queue)
-            receipts.append(Receipt(job_id=job_id, queue=queue, duplicate=status == "existing"))
-        return receipts
+        return parse_receipts(replies)
+
+    def _submit_calls(
+        self,
+        requests: Sequence[GenerationRequest],
+        route_for: Any,
+        default_timeout_s: float,
+        batch_id: str | None,
+        job_ids: Sequence[str] | None,
+    ) -> list[tuple[list[str], list[Any]]]:
+        """The admission script's keys and arguments for each request (new job ids unless given)."""
+        ids = list(job_ids) if job_ids is not None else [new_job_id() for _ in requests]
+        return [
+            self._submit_call(job_id, request, route_for(request.model), default_timeout_s, batch_id)
+            for job_id, request in zip(ids, requests, strict=True)
+        ]
 
     def _submit_call(
         self,
@@ -455,6 +460,17 @@ class JobStore:
             result.job_id,
             "1" if batch_id else "0",
         ]
+
+
+def parse_receipts(replies: Iterable[Any]) -> list[Receipt]:
+    """What the admission script answered, one reply per request; a full queue refuses the lot."""
+    receipts = []
+    for reply in replies:
+        status, job_id, queue = (_text(v) for v in reply)
+        if status == "full":
+            raise QueueFull(queue)
+        receipts.append(Receipt(job_id=job_id, queue=queue, duplicate=status == "existing"))
+    return receipts
 
 
 def cancelled_before_it_ran(status: JobStatus, now: datetime) -> GenerationResult:

@@ -18,11 +18,11 @@ from jobcontract.jobs import (
     FINISH_SCRIPT,
     SUBMIT_SCRIPT,
     JobStore,
-    QueueFull,
     Receipt,
     UnknownJob,
     cancelled_before_it_ran,
     new_job_id,
+    parse_receipts,
     parse_status,
 )
 from jobcontract.keys import Keys
@@ -89,20 +89,10 @@ class AsyncJobStore:
         batch_id: str | None = None,
         job_ids: Sequence[str] | None = None,
     ) -> list[Receipt]:
-        ids = list(job_ids) if job_ids is not None else [new_job_id() for _ in requests]
         pipe = self.client.pipeline(transaction=False)
-        for job_id, request in zip(ids, requests, strict=True):
-            keys, args = self._calls._submit_call(
-                job_id, request, route_for(request.model), default_timeout_s, batch_id
-            )
+        for keys, args in self._calls._submit_calls(requests, route_for, default_timeout_s, batch_id, job_ids):
             await self._submit(keys=keys, args=args, client=pipe)
-        receipts = []
-        for reply in await pipe.execute(raise_on_error=True):
-            status, job_id, queue = (_text(v) for v in reply)
-            if status == "full":
-                raise QueueFull(queue)
-            receipts.append(Receipt(job_id=job_id, queue=queue, duplicate=status == "existing"))
-        return receipts
+        return parse_receipts(await pipe.execute(raise_on_error=True))
 
     async def result(self, job_id: str) -> GenerationResult | None:
         raw = await self.client.hget(self.keys.job(job_id), "result")

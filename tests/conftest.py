@@ -15,6 +15,7 @@ from genq.tiny_model import ensure_tiny_model
 from jobcontract.connection import connect
 from jobcontract.keys import Keys
 from jobcontract.settings import GenqSettings
+from producer.client import Client
 from tests.harness import WorkerHandle, start_worker
 
 pytest_plugins = ["tests.reliability_figures"]
@@ -57,6 +58,13 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def settings(redis_server: LocalRedis, namespace: str, models_dir: Path) -> GenqSettings:
     return GenqSettings(redis_url=redis_server.url, namespace=namespace, models_dir=models_dir)
+
+
+@pytest.fixture
+def client(settings: GenqSettings) -> Iterator[Client]:
+    """A Python client on this test's Redis namespace."""
+    with Client(settings) as c:
+        yield c
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ Never another exception. `--soak` runs many more cases."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import dramatiq
@@ -18,7 +17,6 @@ from pydantic import ValidationError
 
 from jobcontract.keys import Keys
 from jobcontract.models import GenerationRequest
-from jobcontract.settings import GenqSettings
 from producer.client import Client
 from tests.reliability_figures import Figure, FigureBook
 
@@ -107,12 +105,6 @@ anything = st.one_of(plausible, requests, requests, json_values)
 @pytest.fixture
 def fuzz_examples(request: pytest.FixtureRequest) -> int:
     return 3000 if request.config.getoption("--soak") else 400
-
-
-@pytest.fixture
-def client(settings: GenqSettings) -> Iterator[Client]:
-    with Client(settings) as c:
-        yield c
 
 
 def _footprint(r: redis.Redis, keys: Keys) -> tuple[int, int]:

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import dramatiq
@@ -23,12 +22,6 @@ from jobcontract.settings import GenqSettings
 from producer.client import Client
 
 QUEUE = "tiny.mlx.interactive"
-
-
-@pytest.fixture
-def client(settings: GenqSettings) -> Iterator[Client]:
-    with Client(settings) as c:
-        yield c
 
 
 @pytest.fixture

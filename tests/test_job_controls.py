@@ -43,12 +43,6 @@ def worker(settings: GenqSettings, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 @pytest.fixture
-def client(settings: GenqSettings) -> Iterator[Client]:
-    with Client(settings) as c:
-        yield c
-
-
-@pytest.fixture
 def db(settings: GenqSettings) -> Iterator[redis.Redis]:
     c = connect(settings.redis_url)
     yield c

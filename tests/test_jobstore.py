@@ -23,11 +23,6 @@ from jobcontract.settings import GenqSettings
 from producer.client import Client, GenqUnavailable
 
 
-@pytest.fixture
-def client(settings: GenqSettings) -> Client:
-    return Client(settings)
-
-
 def finished(store: JobStore, job_id: str, text: str = "ok") -> GenerationResult:
     status = store.status(job_id)
     return GenerationResult(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 
 import dramatiq
 import pytest
@@ -21,12 +20,6 @@ from jobcontract.settings import GenqSettings
 from producer.client import Client
 
 QUEUE = "tiny.mlx.interactive"
-
-
-@pytest.fixture
-def client(settings: GenqSettings) -> Iterator[Client]:
-    with Client(settings) as c:
-        yield c
 
 
 @pytest.fixture
