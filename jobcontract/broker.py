@@ -292,25 +292,28 @@ class StreamsConsumer(dramatiq.Consumer):
                 block=self.timeout_ms,
             )
             self.reconnect_delay = 0.0
+        except OUTAGE_ERRORS as error:  # before ResponseError: a demoted master's READONLY is one
+            self._ride_out_read(error)
+            return None
         except redis.ResponseError as error:
             if "NOGROUP" not in str(error):
                 raise
             log.warning("group for %s vanished (Redis restarted without persistence?); recreating", self.stream)
             self.broker.ensure_group(self.queue_name)
             return None
-        except (redis.ConnectionError, redis.TimeoutError) as error:
-            # Ride out a Redis restart here rather than letting dramatiq restart the consumer after 3 s.
-            self.reconnect_delay = min(1.0, max(0.05, self.reconnect_delay * 2))
-            self.next_orphan_check = 0.0  # a read whose reply was lost may have delivered entries
-            log.warning(
-                "redis unreachable while reading %s (%s); retrying in %.2fs", self.stream, error, self.reconnect_delay
-            )
-            time.sleep(self.reconnect_delay)
-            return None
         for _stream, entries in stream_reply(reply):
             for entry_id, fields in entries:
                 self._take(_text(entry_id), fields)
         return self.buffer.popleft() if self.buffer else None
+
+    def _ride_out_read(self, error: Exception) -> None:
+        """Ride out a Redis restart or failover here rather than letting dramatiq restart the consumer."""
+        self.reconnect_delay = min(1.0, max(0.05, self.reconnect_delay * 2))
+        self.next_orphan_check = 0.0  # a read whose reply was lost may have delivered entries
+        log.warning(
+            "redis unreachable while reading %s (%s); retrying in %.2fs", self.stream, error, self.reconnect_delay
+        )
+        time.sleep(self.reconnect_delay)
 
     def _take(self, entry_id: str, fields: dict[bytes, bytes]) -> None:
         raw = fields.get(MESSAGE_FIELD.encode())
@@ -395,7 +398,7 @@ class StreamsConsumer(dramatiq.Consumer):
                 pipe.xdel(self.stream, entry_id)
                 pipe.execute()
                 return
-            except (redis.ConnectionError, redis.TimeoutError) as error:
+            except OUTAGE_ERRORS as error:
                 if delay == 0.0:
                     raise BrokerConnectionError(str(error)) from error
                 time.sleep(delay)

@@ -8,6 +8,10 @@ from urllib.parse import urlsplit
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
+from redis.sentinel import Sentinel
+
+from jobcontract.durability import attach, split_url
+from jobcontract.sentinel import is_sentinel_url, parse_sentinel_url
 
 # Blocking reads (XREADGROUP, XREAD) never block longer than this, so a socket timeout above it
 # only fires when Redis really stopped answering.
@@ -24,13 +28,27 @@ TIMEOUTS: dict[str, Any] = {
 
 
 def connect(url: str) -> redis.Redis:
-    """TLS, user and password all come from the URL (`rediss://user:pass@host:port/db`)."""
-    return redis.Redis.from_url(
-        url,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-        **TIMEOUTS,
+    """TLS, user and password all come from the URL (`rediss://user:pass@host:port/db`); a
+    `sentinel://` URL (jobcontract.sentinel) gives a client that asks the sentinels for the master
+    on every new connection, so after a failover it reconnects to the new one by itself."""
+    plain, durability = split_url(url)
+    retry = {
+        "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
+        "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
+    }
+    if not is_sentinel_url(plain):
+        return attach(redis.Redis.from_url(plain, **retry, **TIMEOUTS), durability)  # type: ignore[no-any-return]
+    config = parse_sentinel_url(plain)
+    sentinels = Sentinel(
+        list(config.sentinels),
+        sentinel_kwargs={**config.sentinel_kwargs(), **SENTINEL_TIMEOUTS},
+        **config.master_kwargs(),
     )
+    return attach(sentinels.master_for(config.service, redis_class=redis.Redis, **retry, **TIMEOUTS), durability)  # type: ignore[no-any-return]
+
+
+# Asking a sentinel where the master is must be quick: a dead sentinel is skipped for the next.
+SENTINEL_TIMEOUTS: dict[str, Any] = {"socket_connect_timeout": 0.5, "socket_timeout": 0.5}
 
 
 # What XREAD and XREADGROUP answer: [(stream, [(entry id, {field: value})])].
@@ -44,7 +62,17 @@ def stream_reply(reply: Any) -> StreamReply:
 
 def redact(url: str) -> str:
     """The URL without its password, for logs and error messages: redis-py takes one from the
-    userinfo (`user:pass@`) or from a `password=` query argument, so both are masked."""
+    userinfo (`user:pass@`) or from a `password=` query argument, so both are masked; so is a
+    Sentinel URL's `sentinel_password=`, and every piece of a kombu-style `a;b` list."""
+    if ";" in url:
+        return ";".join(redact(piece) for piece in url.split(";"))
+    if is_sentinel_url(url):  # several hosts: urlsplit cannot read a port, so mask by hand
+        head, mark, query = url.partition("?")
+        scheme, _, rest = head.partition("://")
+        userinfo, at, tail = rest.partition("/")[0].rpartition("@")
+        if at and ":" in userinfo:
+            head = f"{scheme}://{userinfo.partition(':')[0]}:***@{tail}" + rest[len(rest.partition("/")[0]) :]
+        return head + (mark + _mask_query(query) if mark else "")
     try:
         parts = urlsplit(url)
         netloc = parts.netloc
@@ -52,10 +80,17 @@ def redact(url: str) -> str:
             netloc = f"{parts.username or ''}:***@{netloc.rpartition('@')[2]}"
     except ValueError:  # not even a URL: say nothing of it
         return "<unparsable Redis URL>"
-    query = "&".join(
-        f"{piece.partition('=')[0]}=***" if piece.partition("=")[0].lower() == "password" else piece
-        for piece in parts.query.split("&")
-    )
+    query = _mask_query(parts.query)
     # Replace the pieces in place: urlunsplit would turn `unix:///path` into `unix:/path`.
     head, mark, _ = url.partition("?")
     return head.replace(parts.netloc, netloc, 1) + (mark + query if mark else "")
+
+
+def _mask_query(query: str) -> str:
+    return "&".join(
+        f"{piece.partition('=')[0]}=***" if piece.partition("=")[0].lower() in _SECRET_OPTIONS else piece
+        for piece in query.split("&")
+    )
+
+
+_SECRET_OPTIONS = ("password", "sentinel_password")

@@ -20,6 +20,7 @@ import dramatiq
 import redis
 
 from jobcontract.connection import MAX_BLOCK_MS, stream_reply
+from jobcontract.durability import add_wait, admitted, durability_of, finished
 from jobcontract.keys import Keys, actor_name, pool_name, queue_name
 from jobcontract.models import (
     Backend,
@@ -266,13 +267,15 @@ class JobStore:
     ) -> list[Receipt]:
         """Admit requests in one round trip; each is admitted or refused on its own."""
         calls = self._submit_calls(requests, route_for, default_timeout_s, batch_id, job_ids)
-        if len(calls) == 1:  # one EVALSHA: a pipeline would first ask SCRIPT EXISTS, a second round trip
+        if len(calls) == 1 and not durability_of(self.client).waits:
+            # one EVALSHA: a pipeline would first ask SCRIPT EXISTS, a second round trip
             replies = [self._submit(keys=calls[0][0], args=calls[0][1])]
         else:
             pipe = self.client.pipeline(transaction=False)
             for keys, args in calls:
                 self._submit(keys=keys, args=args, client=pipe)
-            replies = pipe.execute(raise_on_error=True)
+            durability = add_wait(pipe, self.client)  # WAIT for a replica, on the writes' connection
+            replies = admitted(pipe.execute(raise_on_error=True), durability)
         return parse_receipts(replies)
 
     def _submit_calls(
@@ -446,7 +449,16 @@ class JobStore:
     def finish(self, result: GenerationResult, batch_id: str | None = None) -> bool:
         """Record a terminal result once; False when another run already finished the job."""
         keys, args = self._finish_keys(result.job_id, batch_id), self._finish_args(result, batch_id)
-        return bool(ride_out(lambda: self._finish(keys=keys, args=args), self.outage_patience_s))
+        if not durability_of(self.client).waits:
+            return bool(ride_out(lambda: self._finish(keys=keys, args=args), self.outage_patience_s))
+
+        def finish_and_wait() -> Any:  # WAIT for a replica on the same connection as the write
+            pipe = self.client.pipeline(transaction=False)
+            self._finish(keys=keys, args=args, client=pipe)
+            durability = add_wait(pipe, self.client)
+            return finished(pipe.execute(raise_on_error=True), durability, result.job_id)[0]
+
+        return bool(ride_out(finish_and_wait, self.outage_patience_s))
 
     def _finish_keys(self, job_id: str, batch_id: str | None) -> list[str]:
         batch_key = self.keys.batch_done(batch_id) if batch_id else self.keys.job(job_id)

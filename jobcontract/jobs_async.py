@@ -12,8 +12,10 @@ from datetime import datetime
 from typing import Any, cast
 
 import redis.asyncio as aioredis
+from redis.asyncio.sentinel import Sentinel
 
-from jobcontract.connection import MAX_BLOCK_MS, TIMEOUTS, stream_reply
+from jobcontract.connection import MAX_BLOCK_MS, SENTINEL_TIMEOUTS, TIMEOUTS, stream_reply
+from jobcontract.durability import add_wait, admitted, attach, split_url
 from jobcontract.jobs import (
     FINISH_SCRIPT,
     SUBMIT_SCRIPT,
@@ -35,11 +37,22 @@ from jobcontract.models import (
     utc_from_micros,
 )
 from jobcontract.routes import ModelRoute
+from jobcontract.sentinel import is_sentinel_url, parse_sentinel_url
 
 
 def connect_async(url: str) -> aioredis.Redis:
-    """As jobcontract.connection.connect, for asyncio: an outage is an error, not a hang."""
-    return aioredis.Redis.from_url(url, **TIMEOUTS)
+    """As jobcontract.connection.connect, for asyncio: an outage is an error, not a hang, and a
+    `sentinel://` URL follows the master through a failover."""
+    plain, durability = split_url(url)
+    if not is_sentinel_url(plain):
+        return attach(aioredis.Redis.from_url(plain, **TIMEOUTS), durability)  # type: ignore[no-any-return]
+    config = parse_sentinel_url(plain)
+    sentinels = Sentinel(
+        list(config.sentinels),
+        sentinel_kwargs={**config.sentinel_kwargs(), **SENTINEL_TIMEOUTS},
+        **config.master_kwargs(),
+    )
+    return attach(sentinels.master_for(config.service, redis_class=aioredis.Redis, **TIMEOUTS), durability)  # type: ignore[no-any-return]
 
 
 class _Calls(JobStore):
@@ -92,7 +105,8 @@ class AsyncJobStore:
         pipe = self.client.pipeline(transaction=False)
         for keys, args in self._calls._submit_calls(requests, route_for, default_timeout_s, batch_id, job_ids):
             await self._submit(keys=keys, args=args, client=pipe)
-        return parse_receipts(await pipe.execute(raise_on_error=True))
+        durability = add_wait(pipe, self.client)
+        return parse_receipts(admitted(await pipe.execute(raise_on_error=True), durability))
 
     async def result(self, job_id: str) -> GenerationResult | None:
         raw = await self.client.hget(self.keys.job(job_id), "result")

@@ -17,7 +17,9 @@ import redis
 T = TypeVar("T")
 
 # Connection refused, reset, timed out, or Redis still loading its AOF (BusyLoadingError is one).
-OUTAGE_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+# During a Sentinel failover: no master known yet (MasterNotFoundError, a ConnectionError), or a
+# demoted master answering READONLY to a write (ReadOnlyError): the write never happened.
+OUTAGE_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError)
 
 
 def ride_out(call: Callable[[], T], patience_s: float) -> T:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
+from typing import Self
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from jobcontract.limits import Limits
 from jobcontract.routes import Routes
+from jobcontract.sentinel import is_sentinel_url, parse_sentinel_url, with_master_name
 
 
 class GenqSettings(BaseSettings):
@@ -17,8 +19,31 @@ class GenqSettings(BaseSettings):
 
     redis_url: str = Field(
         default="redis://127.0.0.1:6379/0",
-        description="redis://, rediss:// (TLS) or unix://; user and password go in the URL.",
+        description="redis://, rediss:// (TLS), unix://, or sentinel:// / sentinels:// (Redis Sentinel, see "
+        "jobcontract.sentinel); user and password go in the URL.",
     )
+    redis_sentinel_master: str | None = Field(
+        default=None, description="The master's service name, for a kombu-style sentinel:// URL that names none."
+    )
+    redis_min_replicas: int | None = Field(
+        default=None, ge=0, description="Replicas that must confirm an admission or result (WAIT); 1 with Sentinel."
+    )
+    redis_wait_ms: int | None = Field(default=None, gt=0, description="How long WAIT waits for them (500 ms).")
+
+    @model_validator(mode="after")
+    def _fold_redis_options(self) -> Self:
+        """Fold the Sentinel and WAIT settings into the URL, the one thing every side opens Redis from."""
+        url = self.redis_url
+        if self.redis_sentinel_master and is_sentinel_url(url):
+            url = with_master_name(url, self.redis_sentinel_master)
+        for name, value in (("min_replicas", self.redis_min_replicas), ("wait_ms", self.redis_wait_ms)):
+            if value is not None and f"{name}=" not in url:
+                url += ("&" if "?" in url else "?") + f"{name}={value}"
+        if is_sentinel_url(url):
+            parse_sentinel_url(url)  # a malformed Sentinel URL fails at start-up, not at the first call
+        self.redis_url = url
+        return self
+
     namespace: str = Field(default="genq", pattern=r"^[A-Za-z0-9_.-]+$", description="Prefix of every Redis key.")
     routes_file: Path | None = Field(default=None, description="TOML model routes; the tiny model if unset.")
     models_dir: Path = Field(default=Path("~/.cache/genq/models").expanduser())

@@ -12,13 +12,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-import redis
-
 from jobcontract.connection import redact
 from jobcontract.jobs import QueueFull, UnknownJob
 from jobcontract.jobs_async import AsyncJobStore, connect_async
 from jobcontract.keys import Keys
 from jobcontract.models import GenerationRequest, GenerationResult, JobState, JobStatus
+from jobcontract.outage import OUTAGE_ERRORS
 from jobcontract.settings import GenqSettings
 from producer.batch.book import BatchRecord
 from producer.client import Client, GenqUnavailable
@@ -152,5 +151,5 @@ class _RedisErrors:
         return None
 
     async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None, _tb: object) -> None:
-        if isinstance(error, redis.ConnectionError | redis.TimeoutError):
+        if isinstance(error, OUTAGE_ERRORS):  # a failover's READONLY and MasterNotFoundError included
             raise GenqUnavailable(f"cannot reach Redis at {redact(self.url)}: {error}") from error

@@ -13,13 +13,15 @@ from typing import Any, Self
 import redis
 
 from jobcontract.connection import connect, redact
+from jobcontract.durability import NotReplicated
 from jobcontract.jobs import JobStore, QueueFull, UnknownJob
 from jobcontract.keys import Keys
 from jobcontract.models import GenerationRequest, GenerationResult, JobState, JobStatus
+from jobcontract.outage import OUTAGE_ERRORS
 from jobcontract.settings import GenqSettings
 from producer.batch.book import BatchBook, BatchRecord
 
-__all__ = ["Client", "GenqUnavailable", "QueueFull", "UnknownJob"]
+__all__ = ["Client", "GenqUnavailable", "NotReplicated", "QueueFull", "UnknownJob"]
 
 RequestLike = GenerationRequest | Mapping[str, Any]
 
@@ -166,5 +168,5 @@ class _RedisErrors:
         return None
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, _tb: object) -> None:
-        if isinstance(error, redis.ConnectionError | redis.TimeoutError):
+        if isinstance(error, OUTAGE_ERRORS):  # a failover's READONLY and MasterNotFoundError included
             raise GenqUnavailable(f"cannot reach Redis at {redact(self.url)}: {error}") from error

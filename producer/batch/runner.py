@@ -9,7 +9,9 @@ are fixed by batch id and custom_id) and writes each finished line once (see sin
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 import socket
 import threading
@@ -21,9 +23,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from jobcontract.connection import stream_reply
+from jobcontract.durability import NotReplicated
 from jobcontract.jobs import QueueFull
 from jobcontract.limits import Limits
 from jobcontract.models import GenerationResult, JobState
+from jobcontract.outage import OUTAGE_ERRORS
 from producer.batch.book import BatchBook, BatchRecord, BatchStatus
 from producer.batch.lines import CUSTOM_ID, BatchLine, InvalidLine, invalid_line, output_line, parse_line
 from producer.batch.sinks import Checkpoint, Counts, FileSink, Sink
@@ -33,6 +37,11 @@ if TYPE_CHECKING:
     from producer.client import Client
 
 LEASE_TTL_S = 10.0
+# How long one Redis outage or failover may last before the run gives up (it can be rerun).
+OUTAGE_PATIENCE_S = 60.0
+# GenqUnavailable is a builtin ConnectionError; NotReplicated: admitted while no replica confirms.
+_OUTAGES = (*OUTAGE_ERRORS, ConnectionError, NotReplicated)
+log = logging.getLogger(__name__)
 SHOWN_ERRORS = 20
 
 
@@ -153,10 +162,29 @@ class BatchRunner:
             else:
                 time.sleep(0.2)
         try:
-            self._loop()
+            self._loop_through_outages()
         finally:
-            self.book.release_lease(self.batch_id, self.owner)
+            with contextlib.suppress(*_OUTAGES):  # else it lapses LEASE_TTL_S later
+                self.book.release_lease(self.batch_id, self.owner)
         return self.book.get(self.batch_id)
+
+    def _loop_through_outages(self) -> None:
+        """A Redis restart or failover does not end the run: the loop starts again from the book and
+        the sink's checkpoint (resubmitting is idempotent) and renews the lease it still holds."""
+        deadline, last_error = 0.0, -1e9
+        while True:
+            try:
+                self._loop()
+                return
+            except _OUTAGES as error:
+                now = time.monotonic()
+                if now - last_error > 5.0:  # a new outage, not the same one still going on
+                    deadline = now + OUTAGE_PATIENCE_S
+                last_error = now
+                if now > deadline:
+                    raise
+                log.warning("batch %s: Redis unavailable (%s); carrying on when it is back", self.batch_id, error)
+                time.sleep(0.5)
 
     def _loop(self) -> None:
         record = self.book.get(self.batch_id)

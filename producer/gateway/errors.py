@@ -6,14 +6,15 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
+from jobcontract.durability import NotReplicated
 from jobcontract.jobs import QueueFull, UnknownJob
+from jobcontract.outage import OUTAGE_ERRORS
 from producer.batch.book import UnknownBatch
 from producer.client import GenqUnavailable
 from producer.openai_format import error_body, validation_message
@@ -97,9 +98,18 @@ def install(app: FastAPI) -> None:
     async def unavailable(_request: Request, error: GenqUnavailable) -> JSONResponse:
         return _json(503, error_body(str(error), "service_unavailable", code="redis_unavailable"), {"Retry-After": "1"})
 
-    @app.exception_handler(redis.ConnectionError)
-    async def redis_down(_request: Request, error: redis.ConnectionError) -> JSONResponse:
-        return _json(503, error_body(f"cannot reach Redis: {error}", "service_unavailable", code="redis_unavailable"))
+    async def redis_down(_request: Request, error: Exception) -> JSONResponse:
+        """Redis down, or failing over (no master known yet, or a demoted one answering READONLY)."""
+        body = error_body(f"cannot reach Redis: {error}", "service_unavailable", code="redis_unavailable")
+        return _json(503, body, {"Retry-After": "1"})
+
+    for outage in OUTAGE_ERRORS:
+        app.add_exception_handler(outage, redis_down)
+
+    @app.exception_handler(NotReplicated)
+    async def not_replicated(_request: Request, error: NotReplicated) -> JSONResponse:
+        body = error_body(str(error), "service_unavailable", code="not_replicated")
+        return _json(503, body, {"Retry-After": str(max(1, math.ceil(error.retry_after_s)))})
 
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, error: HTTPException) -> JSONResponse:
