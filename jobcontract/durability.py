@@ -8,14 +8,18 @@ GENQ_REDIS_WAIT_MS; on by default with Sentinel), admission and finish end with 
 the same pipeline as the write: WAIT only covers writes made on its own connection, and a pool
 hands different threads different connections.
 
-When WAIT comes back short: an admission raises NotReplicated (the caller is told its job may not
-survive a failover, and its ids, instead of "queued"); a finish is logged and kept (the result is
-on the master; if it is lost the job's entry, still pending in the same lost window, runs again).
+When WAIT comes back short while a replica is connected (lagging, cut off, frozen): an admission
+raises NotReplicated (the caller is told its job may not survive a failover, and its ids, instead
+of "queued"); a finish is logged and kept (the result is on the master; if it is lost, the job's
+entry, still pending in the same lost window, runs again). When the master has no replica at all
+(just after a failover, before the old master is back as a replica) nothing can be promoted over
+it: writes go on unconfirmed, as on a single Redis, rather than stopping genq.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
@@ -25,6 +29,7 @@ from jobcontract.sentinel import DURABILITY_OPTIONS, is_sentinel_url
 log = logging.getLogger(__name__)
 
 _ATTRIBUTE = "genq_durability"
+_WATCH = "genq_replica_watch"
 
 
 @dataclass(frozen=True)
@@ -82,32 +87,30 @@ def durability_of(client: Any) -> Durability:
 
 
 def add_wait(pipe: Any, client: Any) -> Durability:
-    """Queue WAIT behind the pipeline's writes when the client asks for it."""
+    """Queue WAIT (then ROLE, to tell a lagging replica from none at all) behind the pipeline's
+    writes when the client asks for it and the master was not just seen alone."""
     durability = durability_of(client)
-    if durability.waits:
-        pipe.execute_command("WAIT", durability.min_replicas, durability.wait_ms)
+    if not durability.waits or time.monotonic() < _watch(client).alone_until:
+        return NO_WAIT
+    pipe.execute_command("WAIT", durability.min_replicas, durability.wait_ms)
+    pipe.execute_command("ROLE")
     return durability
 
 
-def admitted(replies: list[Any], durability: Durability) -> list[Any]:
+def admitted(replies: list[Any], durability: Durability, client: Any) -> list[Any]:
     """The admission replies without WAIT's; NotReplicated when a newly queued job was not confirmed."""
-    if not durability.waits:
-        return replies
-    acked = int(replies[-1])
-    replies = replies[:-1]
-    if acked < durability.min_replicas:
+    replies, acked = _confirmed(replies, durability, client)
+    if acked is not None:
         fresh = [_text(r[1]) for r in replies if _text(r[0]) == "queued"]
         if fresh:
             raise NotReplicated(fresh, durability, acked)
     return replies
 
 
-def finished(replies: list[Any], durability: Durability, job_id: str) -> list[Any]:
+def finished(replies: list[Any], durability: Durability, client: Any, job_id: str) -> list[Any]:
     """The finish replies without WAIT's; a short WAIT is logged, never fatal to the result."""
-    if not durability.waits:
-        return replies
-    acked = int(replies[-1])
-    if acked < durability.min_replicas:
+    replies, acked = _confirmed(replies, durability, client)
+    if acked is not None:
         log.warning(
             "result of job %s confirmed by %d of %d replica(s) within %d ms: a failover now would run it again",
             job_id,
@@ -115,7 +118,44 @@ def finished(replies: list[Any], durability: Durability, job_id: str) -> list[An
             durability.min_replicas,
             durability.wait_ms,
         )
-    return replies[:-1]
+    return replies
+
+
+# A master seen without any replica is not waited on for this long, then asked again.
+ALONE_RECHECK_S = 1.0
+
+
+@dataclass
+class _Watch:
+    alone_until: float = 0.0  # monotonic
+
+
+def _watch(client: Any) -> _Watch:
+    found = getattr(client, _WATCH, None)
+    if not isinstance(found, _Watch):
+        found = _Watch()
+        setattr(client, _WATCH, found)
+    return found
+
+
+def _confirmed(replies: list[Any], durability: Durability, client: Any) -> tuple[list[Any], int | None]:
+    """Strip WAIT's and ROLE's replies; the replicas that confirmed when too few did, else None.
+
+    A master with no replica connected at all is not short of confirmations: no failover can lose
+    its writes (Sentinel promotes replicas only), its own persistence is all there is, as without
+    Sentinel. Refusing work then would stop genq until a replica is back, so it goes on, says so,
+    and stops waiting for ALONE_RECHECK_S."""
+    if not durability.waits:
+        return replies, None
+    acked, role, replies = int(replies[-2]), replies[-1], replies[:-2]
+    if acked >= durability.min_replicas:
+        return replies, None
+    connected = len(role[2]) if role and _text(role[0]) == "master" and len(role) > 2 else 0
+    if connected == 0:
+        _watch(client).alone_until = time.monotonic() + ALONE_RECHECK_S
+        log.warning("the Redis master has no replica: admissions and results go on unconfirmed until one is back")
+        return replies, None
+    return replies, acked
 
 
 def _text(value: Any) -> str:

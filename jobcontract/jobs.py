@@ -275,7 +275,7 @@ class JobStore:
             for keys, args in calls:
                 self._submit(keys=keys, args=args, client=pipe)
             durability = add_wait(pipe, self.client)  # WAIT for a replica, on the writes' connection
-            replies = admitted(pipe.execute(raise_on_error=True), durability)
+            replies = admitted(pipe.execute(raise_on_error=True), durability, self.client)
         return parse_receipts(replies)
 
     def _submit_calls(
@@ -456,7 +456,7 @@ class JobStore:
             pipe = self.client.pipeline(transaction=False)
             self._finish(keys=keys, args=args, client=pipe)
             durability = add_wait(pipe, self.client)
-            return finished(pipe.execute(raise_on_error=True), durability, result.job_id)[0]
+            return finished(pipe.execute(raise_on_error=True), durability, self.client, result.job_id)[0]
 
         return bool(ride_out(finish_and_wait, self.outage_patience_s))
 

@@ -106,7 +106,7 @@ class AsyncJobStore:
         for keys, args in self._calls._submit_calls(requests, route_for, default_timeout_s, batch_id, job_ids):
             await self._submit(keys=keys, args=args, client=pipe)
         durability = add_wait(pipe, self.client)
-        return parse_receipts(admitted(await pipe.execute(raise_on_error=True), durability))
+        return parse_receipts(admitted(await pipe.execute(raise_on_error=True), durability, self.client))
 
     async def result(self, job_id: str) -> GenerationResult | None:
         raw = await self.client.hget(self.keys.job(job_id), "result")
