@@ -6,9 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +30,7 @@ from jobcontract.outage import OUTAGE_ERRORS
 from jobcontract.sentinel import SentinelConfig, parse_sentinel_url
 from jobcontract.settings import GenqSettings
 from producer.client import Client, GenqUnavailable
-from tests.callers import start_gateway
+from tests.callers import batch_line, genq_env, read_jsonl, start_gateway, write_jsonl
 from tests.faults import duplicated, freeze, thaw
 from tests.harness import start_worker
 from tests.reliability_figures import Figure, FigureBook
@@ -183,6 +186,9 @@ def _ask(n: int) -> GenerationRequest:
     )
 
 
+BATCH_FLAGS = ("--no-progress", "--max-in-flight", "8")
+
+
 @dataclass
 class Call:
     status: int  # 0: no answer within the client's timeout
@@ -222,6 +228,7 @@ def test_master_sigkilled_twice_under_load_loses_and_doubles_nothing_and_nobody_
         plain, tmp_path, processes=2, concurrency=8, env={"GENQ_REDIS_URL": cluster.url, "GENQ_LIVENESS_TTL_S": "3"}
     )
     gateway = None
+    batch: subprocess.Popen[bytes] | None = None
     stop = threading.Event()
     outcome: dict[str, GenerationResult] = {}
     calls: list[tuple[str, float]] = []  # (what the caller got, how long it took)
@@ -269,6 +276,16 @@ def test_master_sigkilled_twice_under_load_loses_and_doubles_nothing_and_nobody_
         threads = [threading.Thread(target=waiter), threading.Thread(target=http_caller)]
         for thread in threads:
             thread.start()
+        # A `genq batch run` through both failovers too: it must keep its lease and write every line once.
+        batch_lines = max(40, jobs // 10)
+        source = write_jsonl(tmp_path / "in.jsonl", [batch_line(f"b{i}", max_tokens=8) for i in range(batch_lines)])
+        output = tmp_path / "out.jsonl"
+        batch = subprocess.Popen(
+            [sys.executable, "-m", "genq", "batch", "run", str(source), "-o", str(output), *BATCH_FLAGS],
+            env=genq_env(settings),
+            stdout=subprocess.DEVNULL,
+            stderr=(tmp_path / "batch.log").open("wb"),
+        )
         watch = connect(cluster.url)
         recoveries: list[float] = []
         windows: list[tuple[float, float]] = []  # wall-clock spans from a kill to a new master named
@@ -281,9 +298,9 @@ def test_master_sigkilled_twice_under_load_loses_and_doubles_nothing_and_nobody_
             while _retry(lambda: _finished(watch, keys, job_ids)) < target:
                 assert time.monotonic() < deadline, f"the batch is not moving: {worker.log()}"
                 time.sleep(0.1)
-            killed_at = time.time()
             began = time.monotonic()
             old = cluster.kill_master()
+            killed_at = time.time()  # the master is dead (reaped): whatever finishes later, finishes elsewhere
             new = cluster.wait_failover(old)
             failover_s.append(time.monotonic() - began)
             with redis.Redis(port=new) as direct:
@@ -303,6 +320,8 @@ def test_master_sigkilled_twice_under_load_loses_and_doubles_nothing_and_nobody_
         for thread in threads:
             thread.join(timeout=120)
         assert not any(t.is_alive() for t in threads), "a caller hung"
+        batch_exit = batch.wait(timeout=600)
+        written = Counter(line["custom_id"] for line in read_jsonl(output))
 
         raw = connect(cluster.url)
         try:
@@ -337,9 +356,14 @@ def test_master_sigkilled_twice_under_load_loses_and_doubles_nothing_and_nobody_
                     "gateway_503": sum(1 for c in http_calls if c.status == 503),
                     "longest_gateway_call_s": slowest_http,
                     "failed": sum(1 for r in final.values() if not r.ok),
+                    "batch_run_lines": batch_lines,
+                    "batch_run_written": sum(written.values()),
+                    "batch_run_exit": batch_exit,
                 },
             )
         )
+        assert batch_exit == 0, (tmp_path / "batch.log").read_text()[-3000:]
+        assert written == Counter(f"b{i}" for i in range(batch_lines)), "batch lines lost or written twice"
         assert not lost, f"jobs lost across failovers: {lost[:5]}"
         assert dups == 0
         assert len(outcome) == len(job_ids), "a waiting caller did not get every result"
@@ -350,6 +374,9 @@ def test_master_sigkilled_twice_under_load_loses_and_doubles_nothing_and_nobody_
         assert sum(1 for c in http_calls if c.status == 200) > 0
     finally:
         stop.set()
+        if batch is not None and batch.poll() is None:
+            batch.kill()
+            batch.wait()
         if gateway is not None:
             gateway.stop()
         worker.stop()

@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from jobcontract.connection import stream_reply
 from jobcontract.durability import NotReplicated
@@ -42,6 +42,7 @@ OUTAGE_PATIENCE_S = 60.0
 # GenqUnavailable is a builtin ConnectionError; NotReplicated: admitted while no replica confirms.
 _OUTAGES = (*OUTAGE_ERRORS, ConnectionError, NotReplicated)
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 SHOWN_ERRORS = 20
 
 
@@ -153,8 +154,8 @@ class BatchRunner:
         """Run to the end. A lease held by a process that died on this host is broken at once; one held
         elsewhere is waited for up to `wait_for_lease_s` (it lapses LEASE_TTL_S after its holder died)."""
         deadline = time.monotonic() + wait_for_lease_s
-        while not self.book.take_lease(self.batch_id, self.owner, LEASE_TTL_S):
-            holder = self.book.lease_holder(self.batch_id)
+        while not through_outages(lambda: self.book.take_lease(self.batch_id, self.owner, LEASE_TTL_S)):
+            holder = through_outages(lambda: self.book.lease_holder(self.batch_id))
             if holder is not None and died_here(holder):
                 self.book.break_lease(self.batch_id, holder)
             elif time.monotonic() > deadline:
@@ -162,29 +163,13 @@ class BatchRunner:
             else:
                 time.sleep(0.2)
         try:
-            self._loop_through_outages()
+            # A Redis restart or failover does not end the run: the loop starts again from the book
+            # and the sink's checkpoint (resubmitting is idempotent) and renews the lease it holds.
+            through_outages(self._loop)
         finally:
             with contextlib.suppress(*_OUTAGES):  # else it lapses LEASE_TTL_S later
                 self.book.release_lease(self.batch_id, self.owner)
-        return self.book.get(self.batch_id)
-
-    def _loop_through_outages(self) -> None:
-        """A Redis restart or failover does not end the run: the loop starts again from the book and
-        the sink's checkpoint (resubmitting is idempotent) and renews the lease it still holds."""
-        deadline, last_error = 0.0, -1e9
-        while True:
-            try:
-                self._loop()
-                return
-            except _OUTAGES as error:
-                now = time.monotonic()
-                if now - last_error > 5.0:  # a new outage, not the same one still going on
-                    deadline = now + OUTAGE_PATIENCE_S
-                last_error = now
-                if now > deadline:
-                    raise
-                log.warning("batch %s: Redis unavailable (%s); carrying on when it is back", self.batch_id, error)
-                time.sleep(0.5)
+        return through_outages(lambda: self.book.get(self.batch_id))
 
     def _loop(self) -> None:
         record = self.book.get(self.batch_id)
@@ -379,6 +364,24 @@ def file_batch_id(path: Path, digest: str) -> str:
     return "batch_" + hashlib.sha256(f"{path.resolve()}\0{digest}".encode()).hexdigest()[:24]
 
 
+def through_outages(call: Callable[[], T]) -> T:
+    """`call`, again after a Redis outage or failover, until one outage lasts OUTAGE_PATIENCE_S
+    (errors more than 5 s apart are separate outages)."""
+    deadline, last_error = 0.0, -1e9
+    while True:
+        try:
+            return call()
+        except _OUTAGES as error:
+            now = time.monotonic()
+            if now - last_error > 5.0:
+                deadline = now + OUTAGE_PATIENCE_S
+            last_error = now
+            if now > deadline:
+                raise
+            log.warning("Redis unavailable (%s); carrying on when it is back", error)
+            time.sleep(0.5)
+
+
 def run_file(
     client: Client,
     input_path: Path,
@@ -397,13 +400,15 @@ def run_file(
         raise BatchInvalid(validation)
     batch_id = batch_id or file_batch_id(input_path, validation.digest)
     book = client.batch_book()
-    book.create(
-        batch_id,
-        status=BatchStatus.IN_PROGRESS,
-        origin="cli",
-        input=str(input_path.resolve()),
-        total=validation.valid,
-        invalid=validation.invalid,
+    through_outages(
+        lambda: book.create(
+            batch_id,
+            status=BatchStatus.IN_PROGRESS,
+            origin="cli",
+            input=str(input_path.resolve()),
+            total=validation.valid,
+            invalid=validation.invalid,
+        )
     )
     if on_start is not None:
         on_start(batch_id, validation)
