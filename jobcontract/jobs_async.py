@@ -13,16 +13,14 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 
+from jobcontract.admission import SUBMIT_SCRIPT, Receipt, parse_receipts
 from jobcontract.connection import MAX_BLOCK_MS, TIMEOUTS, stream_reply
 from jobcontract.jobs import (
     FINISH_SCRIPT,
-    SUBMIT_SCRIPT,
     JobStore,
-    Receipt,
     UnknownJob,
     cancelled_before_it_ran,
     new_job_id,
-    parse_receipts,
     parse_status,
 )
 from jobcontract.keys import Keys
