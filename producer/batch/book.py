@@ -251,7 +251,9 @@ def parse_record(batch_id: str, raw: dict[Any, Any], finished: int, leased: bool
     for name in _INT_FIELDS:
         if name in data:
             data[name] = int(data[name])
-    return BatchRecord.model_validate({**data, "finished": finished, "runner_alive": leased})
+    # A replayed batch job finishes twice in the stream of finished jobs: count each job once.
+    distinct = max(0, finished - int(fields.get("replayed", 0)))
+    return BatchRecord.model_validate({**data, "finished": distinct, "runner_alive": leased})
 
 
 def _text(value: Any) -> str:

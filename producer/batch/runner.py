@@ -25,6 +25,7 @@ from jobcontract.jobs import QueueFull
 from jobcontract.limits import Limits
 from jobcontract.models import GenerationResult, JobState
 from producer.batch.book import BatchBook, BatchRecord, BatchStatus
+from producer.batch.finished import mark_written, to_write
 from producer.batch.lines import CUSTOM_ID, BatchLine, InvalidLine, checked_lines, invalid_line, output_line
 from producer.batch.sinks import Checkpoint, Counts, FileSink, Sink
 from producer.batch.sources import LineSource, file_source
@@ -256,22 +257,18 @@ class BatchRunner:
         entries = [entry for _stream, batch in reply for entry in batch]
         if not entries and not invalid:
             return checkpoint, 0
-        job_ids = [fields[b"job"].decode() for _id, fields in entries]
-        pipe = redis_client.pipeline(transaction=False)
-        for job_id in job_ids:
-            pipe.hget(self.client.store.keys.job(job_id), "result")
-        raws = pipe.execute()
+        keys = self.client.store.keys
+        due = to_write(redis_client, keys, [fields[b"job"].decode() for _id, fields in entries])
         counts = replace(checkpoint.counts)
         output: list[str] = []
         errors: list[str] = []
-        results = [None if raw is None else GenerationResult.model_validate_json(raw) for raw in raws]
         # A job cancelled before it ran has a result without the request's metadata: ask the batch.
-        unnamed = [j for j, r in zip(job_ids, results, strict=True) if r is None or CUSTOM_ID not in r.metadata]
+        unnamed = [f.job_id for f in due if f.result is None or CUSTOM_ID not in f.result.metadata]
         names = dict(zip(unnamed, self.book.custom_ids(self.batch_id, unnamed), strict=True))
-        for job_id, result in zip(job_ids, results, strict=True):
-            is_error, line = output_line(job_id, result, custom_id=names.get(job_id))
+        for finished in due:
+            is_error, line = output_line(finished.job_id, finished.result, custom_id=names.get(finished.job_id))
             (errors if is_error else output).append(line)
-            _count(counts, result)
+            _count(counts, finished.result)
         for bad in invalid:
             errors.append(invalid_line(bad))
             counts.invalid += 1
@@ -281,6 +278,7 @@ class BatchRunner:
             counts=counts,
         )
         self.sink.commit(output, errors, updated)
+        mark_written(redis_client, keys, [f.job_id for f in due])
         self.book.update(
             self.batch_id,
             completed=counts.completed,
