@@ -97,14 +97,16 @@ def add_wait(pipe: Any, client: Any) -> Durability:
     return durability
 
 
-def admitted(replies: list[Any], durability: Durability, client: Any) -> list[Any]:
-    """The admission replies without WAIT's; NotReplicated when a newly queued job was not confirmed."""
+def admitted(replies: list[Any], durability: Durability, client: Any) -> Any:
+    """The admission script's reply (a row per request) without WAIT's; NotReplicated when a newly
+    queued job was not confirmed."""
     replies, acked = _confirmed(replies, durability, client)
+    rows = replies[0]
     if acked is not None:
-        fresh = [_text(r[1]) for r in replies if _text(r[0]) == "queued"]
+        fresh = [_text(row[1]) for row in rows if _text(row[0]) == "queued"]
         if fresh:
             raise NotReplicated(fresh, durability, acked)
-    return replies
+    return rows
 
 
 def finished(replies: list[Any], durability: Durability, client: Any, job_id: str) -> list[Any]:
