@@ -6,6 +6,9 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 import redis
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel
@@ -31,20 +34,30 @@ def connect(url: str) -> redis.Redis:
     """TLS, user and password all come from the URL (`rediss://user:pass@host:port/db`); a
     `sentinel://` URL (jobcontract.sentinel) gives a client that asks the sentinels for the master
     on every new connection, so after a failover it reconnects to the new one by itself."""
+    retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2)
+    return cast(redis.Redis, _open(url, redis.Redis, Sentinel, retry))
+
+
+def connect_async(url: str) -> aioredis.Redis:
+    """As connect, for asyncio, with the same retries: a pooled connection to a master that died
+    or was demoted fails once and is replaced, instead of failing its caller's request."""
+    retry = AsyncRetry(ExponentialBackoff(cap=0.5, base=0.05), retries=2)
+    return cast(aioredis.Redis, _open(url, aioredis.Redis, AsyncSentinel, retry))
+
+
+def _open(url: str, redis_class: Any, sentinel_class: Any, retry: Any) -> Any:
+    """One recipe for both clients: timeouts, retries on a lost connection, Sentinel, durability."""
     plain, durability = split_url(url)
-    retry = {
-        "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
-        "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
-    }
+    options = {"retry": retry, "retry_on_error": [redis.ConnectionError, redis.TimeoutError], **TIMEOUTS}
     if not is_sentinel_url(plain):
-        return attach(redis.Redis.from_url(plain, **retry, **TIMEOUTS), durability)  # type: ignore[no-any-return]
+        return attach(redis_class.from_url(plain, **options), durability)
     config = parse_sentinel_url(plain)
-    sentinels = Sentinel(
+    sentinels = sentinel_class(
         list(config.sentinels),
         sentinel_kwargs={**config.sentinel_kwargs(), **SENTINEL_TIMEOUTS},
         **config.master_kwargs(),
     )
-    return attach(sentinels.master_for(config.service, redis_class=redis.Redis, **retry, **TIMEOUTS), durability)  # type: ignore[no-any-return]
+    return attach(sentinels.master_for(config.service, redis_class=redis_class, **options), durability)
 
 
 # Asking a sentinel where the master is must be quick: a dead sentinel is skipped for the next.

@@ -12,11 +12,11 @@ from datetime import datetime
 from typing import Any, cast
 
 import redis.asyncio as aioredis
-from redis.asyncio.sentinel import Sentinel
 
 from jobcontract.admission import SUBMIT_SCRIPT, Receipt, parse_receipts
-from jobcontract.connection import MAX_BLOCK_MS, SENTINEL_TIMEOUTS, TIMEOUTS, stream_reply
-from jobcontract.durability import add_wait, admitted, attach, durability_of, split_url
+from jobcontract.connection import MAX_BLOCK_MS, stream_reply
+from jobcontract.connection import connect_async as connect_async  # where the gateway and clients look
+from jobcontract.durability import add_wait, admitted, durability_of
 from jobcontract.jobs import (
     FINISH_SCRIPT,
     JobStore,
@@ -35,22 +35,6 @@ from jobcontract.models import (
     utc_from_micros,
 )
 from jobcontract.routes import ModelRoute
-from jobcontract.sentinel import is_sentinel_url, parse_sentinel_url
-
-
-def connect_async(url: str) -> aioredis.Redis:
-    """As jobcontract.connection.connect, for asyncio: an outage is an error, not a hang, and a
-    `sentinel://` URL follows the master through a failover."""
-    plain, durability = split_url(url)
-    if not is_sentinel_url(plain):
-        return attach(aioredis.Redis.from_url(plain, **TIMEOUTS), durability)  # type: ignore[no-any-return]
-    config = parse_sentinel_url(plain)
-    sentinels = Sentinel(
-        list(config.sentinels),
-        sentinel_kwargs={**config.sentinel_kwargs(), **SENTINEL_TIMEOUTS},
-        **config.master_kwargs(),
-    )
-    return attach(sentinels.master_for(config.service, redis_class=aioredis.Redis, **TIMEOUTS), durability)  # type: ignore[no-any-return]
 
 
 class _Calls(JobStore):
