@@ -106,6 +106,21 @@ class Keys:
         """A sorted set of file ids by creation time, for listing."""
         return f"{self.namespace}:files"
 
+    def tenant_files(self, tenant: str) -> str:
+        """A sorted set of one tenant's file ids by creation time: its listing reads no one else's
+        files (the file hash's `tenant` field says whose a file is)."""
+        return f"{self.namespace}:tenant:{tenant}:files"
+
+    def tenant_file_bytes(self, tenant: str) -> str:
+        """A sorted set of one tenant's file ids (uploads under way too) scored by their bytes, for
+        its bounds on files and bytes; an id whose file is gone is dropped when bounds are checked."""
+        return f"{self.namespace}:tenant:{tenant}:file_bytes"
+
+    def tenant_batches(self, tenant: str) -> str:
+        """A sorted set of one tenant's gateway batch ids by creation time, for its listing (the batch
+        hash's `tenant` field says whose a batch is)."""
+        return f"{self.namespace}:tenant:{tenant}:batches"
+
     def caller_jobs(self, caller: str) -> str:
         """A sorted set of an API key's unfinished jobs (id -> reserved at), for its bound on queued work."""
         return f"{self.namespace}:caller:{caller}:jobs"
