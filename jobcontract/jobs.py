@@ -9,6 +9,8 @@ A per-job event stream announces tokens and the end, so waiters block in XREAD a
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 import uuid
 from collections.abc import Iterable, Sequence
@@ -48,11 +50,17 @@ SUBMIT_SCRIPT = (
     + """
 -- KEYS: job, idempotency, then (stream, pool, circuit) for each candidate backend in order, then the
 -- set of known queues (so a queue nobody serves yet is still seen by rescuers and metrics).
--- ARGV: job_id, max_queued, ttl_s, timeout_us, model, lane, batch_id, use_idempotency,
+-- ARGV: job_id, max_queued, ttl_s, timeout_us, model, lane, batch_id, use_idempotency, fingerprint,
 --       then a message per candidate, then a queue name per candidate.
 if ARGV[8] == '1' then
   local existing = redis.call('GET', KEYS[2])
-  if existing then return {'existing', existing, ''} end
+  if existing then
+    -- The first request's fingerprint lives in its job record (KEYS[1] is that of the new id).
+    local prefix = string.sub(KEYS[1], 1, #KEYS[1] - #ARGV[1])
+    local fingerprint = redis.call('HGET', prefix .. existing, 'fingerprint')
+    if fingerprint and fingerprint ~= ARGV[9] then return {'conflict', existing, ''} end
+    return {'existing', existing, ''}
+  end
 end
 local candidates = (#KEYS - 3) / 3
 local chosen, fallback = nil, nil
@@ -63,13 +71,14 @@ for i = 0, candidates - 1 do
 end
 chosen = chosen or fallback or 0
 local stream = KEYS[3 + 3 * chosen]
-local queue = ARGV[9 + candidates + chosen]
+local queue = ARGV[10 + candidates + chosen]
 if redis.call('XLEN', stream) >= tonumber(ARGV[2]) then return {'full', ARGV[1], queue} end
 redis.call('HSET', KEYS[1], 'state', 'queued', 'model', ARGV[5], 'lane', ARGV[6], 'queue', queue,
-           'enqueued_us', us(now), 'deadline_us', us(now + tonumber(ARGV[4])), 'starts', '0')
+           'enqueued_us', us(now), 'deadline_us', us(now + tonumber(ARGV[4])), 'starts', '0',
+           'fingerprint', ARGV[9])
 if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'batch', ARGV[7]) end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
-redis.call('XADD', stream, '*', 'm', ARGV[9 + chosen], 'r', '0')
+redis.call('XADD', stream, '*', 'm', ARGV[10 + chosen], 'r', '0')
 redis.call('SADD', KEYS[#KEYS], queue)
 if ARGV[8] == '1' then redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[3]) end
 return {'queued', ARGV[1], queue}
@@ -158,6 +167,18 @@ class QueueFull(Exception):
         self.retry_after_s = retry_after_s
 
 
+class IdempotencyConflict(Exception):
+    """An idempotency key came back with another request than the one it first admitted.
+
+    Answering with the first job would hand the caller a result for a request it did not make
+    (OpenAI and Stripe refuse this too); the key is opaque, compared as given."""
+
+    def __init__(self, key: str, job_id: str) -> None:
+        super().__init__(f"idempotency key {key!r} was used for another request (job {job_id!r})")
+        self.key = key
+        self.job_id = job_id
+
+
 class UnknownJob(KeyError):
     def __init__(self, job_id: str) -> None:
         super().__init__(f"no job {job_id!r} (never submitted, or its record expired)")
@@ -182,6 +203,14 @@ class StartTicket:
     @property
     def remaining_s(self) -> float:
         return (self.deadline_us - self.started_us) / 1_000_000
+
+
+def request_fingerprint(request: GenerationRequest) -> str:
+    """sha256 of the request's canonical JSON without its idempotency key: equal for the same ask,
+    however it was spelled (defaults included, keys sorted)."""
+    body = request.model_dump(mode="json", exclude={"idempotency_key"})
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def new_job_id() -> str:
@@ -273,7 +302,7 @@ class JobStore:
             for keys, args in calls:
                 self._submit(keys=keys, args=args, client=pipe)
             replies = pipe.execute(raise_on_error=True)
-        return parse_receipts(replies)
+        return parse_receipts(replies, requests)
 
     def _submit_calls(
         self,
@@ -317,6 +346,7 @@ class JobStore:
             request.lane.value,
             batch_id or "",
             "1" if request.idempotency_key else "0",
+            request_fingerprint(request),
             *messages,
             *queues,
         ]
@@ -462,13 +492,15 @@ class JobStore:
         ]
 
 
-def parse_receipts(replies: Iterable[Any]) -> list[Receipt]:
+def parse_receipts(replies: Iterable[Any], requests: Sequence[GenerationRequest]) -> list[Receipt]:
     """What the admission script answered, one reply per request; a full queue refuses the lot."""
     receipts = []
-    for reply in replies:
+    for reply, request in zip(replies, requests, strict=True):
         status, job_id, queue = (_text(v) for v in reply)
         if status == "full":
             raise QueueFull(queue)
+        if status == "conflict":
+            raise IdempotencyConflict(request.idempotency_key or job_id, job_id)
         receipts.append(Receipt(job_id=job_id, queue=queue, duplicate=status == "existing"))
     return receipts
 

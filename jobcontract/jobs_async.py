@@ -92,7 +92,7 @@ class AsyncJobStore:
         pipe = self.client.pipeline(transaction=False)
         for keys, args in self._calls._submit_calls(requests, route_for, default_timeout_s, batch_id, job_ids):
             await self._submit(keys=keys, args=args, client=pipe)
-        return parse_receipts(await pipe.execute(raise_on_error=True))
+        return parse_receipts(await pipe.execute(raise_on_error=True), requests)
 
     async def result(self, job_id: str) -> GenerationResult | None:
         raw = await self.client.hget(self.keys.job(job_id), "result")

@@ -15,7 +15,7 @@ from typing import Any, Self
 import redis
 
 from jobcontract.connection import redact
-from jobcontract.jobs import QueueFull, UnknownJob
+from jobcontract.jobs import IdempotencyConflict, QueueFull, UnknownJob
 from jobcontract.jobs_async import AsyncJobStore, connect_async
 from jobcontract.keys import Keys
 from jobcontract.models import GenerationRequest, GenerationResult, JobState, JobStatus
@@ -23,7 +23,7 @@ from jobcontract.settings import GenqSettings
 from producer.batch.book import BatchRecord
 from producer.client import Client, GenqUnavailable
 
-__all__ = ["AsyncClient", "GenqUnavailable", "QueueFull", "UnknownJob"]
+__all__ = ["AsyncClient", "GenqUnavailable", "IdempotencyConflict", "QueueFull", "UnknownJob"]
 
 RequestLike = GenerationRequest | Mapping[str, Any]
 

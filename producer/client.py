@@ -13,13 +13,13 @@ from typing import Any, Self
 import redis
 
 from jobcontract.connection import connect, redact
-from jobcontract.jobs import JobStore, QueueFull, UnknownJob
+from jobcontract.jobs import IdempotencyConflict, JobStore, QueueFull, UnknownJob
 from jobcontract.keys import Keys
 from jobcontract.models import GenerationRequest, GenerationResult, JobState, JobStatus
 from jobcontract.settings import GenqSettings
 from producer.batch.book import BatchBook, BatchRecord
 
-__all__ = ["Client", "GenqUnavailable", "QueueFull", "UnknownJob"]
+__all__ = ["Client", "GenqUnavailable", "IdempotencyConflict", "QueueFull", "UnknownJob"]
 
 RequestLike = GenerationRequest | Mapping[str, Any]
 

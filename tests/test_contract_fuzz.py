@@ -15,6 +15,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from jobcontract.jobs import IdempotencyConflict
 from jobcontract.keys import Keys
 from jobcontract.models import GenerationRequest
 from producer.client import Client
@@ -164,6 +165,10 @@ def test_submit_queues_exactly_the_valid_requests(
         except ValidationError:
             seen["refused"] += 1
             assert _footprint(client.redis, keys) == before, "an invalid request left something in Redis"
+            return
+        except IdempotencyConflict:  # a key seen before with another request: refused, nothing new
+            seen["refused"] += 1
+            assert _footprint(client.redis, keys) == before, "a refused request left something in Redis"
             return
         except Exception:
             seen["other_errors"] += 1

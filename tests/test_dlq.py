@@ -116,7 +116,7 @@ def test_a_replayed_job_runs_again_and_its_caller_gets_the_new_result(
     assert (status.state, status.starts, status.worker) == (JobState.QUEUED, 0, None)
     assert client.store.result(job_id) is None
     assert redis_client.hget(keys.job(job_id), "replays") == b"1"
-    assert client.submit({"model": "tiny", "prompt": "replay me", "idempotency_key": "k-1"}) == job_id
+    assert client.submit({"model": "tiny", "prompt": "replay me", "max_tokens": 4, "idempotency_key": "k-1"}) == job_id
 
     waited: list[GenerationResult] = []
     waiter = threading.Thread(target=lambda: waited.append(client.result(job_id, timeout=20)))
