@@ -99,7 +99,9 @@ def auth(key: str) -> dict[str, str]:
 
 
 def call(gateway: Gateway, key: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
-    return httpx.request(method, gateway.url + path, headers={**auth(key), **kwargs.pop("headers", {})}, timeout=60, **kwargs)
+    return httpx.request(
+        method, gateway.url + path, headers={**auth(key), **kwargs.pop("headers", {})}, timeout=60, **kwargs
+    )
 
 
 def upload(gateway: Gateway, key: str, path: Path) -> str:
@@ -141,7 +143,9 @@ def test_batches_stay_with_their_tenant(
     worker: WorkerHandle, gateway: Gateway, db: redis.Redis, settings: GenqSettings, tmp_path: Path
 ) -> None:
     alice = as_caller(gateway, ALICE)
-    file_id = upload(gateway, ALICE, write_jsonl(tmp_path / "in.jsonl", [batch_line(f"r{i}", max_tokens=3000) for i in range(3)]))
+    file_id = upload(
+        gateway, ALICE, write_jsonl(tmp_path / "in.jsonl", [batch_line(f"r{i}", max_tokens=3000) for i in range(3)])
+    )
     # Another tenant cannot even start a batch on it: its input reads as a file that does not exist.
     body = {"input_file_id": file_id, "endpoint": "/v1/completions", "completion_window": "24h"}
     foreign = call(gateway, BOB, "POST", "/v1/batches", json=body)
@@ -189,7 +193,9 @@ def test_batches_stay_with_their_tenant(
         assert done.error_file_id not in [f.id for f in as_caller(gateway, key).files.list().data]
 
 
-def test_jobs_stay_with_their_tenant(worker: WorkerHandle, gateway: Gateway, db: redis.Redis, settings: GenqSettings) -> None:
+def test_jobs_stay_with_their_tenant(
+    worker: WorkerHandle, gateway: Gateway, db: redis.Redis, settings: GenqSettings
+) -> None:
     ask = {"model": "tiny", "prompt": "a long story", "max_tokens": 4000, "temperature": 0}
     job_id = call(gateway, ALICE, "POST", "/v1/genq/jobs", json=ask).json()["job_id"]
     for key in (BOB, CAROL):
@@ -230,9 +236,7 @@ def test_idempotency_keys_belong_to_a_tenant(worker: WorkerHandle, gateway: Gate
     assert set(error) == {"message", "type", "param", "code"} and error["code"] == "idempotency_key_reused"
     sdk = as_caller(gateway, ALICE)
     with pytest.raises(openai.ConflictError):
-        sdk.completions.create(
-            model="tiny", prompt="other words", max_tokens=8, extra_headers={"Idempotency-Key": key}
-        )
+        sdk.completions.create(model="tiny", prompt="other words", max_tokens=8, extra_headers={"Idempotency-Key": key})
 
 
 def test_a_hung_up_idempotent_stream_runs_on_and_its_retry_gets_the_whole_output(
@@ -252,7 +256,12 @@ def test_a_hung_up_idempotent_stream_runs_on_and_its_retry_gets_the_whole_output
 
     sdk = as_caller(gateway, ALICE)
     retry = sdk.completions.create(
-        model="tiny", prompt="tell it all", max_tokens=200, temperature=0, stream=True, extra_headers={"Idempotency-Key": key}
+        model="tiny",
+        prompt="tell it all",
+        max_tokens=200,
+        temperature=0,
+        stream=True,
+        extra_headers={"Idempotency-Key": key},
     )
     chunks = list(retry)
     assert "".join(c.choices[0].text for c in chunks if c.choices) == whole
@@ -375,7 +384,9 @@ def test_a_batch_whose_input_vanishes_fails_and_never_completes_short(
     keys = Keys(settings.namespace)
     wait_for(lambda: int(db.hget(keys.batch(batch.id), "submitted") or 0) > 0, 120)
     db.delete(keys.file(file_id), keys.file_content(file_id))
-    final = wait_for(lambda: (b := sdk.batches.retrieve(batch.id)).status in ("completed", "failed", "cancelled") and b, 300)
+    final = wait_for(
+        lambda: (b := sdk.batches.retrieve(batch.id)).status in ("completed", "failed", "cancelled") and b, 300
+    )
     counts = final.request_counts
     assert final.status == "failed", (final.status, counts)
     assert final.errors is not None and final.errors.data

@@ -60,7 +60,9 @@ class FileStore:
         self.ttl_s = ttl_s
         self._reserve = client.register_script(RESERVE_SCRIPT)
 
-    def create(self, filename: str, purpose: str, content: BinaryIO, caller: Caller, bounds: FileBounds) -> dict[str, Any]:
+    def create(
+        self, filename: str, purpose: str, content: BinaryIO, caller: Caller, bounds: FileBounds
+    ) -> dict[str, Any]:
         size = _size(content)
         if size > bounds.max_upload_bytes:
             raise ApiError(
@@ -76,7 +78,7 @@ class FileStore:
             self.record(file_id, filename, purpose, tenant)
         except BaseException as error:
             self.forget(file_id, tenant)
-            if isinstance(error, redis.ResponseError) and str(error).startswith("OOM"):
+            if _out_of_memory(error):
                 raise ApiError(
                     503,
                     "Redis is out of memory: the file was not stored (nothing of it was kept); retry later",
@@ -127,8 +129,9 @@ class FileStore:
         pipe.execute()
 
     def forget(self, file_id: str, tenant: str) -> bool:
-        """Delete the file and its places in the listings and the tenant's bytes; whether it existed."""
-        pipe = self.client.pipeline(transaction=True)
+        """Delete the file and its places in the listings and the tenant's bytes; whether it existed.
+        Not a MULTI: Redis out of memory refuses any command queued in a transaction, even a DEL."""
+        pipe = self.client.pipeline(transaction=False)
         pipe.delete(self.keys.file(file_id), self.keys.file_content(file_id))
         pipe.zrem(self.keys.files, file_id)
         pipe.zrem(self.keys.tenant_files(tenant), file_id)
@@ -175,7 +178,10 @@ class FileStore:
         return [
             batch_id
             for batch_id, (source, status) in zip(batch_ids, pipe.execute(), strict=True)
-            if source is not None and _text(source) == file_id and status is not None and not BatchStatus(_text(status)).terminal
+            if source is not None
+            and _text(source) == file_id
+            and status is not None
+            and not BatchStatus(_text(status)).terminal
         ]
 
     def content(self, file_id: str) -> Iterator[bytes]:
@@ -205,6 +211,15 @@ class FileStore:
             if purpose is None or item["purpose"] == purpose:
                 found.append(item)
         return found
+
+
+def _out_of_memory(error: BaseException | None) -> bool:
+    """Redis refused a write for its maxmemory (directly, or as the cause of an aborted transaction)."""
+    while error is not None:
+        if isinstance(error, redis.exceptions.OutOfMemoryError):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _size(content: BinaryIO) -> int:

@@ -33,7 +33,9 @@ class GatewaySettings(GenqSettings):
     gateway_key_max_batches: int = Field(default=8, ge=0, description="Each key's default bound on unfinished batches.")
     gateway_tenant_max_files: int = Field(default=1000, ge=1, description="Files one tenant may hold in /v1/files.")
     gateway_tenant_max_file_bytes: int = Field(
-        default=1 << 30, ge=1, description="Bytes one tenant's files may hold in /v1/files (they live in Redis's memory)."
+        default=1 << 30,
+        ge=1,
+        description="Bytes one tenant's files may hold in /v1/files (they live in Redis's memory).",
     )
     gateway_max_batch_lines: int = Field(default=100_000, ge=1, description="Lines in one batch input file.")
     gateway_max_wait_s: float = Field(default=300.0, gt=0, description="Longest wait on /v1/genq/jobs/{id}/result.")
