@@ -264,19 +264,18 @@ def batch_object(record: BatchRecord) -> dict[str, Any]:
 # Plain functions: FastAPI runs them in its thread pool, where blocking Redis calls are fine.
 @router.post("", summary="Create a batch from an uploaded file")
 def create(body: BatchCreate, s: Annotated[Services, Depends(services)], caller: CallerDep) -> dict[str, Any]:
+    key = caller.key
+    if key is not None and key.max_batches == 0:  # before the file: the answer is the same whatever file is named
+        raise ApiError(403, f"API key {key.name!r} may not create batches", "permission_error", code="no_batches")
     source = s.files.get(body.input_file_id, caller)  # another tenant's file reads as one that does not exist
     if source["purpose"] != "batch":
         raise ApiError(400, f"file {body.input_file_id!r} has purpose {source['purpose']!r}, not 'batch'")
     if body.endpoint not in (COMPLETIONS_URL, CHAT_URL):
         raise ApiError(400, f"endpoint {body.endpoint!r} is not supported", param="endpoint")
     batch_id = f"batch_{uuid.uuid4().hex}"
-    key = caller.key
-    if key is not None:
-        if key.max_batches == 0:
-            raise ApiError(403, f"API key {key.name!r} may not create batches", "permission_error", code="no_batches")
-        # This endpoint runs in a worker thread; the allowance lives on the event loop's Redis client.
-        if not anyio.from_thread.run(s.quotas.batches.reserve, key.name, batch_id, key.max_batches):
-            raise too_many(key.name, "batches", key.max_batches)
+    # This endpoint runs in a worker thread; the allowance lives on the event loop's Redis client.
+    if key is not None and not anyio.from_thread.run(s.quotas.batches.reserve, key.name, batch_id, key.max_batches):
+        raise too_many(key.name, "batches", key.max_batches)
     book = s.batches.book
     book.create(
         batch_id,
