@@ -32,7 +32,8 @@ class Keys:
         return f"{self.namespace}:q:{queue}"
 
     def job(self, job_id: str) -> str:
-        """A hash: state, queue, model, timings, and the result once there is one."""
+        """A hash: state, queue, model, timings, and the result once there is one; `tenant` when the
+        gateway queued it (whose job it is)."""
         return f"{self.namespace}:job:{job_id}"
 
     def events(self, job_id: str) -> str:
@@ -72,7 +73,7 @@ class Keys:
         return f"{self.namespace}:batch:{batch_id}:done"
 
     def batch(self, batch_id: str) -> str:
-        """A hash: a batch's status, its counts and its runner's checkpoint."""
+        """A hash: a batch's status, its counts and its runner's checkpoint; `tenant` for a gateway batch."""
         return f"{self.namespace}:batch:{batch_id}"
 
     def batch_jobs(self, batch_id: str) -> str:
@@ -95,7 +96,7 @@ class Keys:
         return f"{self.namespace}:batches:active"
 
     def file(self, file_id: str) -> str:
-        """A hash: an uploaded (or generated) file's name, purpose and creation time."""
+        """A hash: an uploaded (or generated) file's name, purpose, creation time and `tenant`."""
         return f"{self.namespace}:file:{file_id}"
 
     def file_content(self, file_id: str) -> str:
