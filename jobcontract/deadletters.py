@@ -30,11 +30,16 @@ from jobcontract.models import GenerationRequest, JobStatus, utc_from_micros
 REPLAY_SCRIPT = (
     _NOW_US
     + """
--- KEYS: dead letters, job, job events, target stream, known queues.
--- ARGV: entry id, message, model, lane, queue, timeout_us, ttl_s.
+-- KEYS: dead letters, job, job events, target stream, known queues, the job's batch (the job again
+-- when it has none). ARGV: entry id, message, model, lane, queue, timeout_us, ttl_s, has_batch.
 if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return {'gone', ''} end
 local state = redis.call('HGET', KEYS[2], 'state') or 'missing'
 if state == 'succeeded' or state == 'cancelled' then return {'refused', state} end
+-- A failed batch job already has its entry in the batch's stream of finished jobs and will add
+-- another: the batch counts it once (finished = entries - replays; see producer/batch/finished.py).
+if state == 'failed' and ARGV[8] == '1' and redis.call('EXISTS', KEYS[6]) == 1 then
+  redis.call('HINCRBY', KEYS[6], 'replayed', 1)
+end
 redis.call('HDEL', KEYS[2], 'result', 'finished_us', 'started_us', 'worker', 'backend', 'cancel_requested')
 redis.call('HSET', KEYS[2], 'state', 'queued', 'model', ARGV[3], 'lane', ARGV[4], 'queue', ARGV[5],
            'enqueued_us', us(now), 'deadline_us', us(now + tonumber(ARGV[6])), 'starts', '0')
@@ -153,6 +158,7 @@ class DeadLetters:
         )
         timeout_us = int((request.timeout_s or self.default_timeout_s) * 1_000_000)
         job_id = message.message_id
+        batch_id = message.kwargs.get("batch_id")
         outcome, state = (
             _text(v)
             for v in self._replay(
@@ -162,6 +168,7 @@ class DeadLetters:
                     self.keys.events(job_id),
                     self.keys.stream(queue),
                     self.keys.queues,
+                    self.keys.batch(batch_id) if batch_id else self.keys.job(job_id),
                 ],
                 args=[
                     letter.entry_id,
@@ -171,6 +178,7 @@ class DeadLetters:
                     queue,
                     timeout_us,
                     self.result_ttl_s,
+                    "1" if batch_id else "0",
                 ],
             )
         )

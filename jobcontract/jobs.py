@@ -1,28 +1,31 @@
 """Job records and results in Redis: admission, start, finish, wait, cancel, status.
 
-Every step that must not half-happen is one Lua script (admission: idempotency, backpressure,
-pool choice, record and enqueue; start; finish). Results are keyed by job id alone, so a job
-rerouted to another queue keeps its key, and the first terminal result wins: a job that runs
-twice (a worker killed after finishing but before acking) is delivered to its caller once.
+Every step that must not half-happen is one Lua script (admission of a whole list: idempotency,
+backpressure, pool choice, record and enqueue, see jobcontract.admission; start; finish).
+Results are keyed by job id alone, so a job rerouted to another queue keeps its key, and the
+first terminal result wins: a job that runs twice (a worker killed after finishing but before
+acking) is delivered to its caller once.
 A per-job event stream announces tokens and the end, so waiters block in XREAD and wake at once.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-import dramatiq
 import redis
 
+from jobcontract.admission import SUBMIT_SCRIPT as SUBMIT_SCRIPT
+from jobcontract.admission import Admission, Receipt, parse_receipts
+from jobcontract.admission import IdempotencyConflict as IdempotencyConflict  # callers catch these from here
+from jobcontract.admission import QueueFull as QueueFull
+from jobcontract.admission import candidate_backends as candidate_backends
 from jobcontract.connection import MAX_BLOCK_MS, stream_reply
-from jobcontract.keys import Keys, actor_name, pool_name, queue_name
+from jobcontract.keys import Keys
 from jobcontract.models import (
     Backend,
     GenerationRequest,
@@ -44,46 +47,6 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local function us(n) return string.format('%.0f', n) end
 """
-
-SUBMIT_SCRIPT = (
-    _NOW_US
-    + """
--- KEYS: job, idempotency, then (stream, pool, circuit) for each candidate backend in order, then the
--- set of known queues (so a queue nobody serves yet is still seen by rescuers and metrics).
--- ARGV: job_id, max_queued, ttl_s, timeout_us, model, lane, batch_id, use_idempotency, fingerprint,
---       then a message per candidate, then a queue name per candidate.
-if ARGV[8] == '1' then
-  local existing = redis.call('GET', KEYS[2])
-  if existing then
-    -- The first request's fingerprint lives in its job record (KEYS[1] is that of the new id).
-    local prefix = string.sub(KEYS[1], 1, #KEYS[1] - #ARGV[1])
-    local fingerprint = redis.call('HGET', prefix .. existing, 'fingerprint')
-    if fingerprint and fingerprint ~= ARGV[9] then return {'conflict', existing, ''} end
-    return {'existing', existing, ''}
-  end
-end
-local candidates = (#KEYS - 3) / 3
-local chosen, fallback = nil, nil
-for i = 0, candidates - 1 do
-  local live = redis.call('ZCOUNT', KEYS[4 + 3 * i], now, '+inf') > 0
-  if live and redis.call('EXISTS', KEYS[5 + 3 * i]) == 0 then chosen = i break end
-  if live and fallback == nil then fallback = i end
-end
-chosen = chosen or fallback or 0
-local stream = KEYS[3 + 3 * chosen]
-local queue = ARGV[10 + candidates + chosen]
-if redis.call('XLEN', stream) >= tonumber(ARGV[2]) then return {'full', ARGV[1], queue} end
-redis.call('HSET', KEYS[1], 'state', 'queued', 'model', ARGV[5], 'lane', ARGV[6], 'queue', queue,
-           'enqueued_us', us(now), 'deadline_us', us(now + tonumber(ARGV[4])), 'starts', '0',
-           'fingerprint', ARGV[9])
-if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'batch', ARGV[7]) end
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-redis.call('XADD', stream, '*', 'm', ARGV[10 + chosen], 'r', '0')
-redis.call('SADD', KEYS[#KEYS], queue)
-if ARGV[8] == '1' then redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[3]) end
-return {'queued', ARGV[1], queue}
-"""
-)
 
 START_SCRIPT = (
     _NOW_US
@@ -158,38 +121,10 @@ end
 """
 
 
-class QueueFull(Exception):
-    """The queue is at its configured bound; try again later instead of filling Redis."""
-
-    def __init__(self, queue: str, retry_after_s: float = 1.0) -> None:
-        super().__init__(f"queue {queue!r} is full; retry after {retry_after_s:.0f}s")
-        self.queue = queue
-        self.retry_after_s = retry_after_s
-
-
-class IdempotencyConflict(Exception):
-    """An idempotency key came back with another request than the one it first admitted.
-
-    Answering with the first job would hand the caller a result for a request it did not make
-    (OpenAI and Stripe refuse this too); the key is opaque, compared as given."""
-
-    def __init__(self, key: str, job_id: str) -> None:
-        super().__init__(f"idempotency key {key!r} was used for another request (job {job_id!r})")
-        self.key = key
-        self.job_id = job_id
-
-
 class UnknownJob(KeyError):
     def __init__(self, job_id: str) -> None:
         super().__init__(f"no job {job_id!r} (never submitted, or its record expired)")
         self.job_id = job_id
-
-
-@dataclass(frozen=True)
-class Receipt:
-    job_id: str
-    queue: str
-    duplicate: bool  # an idempotency key matched an earlier job: this is that job
 
 
 @dataclass(frozen=True)
@@ -205,50 +140,8 @@ class StartTicket:
         return (self.deadline_us - self.started_us) / 1_000_000
 
 
-def request_fingerprint(request: GenerationRequest) -> str:
-    """sha256 of the request's canonical JSON without its idempotency key: equal for the same ask,
-    however it was spelled (defaults included, keys sorted)."""
-    body = request.model_dump(mode="json", exclude={"idempotency_key"})
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
 def new_job_id() -> str:
     return uuid.uuid4().hex
-
-
-def candidate_backends(route: ModelRoute, preferred: Backend | None) -> list[Backend]:
-    order = list(route.order)
-    if preferred is not None and preferred in order:
-        order.remove(preferred)
-        order.insert(0, preferred)
-    return order
-
-
-def build_message(
-    job_id: str,
-    request: GenerationRequest,
-    queue: str,
-    lane: Lane,
-    *,
-    attempts: Sequence[dict[str, Any]] = (),
-    batch_id: str | None = None,
-) -> dramatiq.Message[Any]:
-    """The dramatiq message a worker's actor receives: one attempt's worth of the job."""
-    kwargs: dict[str, Any] = {
-        "request": request.model_dump(mode="json", exclude_defaults=True),
-        "attempts": list(attempts),
-    }
-    if batch_id is not None:
-        kwargs["batch_id"] = batch_id
-    return dramatiq.Message(
-        queue_name=queue,
-        actor_name=actor_name(lane),
-        args=(job_id,),
-        kwargs=kwargs,
-        options={},
-        message_id=job_id,
-    )
 
 
 class JobStore:
@@ -288,69 +181,22 @@ class JobStore:
         self,
         requests: Sequence[GenerationRequest],
         *,
-        route_for: Any,
+        route_for: Callable[[str], ModelRoute],
         default_timeout_s: float,
         batch_id: str | None = None,
         job_ids: Sequence[str] | None = None,
     ) -> list[Receipt]:
-        """Admit requests in one round trip; each is admitted or refused on its own."""
-        calls = self._submit_calls(requests, route_for, default_timeout_s, batch_id, job_ids)
-        if len(calls) == 1:  # one EVALSHA: a pipeline would first ask SCRIPT EXISTS, a second round trip
-            replies = [self._submit(keys=calls[0][0], args=calls[0][1])]
-        else:
-            pipe = self.client.pipeline(transaction=False)
-            for keys, args in calls:
-                self._submit(keys=keys, args=args, client=pipe)
-            replies = pipe.execute(raise_on_error=True)
-        return parse_receipts(replies, requests)
-
-    def _submit_calls(
-        self,
-        requests: Sequence[GenerationRequest],
-        route_for: Any,
-        default_timeout_s: float,
-        batch_id: str | None,
-        job_ids: Sequence[str] | None,
-    ) -> list[tuple[list[str], list[Any]]]:
-        """The admission script's keys and arguments for each request (new job ids unless given)."""
+        """Admit the whole list in one script, or none of it: QueueFull or IdempotencyConflict
+        means nothing of the list was queued, so retrying the same list cannot duplicate a part of it
+        (see jobcontract.admission). A list larger than a queue's bound is never admitted: split it."""
+        if not requests:
+            return []
         ids = list(job_ids) if job_ids is not None else [new_job_id() for _ in requests]
-        return [
-            self._submit_call(job_id, request, route_for(request.model), default_timeout_s, batch_id)
-            for job_id, request in zip(ids, requests, strict=True)
-        ]
+        keys, args = self.admission(default_timeout_s).call(requests, ids, route_for, batch_id)
+        return parse_receipts(self._submit(keys=keys, args=args), requests)
 
-    def _submit_call(
-        self,
-        job_id: str,
-        request: GenerationRequest,
-        route: ModelRoute,
-        default_timeout_s: float,
-        batch_id: str | None,
-    ) -> tuple[list[str], list[Any]]:
-        keys = [self.keys.job(job_id), self.keys.idempotency(request.idempotency_key or job_id)]
-        messages, queues = [], []
-        for backend in candidate_backends(route, request.backend):
-            queue = queue_name(request.model, backend, request.lane)
-            pool = pool_name(request.model, backend)
-            keys += [self.keys.stream(queue), self.keys.pool(pool), self.keys.circuit(pool)]
-            messages.append(build_message(job_id, request, queue, request.lane, batch_id=batch_id).encode())
-            queues.append(queue)
-        keys.append(self.keys.queues)
-        timeout_us = int((request.timeout_s or default_timeout_s) * 1_000_000)
-        args = [
-            job_id,
-            self.max_queued,
-            self.result_ttl_s,
-            timeout_us,
-            request.model,
-            request.lane.value,
-            batch_id or "",
-            "1" if request.idempotency_key else "0",
-            request_fingerprint(request),
-            *messages,
-            *queues,
-        ]
-        return keys, args
+    def admission(self, default_timeout_s: float) -> Admission:
+        return Admission(self.keys, self.max_queued, self.result_ttl_s, default_timeout_s)
 
     def result(self, job_id: str) -> GenerationResult | None:
         raw = self.client.hget(self.keys.job(job_id), "result")
@@ -490,19 +336,6 @@ class JobStore:
             result.job_id,
             "1" if batch_id else "0",
         ]
-
-
-def parse_receipts(replies: Iterable[Any], requests: Sequence[GenerationRequest]) -> list[Receipt]:
-    """What the admission script answered, one reply per request; a full queue refuses the lot."""
-    receipts = []
-    for reply, request in zip(replies, requests, strict=True):
-        status, job_id, queue = (_text(v) for v in reply)
-        if status == "full":
-            raise QueueFull(queue)
-        if status == "conflict":
-            raise IdempotencyConflict(request.idempotency_key or job_id, job_id)
-        receipts.append(Receipt(job_id=job_id, queue=queue, duplicate=status == "existing"))
-    return receipts
 
 
 def cancelled_before_it_ran(status: JobStatus, now: datetime) -> GenerationResult:

@@ -7,22 +7,20 @@ JobStore's own, used here as they are: only the waiting (XREAD) and the round tr
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any, cast
 
 import redis.asyncio as aioredis
 
+from jobcontract.admission import SUBMIT_SCRIPT, Receipt, parse_receipts
 from jobcontract.connection import MAX_BLOCK_MS, TIMEOUTS, stream_reply
 from jobcontract.jobs import (
     FINISH_SCRIPT,
-    SUBMIT_SCRIPT,
     JobStore,
-    Receipt,
     UnknownJob,
     cancelled_before_it_ran,
     new_job_id,
-    parse_receipts,
     parse_status,
 )
 from jobcontract.keys import Keys
@@ -84,15 +82,17 @@ class AsyncJobStore:
         self,
         requests: Sequence[GenerationRequest],
         *,
-        route_for: Any,
+        route_for: Callable[[str], ModelRoute],
         default_timeout_s: float,
         batch_id: str | None = None,
         job_ids: Sequence[str] | None = None,
     ) -> list[Receipt]:
-        pipe = self.client.pipeline(transaction=False)
-        for keys, args in self._calls._submit_calls(requests, route_for, default_timeout_s, batch_id, job_ids):
-            await self._submit(keys=keys, args=args, client=pipe)
-        return parse_receipts(await pipe.execute(raise_on_error=True), requests)
+        """As JobStore.submit_many: the whole list in one script, or none of it."""
+        if not requests:
+            return []
+        ids = list(job_ids) if job_ids is not None else [new_job_id() for _ in requests]
+        keys, args = self._calls.admission(default_timeout_s).call(requests, ids, route_for, batch_id)
+        return parse_receipts(await self._submit(keys=keys, args=args), requests)
 
     async def result(self, job_id: str) -> GenerationResult | None:
         raw = await self.client.hget(self.keys.job(job_id), "result")

@@ -94,6 +94,16 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 """
 
+# The jobs a batch queued, and its count of them, in one step.
+RECORD_SCRIPT = """
+-- KEYS: batch jobs hash, batch hash. ARGV: ttl_s, through_line, then job id, custom_id pairs.
+for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if #ARGV > 2 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+local submitted = redis.call('HLEN', KEYS[1])
+redis.call('HSET', KEYS[2], 'submitted', submitted, 'submitted_line', ARGV[2])
+return submitted
+"""
+
 _INT_FIELDS = {name for name, info in BatchRecord.model_fields.items() if info.annotation in (int, int | None)}
 
 
@@ -104,6 +114,7 @@ class BatchBook:
         self.ttl_s = ttl_s
         self._advance = client.register_script(ADVANCE_SCRIPT)
         self._lease = client.register_script(LEASE_SCRIPT)
+        self._record = client.register_script(RECORD_SCRIPT)
 
     def create(self, batch_id: str, *, status: BatchStatus, origin: str, input: str, **fields: Any) -> bool:
         """Record a new batch; False (and nothing changed) when the id is already known."""
@@ -168,14 +179,14 @@ class BatchBook:
         pipe.expire(self.keys.batch(batch_id), self.ttl_s)
         pipe.execute()
 
-    def record_submitted(self, batch_id: str, jobs: dict[str, str], submitted: int, through_line: int) -> None:
-        """`jobs`: job id -> custom_id of the lines just submitted, through input line `through_line`."""
-        pipe = self.client.pipeline(transaction=True)
-        if jobs:
-            pipe.hset(self.keys.batch_jobs(batch_id), mapping=dict[Any, Any](jobs))
-            pipe.expire(self.keys.batch_jobs(batch_id), self.ttl_s)
-        pipe.hset(self.keys.batch(batch_id), mapping={"submitted": submitted, "submitted_line": through_line})
-        pipe.execute()
+    def record_submitted(self, batch_id: str, jobs: dict[str, str], through_line: int) -> int:
+        """`jobs`: job id -> custom_id of the lines just submitted, through input line `through_line`.
+        Returns the batch's `submitted`: its distinct jobs, counted from what was queued rather than
+        from lines read, so a line that named an existing job cannot leave a phantom in flight."""
+        args: list[Any] = [self.ttl_s, through_line]
+        for job_id, custom_id in jobs.items():
+            args += [job_id, custom_id]
+        return int(self._record(keys=[self.keys.batch_jobs(batch_id), self.keys.batch(batch_id)], args=args))
 
     def submitted_line(self, batch_id: str) -> int:
         return int(self.client.hget(self.keys.batch(batch_id), "submitted_line") or 0)
@@ -244,7 +255,9 @@ def parse_record(batch_id: str, raw: dict[Any, Any], finished: int, leased: bool
     for name in _INT_FIELDS:
         if name in data:
             data[name] = int(data[name])
-    return BatchRecord.model_validate({**data, "finished": finished, "runner_alive": leased})
+    # A replayed batch job finishes twice in the stream of finished jobs: count each job once.
+    distinct = max(0, finished - int(fields.get("replayed", 0)))
+    return BatchRecord.model_validate({**data, "finished": distinct, "runner_alive": leased})
 
 
 def _text(value: Any) -> str:

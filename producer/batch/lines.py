@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from jobcontract.limits import Limits
 from jobcontract.models import GenerationRequest, GenerationResult, Lane
+from producer.batch.sources import LineSource
 from producer.openai_format import (
     CHAT_URL,
     Endpoint,
@@ -98,6 +100,25 @@ def parse_line(
     except ValidationError as error:
         return InvalidLine(number, custom_id, f"body: {validation_message(error)[0]}")
     return BatchLine(number, line.custom_id, line.url, request)
+
+
+def checked_lines(
+    source: LineSource, limits: Limits, *, endpoint: str | None = None
+) -> Iterator[tuple[int, bytes, BatchLine | InvalidLine | None]]:
+    """Every line of the source with what it is: valid, invalid and why, or None when blank. A
+    custom_id already taken by an earlier valid line makes a line invalid. Validation and the runner
+    both read lines through here, so they agree on which lines become jobs: a repeated custom_id
+    names the first line's job, and a runner that queued it again once counted it in flight forever."""
+    seen: set[int] = set()  # 8-byte hashes of custom_ids: a few MB for 100k lines, never the lines
+    for number, raw in source():
+        parsed = parse_line(number, raw, limits, endpoint=endpoint)
+        if isinstance(parsed, BatchLine):
+            key = int.from_bytes(hashlib.blake2b(parsed.custom_id.encode(), digest_size=8).digest())
+            if key in seen:
+                parsed = InvalidLine(number, parsed.custom_id, f"custom_id {parsed.custom_id!r} appears more than once")
+            else:
+                seen.add(key)
+        yield number, raw, parsed
 
 
 def _dump(data: dict[str, Any]) -> str:

@@ -25,7 +25,8 @@ from jobcontract.jobs import QueueFull
 from jobcontract.limits import Limits
 from jobcontract.models import GenerationResult, JobState
 from producer.batch.book import BatchBook, BatchRecord, BatchStatus
-from producer.batch.lines import CUSTOM_ID, BatchLine, InvalidLine, invalid_line, output_line, parse_line
+from producer.batch.finished import mark_written, to_write
+from producer.batch.lines import CUSTOM_ID, BatchLine, InvalidLine, checked_lines, invalid_line, output_line
 from producer.batch.sinks import Checkpoint, Counts, FileSink, Sink
 from producer.batch.sources import LineSource, file_source
 
@@ -70,20 +71,13 @@ def validate(source: LineSource, limits: Limits, *, endpoint: str | None = None)
     """One streaming pass over the input: every line checked, the content hashed, custom_ids unique."""
     result = Validation()
     digest = hashlib.sha256()
-    seen: set[int] = set()  # 8-byte hashes of custom_ids: a few MB for 100k lines, never the lines
-    for number, raw in source():
+    for _number, raw, parsed in checked_lines(source, limits, endpoint=endpoint):
         digest.update(raw if raw.endswith(b"\n") else raw + b"\n")
-        parsed = parse_line(number, raw, limits, endpoint=endpoint)
         if parsed is None:
             continue
         if isinstance(parsed, BatchLine):
-            key = int.from_bytes(hashlib.blake2b(parsed.custom_id.encode(), digest_size=8).digest())
-            if key in seen:
-                parsed = InvalidLine(number, parsed.custom_id, f"custom_id {parsed.custom_id!r} appears more than once")
-            else:
-                seen.add(key)
-                result.valid += 1
-                continue
+            result.valid += 1
+            continue
         result.invalid += 1
         if len(result.errors) < SHOWN_ERRORS:
             result.errors.append(parsed)
@@ -171,6 +165,7 @@ class BatchRunner:
         submitted, submitted_line = record.submitted, self.book.submitted_line(self.batch_id)
         lines = self._lines(submitted_line, checkpoint.invalid_through)
         held: list[BatchLine] = []  # a chunk refused by a full queue, tried again later
+        window = self.chunk  # how many of `held` one admission asks for (a list is admitted whole or not)
         invalid: list[InvalidLine] = []
         exhausted, retry_at = False, 0.0
         started, start_counts = time.monotonic(), replace(checkpoint.counts)
@@ -189,15 +184,18 @@ class BatchRunner:
                         held, exhausted = self._take(lines, min(room, self.chunk), invalid)
                         if not held:
                             continue
+                    taken = held[:window]
                     try:
-                        self._submit(held)
-                    except QueueFull:
-                        retry_at = time.monotonic() + 0.5
-                        break
-                    submitted += len(held)
-                    jobs = {line.for_batch(self.batch_id)[0]: line.custom_id for line in held}
-                    self.book.record_submitted(self.batch_id, jobs, submitted, held[-1].number)
-                    held = []
+                        self._submit(taken)
+                    except QueueFull:  # nothing of `taken` got in: try fewer, and wait once one is refused
+                        if len(taken) == 1:
+                            retry_at = time.monotonic() + 0.5
+                            break
+                        window = len(taken) // 2
+                        continue
+                    jobs = {line.for_batch(self.batch_id)[0]: line.custom_id for line in taken}
+                    submitted = self.book.record_submitted(self.batch_id, jobs, taken[-1].number)
+                    held, window = held[len(taken) :], min(self.chunk, window * 2)
                     waiting = False
             checkpoint, read = self._collect(checkpoint, invalid, block_ms=None if not waiting else 500)
             invalid = []
@@ -226,16 +224,13 @@ class BatchRunner:
                 return
 
     def _lines(self, submitted_line: int, invalid_through: int) -> Iterator[BatchLine | InvalidLine]:
-        """Lines not yet submitted, and invalid lines not yet written out, in file order."""
+        """Lines not yet submitted, and invalid lines not yet written out, in file order. Lines before
+        the checkpoint are read too: a later line repeating their custom_id is invalid, as in validate."""
         limits = self.client.settings.limits
-        for number, raw in self.source():
-            if number <= submitted_line and number <= invalid_through:
-                continue
-            parsed = parse_line(number, raw, limits, endpoint=self.endpoint)
+        for number, _raw, parsed in checked_lines(self.source, limits, endpoint=self.endpoint):
             if parsed is None:
                 continue
-            pending = number > (submitted_line if isinstance(parsed, BatchLine) else invalid_through)
-            if pending:
+            if number > (submitted_line if isinstance(parsed, BatchLine) else invalid_through):
                 yield parsed
 
     def _take(
@@ -272,22 +267,18 @@ class BatchRunner:
         entries = [entry for _stream, batch in reply for entry in batch]
         if not entries and not invalid:
             return checkpoint, 0
-        job_ids = [fields[b"job"].decode() for _id, fields in entries]
-        pipe = redis_client.pipeline(transaction=False)
-        for job_id in job_ids:
-            pipe.hget(self.client.store.keys.job(job_id), "result")
-        raws = pipe.execute()
+        keys = self.client.store.keys
+        due = to_write(redis_client, keys, [fields[b"job"].decode() for _id, fields in entries])
         counts = replace(checkpoint.counts)
         output: list[str] = []
         errors: list[str] = []
-        results = [None if raw is None else GenerationResult.model_validate_json(raw) for raw in raws]
         # A job cancelled before it ran has a result without the request's metadata: ask the batch.
-        unnamed = [j for j, r in zip(job_ids, results, strict=True) if r is None or CUSTOM_ID not in r.metadata]
+        unnamed = [f.job_id for f in due if f.result is None or CUSTOM_ID not in f.result.metadata]
         names = dict(zip(unnamed, self.book.custom_ids(self.batch_id, unnamed), strict=True))
-        for job_id, result in zip(job_ids, results, strict=True):
-            is_error, line = output_line(job_id, result, custom_id=names.get(job_id))
+        for finished in due:
+            is_error, line = output_line(finished.job_id, finished.result, custom_id=names.get(finished.job_id))
             (errors if is_error else output).append(line)
-            _count(counts, result)
+            _count(counts, finished.result)
         for bad in invalid:
             errors.append(invalid_line(bad))
             counts.invalid += 1
@@ -297,6 +288,7 @@ class BatchRunner:
             counts=counts,
         )
         self.sink.commit(output, errors, updated)
+        mark_written(redis_client, keys, [f.job_id for f in due])
         self.book.update(
             self.batch_id,
             completed=counts.completed,

@@ -1,0 +1,66 @@
+"""Which entries of a batch's stream of finished jobs become lines: each job once.
+
+A job adds an entry to the stream each time it finishes, and replaying a dead letter (`genq dlq
+replay`) makes a finished job run and finish again: a second entry for one job. A runner that
+counted entries reached its total with another line still queued, ended the batch `completed`
+and left that line out of both files. So a job's line is written once: the job's record is marked
+once its line is out (a replay keeps the mark), and an entry of a job that runs again since it was
+added (replayed, not finished yet) is passed over, because its next finish adds another entry.
+
+The mark follows the sink's commit: a crash between the two leaves a written job unmarked, which
+matters only if that very job is replayed later (its line would then be written a second time);
+marking first could instead lose the line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from jobcontract.keys import Keys
+from jobcontract.models import GenerationResult, JobState
+
+WRITTEN = "batch_written"
+
+# Only a record that still exists is marked: marking an expired one would leave a key without a TTL.
+MARK_SCRIPT = """
+for _, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 1 then redis.call('HSET', key, ARGV[1], '1') end
+end
+return #KEYS
+"""
+
+
+@dataclass(frozen=True)
+class Finished:
+    job_id: str
+    result: GenerationResult | None  # None: the job's record expired before its line was written
+
+
+def to_write(client: redis.Redis, keys: Keys, job_ids: list[str]) -> list[Finished]:
+    """The jobs among these stream entries whose line is due, in stream order, each once."""
+    pipe = client.pipeline(transaction=False)
+    for job_id in job_ids:
+        pipe.hmget(keys.job(job_id), "state", "result", WRITTEN)
+    rows: list[list[Any]] = pipe.execute()
+    due: list[Finished] = []
+    seen: set[str] = set()
+    for job_id, (state, raw, written) in zip(job_ids, rows, strict=True):
+        if job_id in seen or written is not None:
+            continue  # its line is out already: this entry is a replayed run finishing again
+        if state is not None and not JobState(_text(state)).terminal:
+            continue  # replayed and not finished: its next finish brings another entry
+        seen.add(job_id)
+        due.append(Finished(job_id, None if raw is None else GenerationResult.model_validate_json(raw)))
+    return due
+
+
+def mark_written(client: redis.Redis, keys: Keys, job_ids: list[str]) -> None:
+    if job_ids:
+        client.register_script(MARK_SCRIPT)(keys=[keys.job(j) for j in job_ids], args=[WRITTEN])
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
