@@ -71,8 +71,8 @@ class FileStore:
                 code="file_too_large",
             )
         file_id, tenant = f"file-{uuid.uuid4().hex}", caller.tenant
-        self._admit(file_id, tenant, size, bounds)
         try:
+            self._admit(file_id, tenant, size, bounds)
             while piece := content.read(CHUNK):
                 self.client.append(self.keys.file_content(file_id), piece)  # keeps the TTL set at admission
             self.record(file_id, filename, purpose, tenant)
