@@ -126,7 +126,7 @@ class IdempotencyConflict(Exception):
 class Receipt:
     job_id: str
     queue: str
-    duplicate: bool  # an idempotency key or job id matched an earlier job: this is that job
+    duplicate: bool  # an idempotency key matched an earlier job (another id): this is that job
 
 
 def request_fingerprint(request: GenerationRequest) -> str:
@@ -214,8 +214,10 @@ class Admission:
         return keys, args
 
 
-def parse_receipts(reply: Any, requests: Sequence[GenerationRequest]) -> list[Receipt]:
-    """What the admission script answered: a receipt per request, or the refusal of the whole list."""
+def parse_receipts(reply: Any, requests: Sequence[GenerationRequest], job_ids: Sequence[str]) -> list[Receipt]:
+    """What the admission script answered: a receipt per request, or the refusal of the whole list.
+    A job found under the very id asked for is no duplicate: it is this call's own job, admitted by
+    an earlier send of the same script whose reply was lost (redis-py sends a command again)."""
     rows = [[_text(v) for v in row] for row in reply]
     status = rows[0][0] if rows else ""
     if status == "full":
@@ -224,7 +226,10 @@ def parse_receipts(reply: Any, requests: Sequence[GenerationRequest]) -> list[Re
         request = requests[int(rows[0][1]) - 1]
         owner = rows[0][2]
         raise IdempotencyConflict(request.idempotency_key or owner, owner)
-    return [Receipt(job_id=job_id, queue=queue, duplicate=status == "existing") for status, job_id, queue in rows]
+    return [
+        Receipt(job_id=job_id, queue=queue, duplicate=status == "existing" and job_id != asked)
+        for (status, job_id, queue), asked in zip(rows, job_ids, strict=True)
+    ]
 
 
 def _text(value: Any) -> str:

@@ -193,7 +193,7 @@ class JobStore:
             return []
         ids = list(job_ids) if job_ids is not None else [new_job_id() for _ in requests]
         keys, args = self.admission(default_timeout_s).call(requests, ids, route_for, batch_id)
-        return parse_receipts(self._submit(keys=keys, args=args), requests)
+        return parse_receipts(self._submit(keys=keys, args=args), requests, ids)
 
     def admission(self, default_timeout_s: float) -> Admission:
         return Admission(self.keys, self.max_queued, self.result_ttl_s, default_timeout_s)

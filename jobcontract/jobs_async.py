@@ -92,7 +92,7 @@ class AsyncJobStore:
             return []
         ids = list(job_ids) if job_ids is not None else [new_job_id() for _ in requests]
         keys, args = self._calls.admission(default_timeout_s).call(requests, ids, route_for, batch_id)
-        return parse_receipts(await self._submit(keys=keys, args=args), requests)
+        return parse_receipts(await self._submit(keys=keys, args=args), requests, ids)
 
     async def result(self, job_id: str) -> GenerationResult | None:
         raw = await self.client.hget(self.keys.job(job_id), "result")

@@ -60,13 +60,15 @@ class Client:
         return limits.cap(GenerationRequest.model_validate(data, context={"limits": limits}))
 
     def submit(self, request: RequestLike, *, job_id: str | None = None) -> str:
-        """Queue one job and return its id (the earlier job's id if its idempotency key was seen)."""
+        """Queue one job and return its id (the earlier job's id if its idempotency key, or the given
+        job id, was seen with the same request; IdempotencyConflict if with another one)."""
         return self.submit_many([request], job_ids=None if job_id is None else [job_id])[0]
 
     def submit_many(
         self, requests: Sequence[RequestLike], *, batch_id: str | None = None, job_ids: Sequence[str] | None = None
     ) -> list[str]:
-        """Validate every request first, then queue them all in one round trip."""
+        """Validate every request first, then queue them all in one round trip, all or none: after
+        QueueFull or IdempotencyConflict nothing of the list is queued, so it can be sent again."""
         checked = [self.validate(r) for r in requests]
         routes = self.settings.routes
         with self._reaching_redis():

@@ -18,6 +18,7 @@ import pytest
 import redis
 
 from genq.local_redis import LocalRedis
+from jobcontract.admission import Receipt
 from jobcontract.jobs import SUBMIT_SCRIPT, IdempotencyConflict, StartTicket
 from jobcontract.keys import Keys, queue_name
 from jobcontract.models import Backend, GenerationResult, JobState, Lane, Timings
@@ -196,6 +197,16 @@ def test_an_admission_sent_again_after_its_reply_was_lost_queues_once(
     assert len(set(ids)) == 3
     assert redis_client.xlen(keys.stream(QUEUE)) == 4
     assert client.result(job_id, timeout=1).text == "read once"
+
+    # The gateway keeps a quota slot per job it creates and gives it back for a duplicate: a resent
+    # script must not make the caller's own new job look like an earlier one.
+    route, request = client.settings.routes.get("tiny"), client.validate(ask("mine", idempotency_key="k"))
+    proxy.armed.set()
+    mine = client.store.submit(request, route, default_timeout_s=60, job_id="mine")
+    assert proxy.dropped == 3
+    assert mine == Receipt(job_id="mine", queue=QUEUE, duplicate=False)
+    again = client.store.submit(request, route, default_timeout_s=60, job_id="another id")
+    assert again == Receipt(job_id="mine", queue=QUEUE, duplicate=True)
 
 
 # -- a list is admitted whole or not at all -----------------------------------------------------------
