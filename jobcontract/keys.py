@@ -32,7 +32,8 @@ class Keys:
         return f"{self.namespace}:q:{queue}"
 
     def job(self, job_id: str) -> str:
-        """A hash: state, queue, model, timings, and the result once there is one."""
+        """A hash: state, queue, model, timings, and the result once there is one; `tenant` when the
+        gateway queued it (whose job it is)."""
         return f"{self.namespace}:job:{job_id}"
 
     def events(self, job_id: str) -> str:
@@ -72,7 +73,7 @@ class Keys:
         return f"{self.namespace}:batch:{batch_id}:done"
 
     def batch(self, batch_id: str) -> str:
-        """A hash: a batch's status, its counts and its runner's checkpoint."""
+        """A hash: a batch's status, its counts and its runner's checkpoint; `tenant` for a gateway batch."""
         return f"{self.namespace}:batch:{batch_id}"
 
     def batch_jobs(self, batch_id: str) -> str:
@@ -95,7 +96,7 @@ class Keys:
         return f"{self.namespace}:batches:active"
 
     def file(self, file_id: str) -> str:
-        """A hash: an uploaded (or generated) file's name, purpose and creation time."""
+        """A hash: an uploaded (or generated) file's name, purpose, creation time and `tenant`."""
         return f"{self.namespace}:file:{file_id}"
 
     def file_content(self, file_id: str) -> str:
@@ -105,6 +106,21 @@ class Keys:
     def files(self) -> str:
         """A sorted set of file ids by creation time, for listing."""
         return f"{self.namespace}:files"
+
+    def tenant_files(self, tenant: str) -> str:
+        """A sorted set of one tenant's file ids by creation time: its listing reads no one else's
+        files (the file hash's `tenant` field says whose a file is)."""
+        return f"{self.namespace}:tenant:{tenant}:files"
+
+    def tenant_file_bytes(self, tenant: str) -> str:
+        """A sorted set of one tenant's file ids (uploads under way too) scored by their bytes, for
+        its bounds on files and bytes; an id whose file is gone is dropped when bounds are checked."""
+        return f"{self.namespace}:tenant:{tenant}:file_bytes"
+
+    def tenant_batches(self, tenant: str) -> str:
+        """A sorted set of one tenant's gateway batch ids by creation time, for its listing (the batch
+        hash's `tenant` field says whose a batch is)."""
+        return f"{self.namespace}:tenant:{tenant}:batches"
 
     def caller_jobs(self, caller: str) -> str:
         """A sorted set of an API key's unfinished jobs (id -> reserved at), for its bound on queued work."""

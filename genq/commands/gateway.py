@@ -41,11 +41,13 @@ def _gateway(args: argparse.Namespace) -> int:
     else:  # names only: a key itself is never logged
         for key in settings.key_ring.keys:
             log.info(
-                "API key %s: rate %s, at most %d unfinished jobs and %d unfinished batches",
+                "API key %s: rate %s, at most %d unfinished jobs and %d unfinished batches; tenant %s%s",
                 key.name,
                 key.rate_text,
                 key.max_queued,
                 key.max_batches,
+                key.tenant,
+                " (admin: sees every tenant's work)" if key.admin else "",
             )
     log.info(
         "genq gateway on http://%s:%d (OpenAPI at /docs), redis %s",

@@ -64,6 +64,7 @@ class BatchRecord(BaseModel):
     errors: list[dict[str, Any]] | None = None
     metadata: dict[str, str] | None = None
     completion_window: str = "24h"
+    tenant: str | None = Field(default=None, description="Whose batch it is (gateway batches).")
     runner_alive: bool = False
 
     @property
@@ -136,6 +137,8 @@ class BatchBook:
         pipe.hset(key, mapping=record)
         pipe.expire(key, self.ttl_s)
         pipe.zadd(self.keys.batches, {batch_id: now})
+        if fields.get("tenant"):
+            pipe.zadd(self.keys.tenant_batches(fields["tenant"]), {batch_id: now})
         if origin == "gateway":
             pipe.sadd(self.keys.active_batches, batch_id)
         pipe.execute()
@@ -221,9 +224,10 @@ class BatchBook:
         if holder is not None and (holder.decode() if isinstance(holder, bytes) else holder) == owner:
             self.client.delete(key)
 
-    def recent(self, *, limit: int = 20, after: str | None = None) -> list[BatchRecord]:
-        """Newest first, OpenAI-style pagination by the last id seen."""
-        ids = [i.decode() if isinstance(i, bytes) else str(i) for i in self.client.zrevrange(self.keys.batches, 0, -1)]
+    def recent(self, *, limit: int = 20, after: str | None = None, tenant: str | None = None) -> list[BatchRecord]:
+        """Newest first, OpenAI-style pagination by the last id seen; one tenant's only if named."""
+        index = self.keys.batches if tenant is None else self.keys.tenant_batches(tenant)
+        ids = [i.decode() if isinstance(i, bytes) else str(i) for i in self.client.zrevrange(index, 0, -1)]
         if after is not None and after in ids:
             ids = ids[ids.index(after) + 1 :]
         records: list[BatchRecord] = []
@@ -233,7 +237,7 @@ class BatchBook:
             try:
                 records.append(self.get(batch_id))
             except UnknownBatch:
-                self.client.zrem(self.keys.batches, batch_id)
+                self.client.zrem(index, batch_id)
         return records
 
     def active(self) -> list[str]:

@@ -26,14 +26,7 @@ def cancel_batch(client: Client, batch_id: str, *, settle_s: float = 10.0) -> Ba
         return record
     # A gateway batch is finished by a gateway (its own, or one that adopts it): it writes the files.
     finish_here = record.origin != "gateway"
-    store = client.store
-    for job_ids in book.job_ids(batch_id):
-        pipe = client.redis.pipeline(transaction=False)
-        for job_id in job_ids:
-            pipe.hget(store.keys.job(job_id), "state")
-        for job_id, state in zip(job_ids, pipe.execute(), strict=True):
-            if state is not None and state not in _TERMINAL:
-                client.cancel(job_id)
+    cancel_jobs(client, batch_id)
     deadline = time.monotonic() + settle_s
     while True:
         record = book.get(batch_id)
@@ -47,3 +40,15 @@ def cancel_batch(client: Client, batch_id: str, *, settle_s: float = 10.0) -> Ba
         if time.monotonic() > deadline:
             return record
         time.sleep(0.1)
+
+
+def cancel_jobs(client: Client, batch_id: str) -> None:
+    """Cancel every job of the batch that has not finished (queued ones never run, running ones stop)."""
+    book, store = client.batch_book(), client.store
+    for job_ids in book.job_ids(batch_id):
+        pipe = client.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hget(store.keys.job(job_id), "state")
+        for job_id, state in zip(job_ids, pipe.execute(), strict=True):
+            if state is not None and state not in _TERMINAL:
+                client.cancel(job_id)

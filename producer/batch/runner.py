@@ -72,6 +72,11 @@ class BatchBusy(RuntimeError):
     """Another live process is running this batch."""
 
 
+class InputChanged(RuntimeError):
+    """The input ended before every line counted at validation was queued: it shrank or vanished
+    while the batch ran, so the batch cannot be completed honestly."""
+
+
 def validate(source: LineSource, limits: Limits, *, endpoint: str | None = None) -> Validation:
     """One streaming pass over the input: every line checked, the content hashed, custom_ids unique."""
     result = Validation()
@@ -216,6 +221,11 @@ class BatchRunner:
             if status.terminal:
                 return  # a rerun of a finished batch: its output is now complete
             # (when cancelled while finalizing, the next pass finishes as cancelled)
+            if exhausted and not held and submitted < self.total:
+                raise InputChanged(
+                    f"the input ended after {submitted} of its {self.total} valid lines were queued "
+                    "(it changed or vanished while the batch ran)"
+                )
             if (
                 exhausted
                 and not held

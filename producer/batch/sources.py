@@ -13,6 +13,11 @@ LineSource = Callable[[], Iterator[tuple[int, bytes]]]
 CHUNK_BYTES = 1 << 20
 
 
+class InputGone(RuntimeError):
+    """The input vanished (deleted, or expired) while it was read: what was read is not the whole
+    input, so it must not be taken for its end."""
+
+
 def file_source(path: Path) -> LineSource:
     def lines() -> Iterator[tuple[int, bytes]]:
         with path.open("rb") as handle:
@@ -27,6 +32,9 @@ def redis_source(client: redis.Redis, key: str) -> LineSource:
         while True:
             piece = _bytes(client.getrange(key, offset, offset + CHUNK_BYTES - 1))
             if not piece:
+                # GETRANGE reads a missing key as empty: only a key that is still there has ended.
+                if not client.exists(key):
+                    raise InputGone(f"{key} is gone after {offset} bytes ({number} lines) were read")
                 break
             offset += len(piece)
             *complete, rest = (rest + piece).split(b"\n")

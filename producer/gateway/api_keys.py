@@ -47,6 +47,13 @@ class ApiKeyEntry(BaseModel):
     rate: str | None = Field(default=None, description="requests per window, e.g. '600/minute', or 'unlimited'")
     max_queued: int | None = Field(default=None, ge=1, description="unfinished jobs at once")
     max_batches: int | None = Field(default=None, ge=0, description="unfinished batches at once")
+    tenant: str | None = Field(
+        default=None, pattern=NAME, description="whose work this key sees and makes; default: the key's name"
+    )
+    admin: bool = Field(default=False, description="sees every tenant's jobs, files and batches (operators)")
+    max_files: int | None = Field(default=None, ge=1, description="files its tenant may hold, checked on upload")
+    max_file_bytes: int | None = Field(default=None, ge=1, description="bytes its tenant's files may hold")
+    max_upload_bytes: int | None = Field(default=None, ge=1, description="bytes of one upload")
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -100,27 +107,68 @@ def load_file(path: Path) -> list[ApiKeyEntry]:
 
 
 @dataclass(frozen=True)
+class FileBounds:
+    """How much a tenant may keep in /v1/files: files, their bytes, and the bytes of one upload."""
+
+    max_files: int
+    max_bytes: int
+    max_upload_bytes: int
+
+
+# The gateway's defaults are GENQ_GATEWAY_TENANT_MAX_FILES, _TENANT_MAX_FILE_BYTES and _MAX_FILE_BYTES.
+DEFAULT_FILE_BOUNDS = FileBounds(max_files=1000, max_bytes=1 << 30, max_upload_bytes=512 << 20)
+
+
+@dataclass(frozen=True)
 class ApiKey:
     name: str
     digest: bytes = field(repr=False)
     rate: tuple[RateLimitItem, ...]  # empty: no rate limit
     max_queued: int
     max_batches: int
+    tenant: str = ""  # "" is the key's own name
+    admin: bool = False
+    files: FileBounds = DEFAULT_FILE_BOUNDS
+
+    def __post_init__(self) -> None:
+        if not self.tenant:
+            object.__setattr__(self, "tenant", self.name)
 
     @property
     def rate_text(self) -> str:
         return ";".join(str(item) for item in self.rate) or UNLIMITED
 
 
+DEFAULT_TENANT = "default"
+
+
 @dataclass(frozen=True)
 class Caller:
-    """Who sent a request: a configured key, or None when the gateway has no keys (loopback only)."""
+    """Who sent a request: a configured key, or None when the gateway has no keys (loopback only).
+
+    Everything a caller creates belongs to its tenant, and it sees only its tenant's work, unless it
+    sees all: an admin key, or any caller of a gateway without keys (one tenant, as before tenants)."""
 
     key: ApiKey | None
 
     @property
     def name(self) -> str:
         return self.key.name if self.key is not None else "anonymous"
+
+    @property
+    def tenant(self) -> str:
+        return self.key.tenant if self.key is not None else DEFAULT_TENANT
+
+    @property
+    def sees_all(self) -> bool:
+        return self.key is None or self.key.admin
+
+    def file_bounds(self, default: FileBounds) -> FileBounds:
+        return self.key.files if self.key is not None else default
+
+    def may_see(self, owner: str | None) -> bool:
+        """Whether an object owned by `owner` (None: made outside the gateway) is this caller's."""
+        return self.sees_all or owner == self.tenant
 
 
 class KeyRing:
@@ -136,17 +184,33 @@ class KeyRing:
         self.keys = tuple(keys)
 
     @classmethod
-    def from_entries(cls, entries: Sequence[ApiKeyEntry], *, rate: str, max_queued: int, max_batches: int) -> KeyRing:
+    def from_entries(
+        cls,
+        entries: Sequence[ApiKeyEntry],
+        *,
+        rate: str,
+        max_queued: int,
+        max_batches: int,
+        files: FileBounds = DEFAULT_FILE_BOUNDS,
+    ) -> KeyRing:
         keys = []
         for entry in entries:
             digest = entry.digest
+            name = entry.name or f"key-{digest.hex()[:8]}"
             keys.append(
                 ApiKey(
-                    name=entry.name or f"key-{digest.hex()[:8]}",
+                    name=name,
                     digest=digest,
                     rate=parse_rate(entry.rate if entry.rate is not None else rate),
                     max_queued=entry.max_queued if entry.max_queued is not None else max_queued,
                     max_batches=entry.max_batches if entry.max_batches is not None else max_batches,
+                    tenant=entry.tenant or name,
+                    admin=entry.admin,
+                    files=FileBounds(
+                        max_files=entry.max_files or files.max_files,
+                        max_bytes=entry.max_file_bytes or files.max_bytes,
+                        max_upload_bytes=min(entry.max_upload_bytes or files.max_upload_bytes, files.max_upload_bytes),
+                    ),
                 )
             )
         return cls(keys)

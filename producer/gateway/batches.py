@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Annotated, Any, Literal
 
 import anyio.from_thread
@@ -21,11 +22,12 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from jobcontract.keys import Keys
 from producer.batch.book import BatchBook, BatchRecord, BatchStatus, UnknownBatch
-from producer.batch.control import cancel_batch
-from producer.batch.runner import LEASE_TTL_S, BatchBusy, BatchRunner, validate
+from producer.batch.control import cancel_batch, cancel_jobs
+from producer.batch.runner import LEASE_TTL_S, BatchBusy, BatchRunner, InputChanged, Progress, validate
 from producer.batch.sinks import Counts, RedisSink
-from producer.batch.sources import LineSource, redis_source
+from producer.batch.sources import InputGone, LineSource, redis_source
 from producer.client import Client
+from producer.gateway.api_keys import DEFAULT_TENANT, Caller
 from producer.gateway.errors import ApiError
 from producer.gateway.files import FileStore
 from producer.gateway.guards import ResourceId
@@ -36,6 +38,7 @@ from producer.openai_format import CHAT_URL, COMPLETIONS_URL
 
 log = logging.getLogger(__name__)
 VALIDATION_LEASE_S = 120.0
+KEEP_INPUT_EVERY_S = 10.0  # how often a running batch renews its input file's TTL
 router = APIRouter(prefix="/v1/batches", tags=["openai batch"])
 
 
@@ -128,6 +131,9 @@ class BatchSupervisor:
             if record.status.terminal:
                 self.book.advance(batch_id, record.status)  # drops it from the active set
                 return
+            # The input must outlive the batch: renewed now and every few seconds while it runs, and a
+            # delete through the API is refused (files.py); should it vanish all the same, the batch fails.
+            self.files.touch(record.input)
             source = redis_source(self.client.redis, self.keys.file_content(record.input))
             total = record.total
             if record.status is BatchStatus.VALIDATING:
@@ -135,6 +141,9 @@ class BatchSupervisor:
                     validation = validate(
                         at_most(source, self.max_lines), self.client.settings.limits, endpoint=record.endpoint
                     )
+                except (InputGone, InputChanged) as error:
+                    self._input_lost(batch_id, record.input, error)
+                    return
                 except TooManyLines as error:
                     line = {"code": "too_many_lines", "message": str(error), "param": None, "line": self.max_lines + 1}
                     self.book.update(batch_id, errors=[line])
@@ -159,11 +168,13 @@ class BatchSupervisor:
                 self.client.settings.result_ttl_s,
             )
 
+            tenant = record.tenant or DEFAULT_TENANT
+
             def finalize(counts: Counts) -> None:
-                self.files.record(output_file_id(batch_id), f"{batch_id}_output.jsonl", "batch_output")
+                self.files.record(output_file_id(batch_id), f"{batch_id}_output.jsonl", "batch_output", tenant)
                 fields: dict[str, Any] = {"output_file_id": output_file_id(batch_id)}
                 if counts.failed or counts.cancelled or counts.invalid:
-                    self.files.record(error_file_id(batch_id), f"{batch_id}_errors.jsonl", "batch_output")
+                    self.files.record(error_file_id(batch_id), f"{batch_id}_errors.jsonl", "batch_output", tenant)
                     fields["error_file_id"] = error_file_id(batch_id)
                 self.book.update(batch_id, **fields)
 
@@ -178,8 +189,13 @@ class BatchSupervisor:
                 on_finalize=finalize,
                 stop=self.stopping,
                 owner=owner,
+                on_progress=self._keeper(record.input),
             )
-            final = runner.run()
+            try:
+                final = runner.run()
+            except (InputGone, InputChanged) as error:
+                self._input_lost(batch_id, record.input, error)
+                return
             if final.status is BatchStatus.CANCELLED:
                 finalize(Counts(failed=final.failed, cancelled=final.cancelled, completed=final.completed))
         except BatchBusy:
@@ -188,6 +204,32 @@ class BatchSupervisor:
             log.exception("batch %s stopped; a gateway adopts it again within %.0fs", batch_id, LEASE_TTL_S)
         finally:
             self.book.release_lease(batch_id, owner)
+
+    def _keeper(self, file_id: str) -> Callable[[Progress], None]:
+        """A progress callback (called on every pass of the runner) renewing the input's TTL."""
+        renewed = time.monotonic()
+
+        def keep(_progress: Progress) -> None:
+            nonlocal renewed
+            if time.monotonic() - renewed >= KEEP_INPUT_EVERY_S:
+                self.files.touch(file_id)
+                renewed = time.monotonic()
+
+        return keep
+
+    def _input_lost(self, batch_id: str, file_id: str, error: Exception) -> None:
+        """Fail the batch with a clear message and cancel what it queued: never `completed` short."""
+        gone = isinstance(error, InputGone)
+        message = (
+            f"the input file {file_id!r} "
+            + ("was deleted or expired while the batch ran" if gone else "changed while the batch ran")
+            + f" ({error}); the batch stopped and its unfinished requests were cancelled"
+        )
+        code = "input_file_missing" if gone else "input_file_changed"
+        log.warning("batch %s failed: %s", batch_id, message)
+        self.book.update(batch_id, errors=[{"code": code, "message": message, "param": "input_file_id", "line": None}])
+        self.book.advance(batch_id, BatchStatus.FAILED)
+        cancel_jobs(self.client, batch_id)
 
 
 def batch_object(record: BatchRecord) -> dict[str, Any]:
@@ -222,19 +264,18 @@ def batch_object(record: BatchRecord) -> dict[str, Any]:
 # Plain functions: FastAPI runs them in its thread pool, where blocking Redis calls are fine.
 @router.post("", summary="Create a batch from an uploaded file")
 def create(body: BatchCreate, s: Annotated[Services, Depends(services)], caller: CallerDep) -> dict[str, Any]:
-    source = s.files.get(body.input_file_id)
+    key = caller.key
+    if key is not None and key.max_batches == 0:  # before the file: the answer is the same whatever file is named
+        raise ApiError(403, f"API key {key.name!r} may not create batches", "permission_error", code="no_batches")
+    source = s.files.get(body.input_file_id, caller)  # another tenant's file reads as one that does not exist
     if source["purpose"] != "batch":
         raise ApiError(400, f"file {body.input_file_id!r} has purpose {source['purpose']!r}, not 'batch'")
     if body.endpoint not in (COMPLETIONS_URL, CHAT_URL):
         raise ApiError(400, f"endpoint {body.endpoint!r} is not supported", param="endpoint")
     batch_id = f"batch_{uuid.uuid4().hex}"
-    key = caller.key
-    if key is not None:
-        if key.max_batches == 0:
-            raise ApiError(403, f"API key {key.name!r} may not create batches", "permission_error", code="no_batches")
-        # This endpoint runs in a worker thread; the allowance lives on the event loop's Redis client.
-        if not anyio.from_thread.run(s.quotas.batches.reserve, key.name, batch_id, key.max_batches):
-            raise too_many(key.name, "batches", key.max_batches)
+    # This endpoint runs in a worker thread; the allowance lives on the event loop's Redis client.
+    if key is not None and not anyio.from_thread.run(s.quotas.batches.reserve, key.name, batch_id, key.max_batches):
+        raise too_many(key.name, "batches", key.max_batches)
     book = s.batches.book
     book.create(
         batch_id,
@@ -244,23 +285,35 @@ def create(body: BatchCreate, s: Annotated[Services, Depends(services)], caller:
         endpoint=body.endpoint,
         metadata=body.metadata,
         completion_window=body.completion_window,
+        tenant=caller.tenant,
     )
+    s.files.touch(body.input_file_id)
     s.batches.launch(batch_id)
     return batch_object(book.get(batch_id))
 
 
+def visible(s: Services, batch_id: str, caller: Caller) -> BatchRecord:
+    """The batch if it is the caller's; another tenant's answers as one that does not exist."""
+    record = s.batches.book.get(batch_id)
+    if not caller.may_see(record.tenant):
+        raise UnknownBatch(batch_id)
+    return record
+
+
 @router.get("/{batch_id}", summary="A batch's status and counts")
-def retrieve(batch_id: ResourceId, s: Annotated[Services, Depends(services)]) -> dict[str, Any]:
-    return batch_object(s.batches.book.get(batch_id))
+def retrieve(batch_id: ResourceId, s: Annotated[Services, Depends(services)], caller: CallerDep) -> dict[str, Any]:
+    return batch_object(visible(s, batch_id, caller))
 
 
 @router.get("", summary="List batches, newest first")
 def list_batches(
     s: Annotated[Services, Depends(services)],
+    caller: CallerDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     after: str | None = None,
 ) -> dict[str, Any]:
-    records = s.batches.book.recent(limit=limit + 1, after=after)
+    tenant = None if caller.sees_all else caller.tenant
+    records = s.batches.book.recent(limit=limit + 1, after=after, tenant=tenant)
     data = [batch_object(r) for r in records[:limit]]
     return {
         "object": "list",
@@ -272,7 +325,6 @@ def list_batches(
 
 
 @router.post("/{batch_id}/cancel", summary="Cancel a batch: it stops, its queued and running jobs are cancelled")
-def cancel(batch_id: ResourceId, s: Annotated[Services, Depends(services)]) -> dict[str, Any]:
-    if not s.batches.book.exists(batch_id):
-        raise UnknownBatch(batch_id)
+def cancel(batch_id: ResourceId, s: Annotated[Services, Depends(services)], caller: CallerDep) -> dict[str, Any]:
+    visible(s, batch_id, caller)
     return batch_object(cancel_batch(s.client, batch_id, settle_s=0.0))

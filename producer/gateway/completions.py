@@ -2,7 +2,16 @@
 
 A request becomes a job on the interactive lane (ahead of batch work), so a caller gets the
 queue's retries, reroutes and metrics. With `stream: true` the answer is server-sent events fed
-from the job's token stream as the worker produces it; a caller who hangs up cancels the job.
+from the job's token stream as the worker produces it; a caller who hangs up cancels the job, unless
+the request carried an Idempotency-Key.
+
+Why an idempotent stream is not cancelled by a hang-up: the key says "I will retry this", and a retry
+is answered by the same job. Cancelling it would leave the key pointing at a cancelled job for the
+key's whole TTL (24 h), so every retry would replay a few tokens and end "cancelled"; releasing the
+key instead would race a retry that is already on its way. So the job runs on (its deadline and
+max_tokens still bound it), and a retry streams it again from its first token, out of the job's
+event stream, to the end: the whole output. A retry whose job did end without success (cancelled
+through /v1/genq/jobs, failed, timed out) gets a clear 409 at once, never a partial replay.
 """
 
 from __future__ import annotations
@@ -16,8 +25,9 @@ import anyio
 from fastapi import APIRouter, Depends, Header
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from jobcontract.models import GenerationRequest, Lane
+from jobcontract.models import GenerationRequest, JobState, Lane
 from producer.gateway.api_keys import Caller
+from producer.gateway.errors import ApiError
 from producer.gateway.security import CallerDep
 from producer.gateway.services import Services, services
 from producer.openai_format import (
@@ -78,7 +88,7 @@ async def models(s: Annotated[Services, Depends(services)]) -> dict[str, Any]:
 
 async def _complete(endpoint: str, body: Body, s: Services, caller: Caller, idempotency_key: str | None) -> Any:
     request = s.check(to_request(body, lane=Lane.INTERACTIVE, idempotency_key=idempotency_key))
-    job_id, _duplicate = await s.submit(request, caller)
+    job_id, duplicate = await s.submit(request, caller)
     if not body.stream:
         result = await s.store.wait(job_id, s.wait_s(request))
         if not result.ok:
@@ -86,8 +96,10 @@ async def _complete(endpoint: str, body: Body, s: Services, caller: Caller, idem
             return JSONResponse(error, status_code=status)
         return response_body(endpoint, result)
     include_usage = body.stream_options is not None and body.stream_options.include_usage
+    if duplicate:
+        await _replayable(job_id, s)
     return StreamingResponse(
-        _events(endpoint, job_id, request, s, include_usage=include_usage),
+        _events(endpoint, job_id, request, s, include_usage=include_usage, keep=idempotency_key is not None),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Genq-Job-Id": job_id},
     )
@@ -97,9 +109,24 @@ def _sse(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data, separators=(',', ':'), ensure_ascii=False)}\n\n"
 
 
+async def _replayable(job_id: str, s: Services) -> None:
+    """A retried stream replays its job from the first token; one whose job ended without success
+    would replay part of an answer and then an error: refuse it clearly instead."""
+    found = await s.store.result(job_id)
+    if found is not None and found.state is not JobState.SUCCEEDED:
+        raise ApiError(
+            409,
+            f"the earlier request with this Idempotency-Key (job {job_id}) was {found.state.value}, so there is "
+            "no whole output to replay; send the request again with a new Idempotency-Key",
+            code="idempotency_key_job_ended",
+        )
+
+
 async def _events(
-    endpoint: str, job_id: str, request: GenerationRequest, s: Services, *, include_usage: bool
+    endpoint: str, job_id: str, request: GenerationRequest, s: Services, *, include_usage: bool, keep: bool
 ) -> AsyncIterator[str]:
+    """The job's tokens as SSE. `keep`: the request is idempotent, so a hang-up leaves the job running
+    for a retry (see the module doc); otherwise a hang-up cancels it."""
     created, model = now_s(), request.model
     finished = False
     try:
@@ -123,7 +150,7 @@ async def _events(
                 yield _sse(usage_chunk(endpoint, result, created))
         yield "data: [DONE]\n\n"
     finally:
-        if not finished:  # the caller hung up (or the wait timed out): free the worker's slot
+        if not finished and not keep:  # the caller hung up (or the wait timed out): free the worker's slot
             with anyio.CancelScope(shield=True):
                 try:
                     await s.store.cancel(job_id)

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from jobcontract.durability import NotReplicated
-from jobcontract.jobs import QueueFull, UnknownJob
+from jobcontract.jobs import IdempotencyConflict, QueueFull, UnknownJob
 from jobcontract.outage import OUTAGE_ERRORS
 from producer.batch.book import UnknownBatch
 from producer.client import GenqUnavailable
@@ -81,6 +81,15 @@ def install(app: FastAPI) -> None:
         retry = str(max(1, math.ceil(error.retry_after_s)))
         body = error_body(str(error), "rate_limit_error", code="queue_full")
         return _json(429, body, {"Retry-After": retry})
+
+    @app.exception_handler(IdempotencyConflict)
+    async def reused_key(_request: Request, error: IdempotencyConflict) -> JSONResponse:
+        # The key as stored is the tenant's scoped form: never shown, the caller knows its own key.
+        message = (
+            f"this Idempotency-Key was already used for a different request (job {error.job_id}); "
+            "a new request needs a new key"
+        )
+        return _json(409, error_body(message, "invalid_request_error", code="idempotency_key_reused"))
 
     @app.exception_handler(UnknownJob)
     async def unknown_job(_request: Request, error: UnknownJob) -> JSONResponse:

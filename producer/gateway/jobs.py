@@ -1,4 +1,5 @@
-"""genq's own job endpoints: submit without waiting, then poll status, fetch the result, or cancel."""
+"""genq's own job endpoints: submit without waiting, then poll status, fetch the result, or cancel;
+each on the caller's tenant's jobs only (producer/gateway/tenants.py)."""
 
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ async def submit(
 
 
 @router.get("/{job_id}", summary="Where a job is now")
-async def status(job_id: ResourceId, s: Annotated[Services, Depends(services)]) -> JobStatus:
+async def status(job_id: ResourceId, s: Annotated[Services, Depends(services)], caller: CallerDep) -> JobStatus:
+    await s.owners.check(job_id, caller)
     return await s.store.status(job_id)
 
 
@@ -48,8 +50,10 @@ async def status(job_id: ResourceId, s: Annotated[Services, Depends(services)]) 
 async def result(
     job_id: ResourceId,
     s: Annotated[Services, Depends(services)],
+    caller: CallerDep,
     wait: Annotated[float, Query(ge=0, description="Seconds to wait for the result before answering 202.")] = 0.0,
 ) -> Any:
+    await s.owners.check(job_id, caller)
     if wait > 0:
         try:
             return await s.store.wait(job_id, min(wait, s.settings.gateway_max_wait_s))
@@ -63,7 +67,8 @@ async def result(
 
 
 @router.post("/{job_id}/cancel", summary="Cancel a queued job (it never runs) or a running one (aborted)")
-async def cancel(job_id: ResourceId, s: Annotated[Services, Depends(services)]) -> dict[str, str]:
+async def cancel(job_id: ResourceId, s: Annotated[Services, Depends(services)], caller: CallerDep) -> dict[str, str]:
+    await s.owners.check(job_id, caller)
     state = await s.store.cancel(job_id)
     return {"job_id": job_id, "state": state.value}
 

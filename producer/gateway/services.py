@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
@@ -16,6 +17,7 @@ from producer.gateway.api_keys import Caller
 from producer.gateway.errors import unknown_model
 from producer.gateway.quotas import Quotas, too_many
 from producer.gateway.settings import GatewaySettings
+from producer.gateway.tenants import JobOwners, scoped_key
 
 if TYPE_CHECKING:
     from producer.gateway.batches import BatchSupervisor
@@ -40,9 +42,15 @@ class Services:
             raise unknown_model(model, list(limits.models))
         return limits.cap(GenerationRequest.model_validate(fields, context={"limits": limits}))
 
+    @cached_property
+    def owners(self) -> JobOwners:
+        return JobOwners(self.redis, self.store.keys)
+
     async def submit(self, request: GenerationRequest, caller: Caller) -> tuple[str, bool]:
-        """Queue one job within the caller's bound on unfinished jobs; (job id, whether an
-        idempotency key matched an earlier job)."""
+        """Queue one job of the caller's tenant within the caller's bound on unfinished jobs; (job id,
+        whether an idempotency key of the tenant matched an earlier job)."""
+        if request.idempotency_key is not None:
+            request = request.model_copy(update={"idempotency_key": scoped_key(caller, request.idempotency_key)})
         job_id, key = new_job_id(), caller.key
         if key is not None and not await self.quotas.jobs.reserve(key.name, job_id, key.max_queued):
             raise too_many(key.name, "jobs", key.max_queued)
@@ -59,6 +67,7 @@ class Services:
             raise
         if key is not None and receipt.duplicate:  # the earlier job holds its own slot
             await self.quotas.jobs.release(key.name, job_id)
+        await self.owners.claim(receipt.job_id, caller)  # before anyone learns the id
         return receipt.job_id, receipt.duplicate
 
     def wait_s(self, request: GenerationRequest) -> float:

@@ -11,7 +11,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from jobcontract.settings import GenqSettings
-from producer.gateway.api_keys import ApiKeyEntry, KeyRing, load_file, parse_entries, parse_rate
+from producer.gateway.api_keys import ApiKeyEntry, FileBounds, KeyRing, load_file, parse_entries, parse_rate
 
 
 class GatewaySettings(GenqSettings):
@@ -31,6 +31,12 @@ class GatewaySettings(GenqSettings):
     gateway_key_rate: str = Field(default="1200/minute", description="Each key's default rate ('unlimited': none).")
     gateway_key_max_queued: int = Field(default=1000, ge=1, description="Each key's default bound on unfinished jobs.")
     gateway_key_max_batches: int = Field(default=8, ge=0, description="Each key's default bound on unfinished batches.")
+    gateway_tenant_max_files: int = Field(default=1000, ge=1, description="Files one tenant may hold in /v1/files.")
+    gateway_tenant_max_file_bytes: int = Field(
+        default=1 << 30,
+        ge=1,
+        description="Bytes one tenant's files may hold in /v1/files (they live in Redis's memory).",
+    )
     gateway_max_batch_lines: int = Field(default=100_000, ge=1, description="Lines in one batch input file.")
     gateway_max_wait_s: float = Field(default=300.0, gt=0, description="Longest wait on /v1/genq/jobs/{id}/result.")
 
@@ -55,6 +61,16 @@ class GatewaySettings(GenqSettings):
             rate=self.gateway_key_rate,
             max_queued=self.gateway_key_max_queued,
             max_batches=self.gateway_key_max_batches,
+            files=self.file_bounds,
+        )
+
+    @property
+    def file_bounds(self) -> FileBounds:
+        """Each tenant's bounds in /v1/files unless its key names its own."""
+        return FileBounds(
+            max_files=self.gateway_tenant_max_files,
+            max_bytes=self.gateway_tenant_max_file_bytes,
+            max_upload_bytes=self.gateway_max_file_bytes,
         )
 
     @property

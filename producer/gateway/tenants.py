@@ -1,0 +1,63 @@
+"""Whose a job is, and idempotency keys per tenant.
+
+A job queued through the gateway carries its tenant in its record (`tenant` in the job hash), written
+right after admission and before its id is given to anyone, so every read by id can check it. A job
+of a gateway batch has no `tenant` of its own: it is its batch's. A job made outside the gateway
+(the Python client, `genq batch run`) belongs to no tenant, and only callers who see all (an admin
+key, or a gateway without keys) see it. Another tenant's job answers exactly as an id that does not
+exist: the same UnknownJob, so no answer tells whether an id exists.
+
+An Idempotency-Key is the tenant's own: it reaches the store as `@TENANT:` and the SHA-256 of the key
+(`@` cannot start a batch id, so it never meets a batch line's `BATCH:CUSTOM_ID` key, and the digest
+keeps it within the 256 characters a key may have), so two tenants using the same key get two jobs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from jobcontract.jobs import UnknownJob
+from jobcontract.keys import Keys
+from producer.gateway.api_keys import Caller
+
+CLAIM_SCRIPT = """
+-- KEYS: job. ARGV: tenant. Never creates a record (one that expired stays gone), never changes an owner.
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+return redis.call('HSETNX', KEYS[1], 'tenant', ARGV[1])
+"""
+
+
+def scoped_key(caller: Caller, key: str | None) -> str | None:
+    """The key as the store sees it: the tenant's own, except without API keys (one tenant, as before)."""
+    if key is None or caller.key is None:
+        return key
+    return f"@{caller.tenant}:{hashlib.sha256(key.encode()).hexdigest()}"
+
+
+class JobOwners:
+    def __init__(self, client: aioredis.Redis, keys: Keys) -> None:
+        self.client = client
+        self.keys = keys
+        self._claim = client.register_script(CLAIM_SCRIPT)
+
+    async def claim(self, job_id: str, caller: Caller) -> None:
+        await self._claim(keys=[self.keys.job(job_id)], args=[caller.tenant])
+
+    async def check(self, job_id: str, caller: Caller) -> None:
+        """UnknownJob unless the job is the caller's (or the caller sees all and the job exists)."""
+        if caller.sees_all:
+            return
+        owner, batch_id = (_text(v) for v in await self.client.hmget(self.keys.job(job_id), ["tenant", "batch"]))
+        if owner is None and batch_id is not None:
+            owner = _text(await self.client.hget(self.keys.batch(batch_id), "tenant"))
+        if owner != caller.tenant:
+            raise UnknownJob(job_id)
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
