@@ -7,10 +7,12 @@ import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
+import pytest
+
 from jobcontract.models import Attempt, AttemptOutcome, Backend
 from jobcontract.routes import BackendRoute, ModelRoute
 from workers.policy import GiveUp, Reroute, RetryHere, decide
-from workers.solo import SoloGate
+from workers.solo import GateClosed, SoloGate
 
 ROUTE = ModelRoute(
     name="m",
@@ -148,3 +150,29 @@ def test_the_solo_gate_runs_a_suspect_with_nothing_else_on_the_server() -> None:
     assert [count for solo, count in overlaps if solo] == [1]
     assert max(count for _solo, count in overlaps) > 1  # the others did share the server
 
+
+def test_a_job_waiting_at_the_solo_gate_stops_waiting_at_its_deadline_or_on_cancel() -> None:
+    gate, release = SoloGate(), threading.Event()
+
+    def suspect() -> None:
+        with gate.enter(solo=True):
+            release.wait(10)
+
+    holder = threading.Thread(target=suspect)
+    holder.start()
+    try:
+        while not gate._solo:
+            time.sleep(0.001)
+        with pytest.raises(GateClosed) as late, gate.enter(solo=False, deadline=time.monotonic() + 0.05):
+            pass
+        assert not late.value.cancelled
+        cancelled = threading.Event()
+        threading.Timer(0.05, cancelled.set).start()
+        with pytest.raises(GateClosed) as stopped, gate.enter(solo=True, cancelled=cancelled):
+            pass
+        assert stopped.value.cancelled
+    finally:
+        release.set()
+        holder.join()
+    with gate.enter(solo=False, deadline=time.monotonic() + 1):  # nothing left behind by the two who gave up
+        pass
