@@ -126,12 +126,6 @@ def test_many_crashes_while_shared_move_the_job_elsewhere_before_giving_up() -> 
     assert isinstance(given_up, GiveUp) and given_up.dead_letter and "4 times" in given_up.reason
 
 
-def test_a_suspect_stays_alone_through_other_failures_on_its_pool() -> None:
-    timed_out_alone = attempt(MLX, AttemptOutcome.UNAVAILABLE, solo=True)
-    decision = choose(timed_out_alone, [attempt(MLX, AttemptOutcome.SERVER_CRASHED)])
-    assert isinstance(decision, RetryHere) and decision.solo
-
-
 def test_the_solo_gate_runs_a_suspect_with_nothing_else_on_the_server() -> None:
     gate, inside, overlaps = SoloGate(), [0], []
 

@@ -61,8 +61,7 @@ def decide(
 
     A server that died mid-answer is not charged to the jobs it was serving: each is retried alone.
     A job under which the server died alone twice is poison for that backend: it moves to another
-    live backend if its route has one, and only then goes to dead letters. A suspect stays a suspect
-    (runs alone) through other failures on the same pool until it succeeds."""
+    live backend if its route has one, and only then goes to dead letters."""
     if not retryable:
         return GiveUp(f"{failed.outcome.value}: {failed.error}", dead_letter=False)
     if remaining_s <= 0:
@@ -89,7 +88,7 @@ def decide(
     if tries_here < here.max_attempts and (not circuit_open(failed.backend) or not live):
         delay = here.retry_backoff_s * 2 ** (tries_here - 1)
         if delay < remaining_s:
-            return RetryHere(delay, solo=failed.solo)
+            return RetryHere(delay)
     if live:
         return Reroute(_closed_first(live, circuit_open))
     return GiveUp(
