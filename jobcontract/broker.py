@@ -35,6 +35,8 @@ DELAY_QUEUE_BLOCK_MS = 100
 REDELIVERIES_FIELD = "r"
 # How often a consumer looks for entries pending on its name that it never received.
 ORPHAN_CHECK_S = 10.0
+# How soon an entry left pending (its job's next step could not be settled) is taken back.
+LEFT_PENDING_RETRY_S = 1.0
 
 # Hands entries back to their stream as new entries. XACK answers 1 only for an entry still
 # pending, so when several janitors race for the same entry exactly one moves it. An entry handed
@@ -94,6 +96,13 @@ if #pending < 500 then redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARG
 return moved
 """
 )
+
+
+class LeavePending(Exception):
+    """Stuffed into a processed message by middleware that could not settle the job's fate (its next
+    step could not be decided or queued): the consumer neither acks nor requeues the entry, which
+    needs no Redis. It stays pending on this consumer's name and comes back through `_adopt_orphans`
+    while this process lives, or through a janitor's reclaim once it is gone."""
 
 
 class StreamMessage(dramatiq.MessageProxy):
@@ -349,6 +358,9 @@ class StreamsConsumer(dramatiq.Consumer):
                 self._take(entry_id, fields)
 
     def ack(self, message: dramatiq.MessageProxy) -> None:
+        if isinstance(getattr(message, "_exception", None), LeavePending):
+            self._leave_pending(_entry_id(message))
+            return
         if isinstance(getattr(message, "_exception", None), OUTAGE_ERRORS):
             # The run broke off because Redis was away, not because of the job: it runs again.
             self.requeue([message])
@@ -376,6 +388,13 @@ class StreamsConsumer(dramatiq.Consumer):
         if self.buffer:
             self.requeue(list(self.buffer))
             self.buffer.clear()
+
+    def _leave_pending(self, entry_id: str) -> None:
+        """Forget the entry here without touching Redis, and look for it again soon: an entry pending
+        on this name that this consumer does not hold is what the orphan check takes back."""
+        log.warning("entry %s of %s left pending; it will be delivered again", entry_id, self.stream)
+        self._release(entry_id)
+        self.next_orphan_check = min(self.next_orphan_check, time.monotonic() + LEFT_PENDING_RETRY_S)
 
     def _release(self, entry_id: str) -> None:
         """Called only once the entry is settled in Redis, so it never looks orphaned in between."""

@@ -162,3 +162,49 @@ def wait_for(predicate, timeout: float, interval: float = 0.02) -> float | None:
 
 def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def write_routes(path: Path, models_dir: Path, *, mlx: str = "", llamacpp: str = "") -> Path:
+    """A routes file for the tiny model, mlx first then llama.cpp, each with extra TOML lines."""
+    path.write_text(
+        f"""
+[[models]]
+name = "tiny"
+
+[[models.backends]]
+path = "{models_dir / "tiny-llama"}"
+{mlx}
+
+[[models.backends]]
+path = "{models_dir / "tiny-llama.gguf"}"
+context_length = 512
+{llamacpp}
+"""
+    )
+    return path
+
+
+def attempts_generating(client: redis.Redis, keys: Keys, job_id: str) -> int:
+    """How many attempts of a streamed job have sent a first token: each attempt numbers its tokens from 0."""
+    return sum(
+        1
+        for _id, fields in client.xrange(keys.events(job_id))
+        if fields.get(b"type") == b"token" and fields[b"i"] == b"0"
+    )
+
+
+def held_message(client: redis.Redis, keys: Keys, job_id: str) -> dramatiq.Message[object] | None:
+    """The dramatiq message of a job as its pending stream entry holds it (what the worker runs now)."""
+    for raw in client.smembers(keys.queues):
+        stream = keys.stream(_text(raw))
+        try:
+            entries = client.xpending_range(stream, CONSUMER_GROUP, min="-", max="+", count=10_000)
+        except redis.ResponseError:
+            continue
+        for entry in entries:
+            found = client.xrange(stream, min=entry["message_id"], max=entry["message_id"])
+            if found:
+                message = dramatiq.Message.decode(found[0][1][b"m"])
+                if message.message_id == job_id:
+                    return message
+    return None

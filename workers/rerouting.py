@@ -2,6 +2,11 @@
 
 It replaces dramatiq's Retries middleware, which retries every exception on the same queue with
 a 15 s backoff and knows nothing of deadlines or other backends.
+
+Every Redis step of a decision waits out an outage like the worker's other calls. A decision that
+still cannot be made is not a reason to drop the job: dramatiq would log the error and ack the
+message, leaving the job `running` with no result, retry or dead letter. Instead the message is
+marked `Undecided`, and the consumer leaves its entry pending in Redis to be delivered again.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from typing import Any
 
 import dramatiq
 
+from jobcontract.broker import LeavePending
 from jobcontract.jobs import JobStore
 from jobcontract.keys import pool_name, queue_name
 from jobcontract.models import (
@@ -24,6 +30,7 @@ from jobcontract.models import (
     Timings,
     utc_from_micros,
 )
+from jobcontract.outage import ride_out
 from jobcontract.routes import ModelRoute
 from workers.circuit import CircuitBreaker
 from workers.metrics import WorkerMetrics
@@ -31,6 +38,11 @@ from workers.policy import GiveUp, Reroute, RetryHere, decide
 from workers.runner import AttemptFailed
 
 log = logging.getLogger(__name__)
+
+
+class Undecided(LeavePending):
+    """What to do after a failed attempt could not be decided (Redis away too long, or a bug): the
+    consumer must leave the message's entry pending, never ack it, so the job runs again."""
 
 
 class Rerouting(dramatiq.Middleware):
@@ -62,6 +74,17 @@ class Rerouting(dramatiq.Middleware):
         if exception is None:
             self.circuit.record_success(self.backend)  # "in a row": a success ends a failure streak
             return
+        try:
+            self._after_failure(broker, message, exception)
+        except Exception as error:
+            log.error(
+                "job %s: could not decide what follows its failed attempt (%r); it will be delivered again",
+                message.message_id,
+                error,
+            )
+            message.stuff_exception(Undecided(repr(error)))
+
+    def _after_failure(self, broker: dramatiq.Broker, message: dramatiq.MessageProxy, exception: BaseException) -> None:
         request = GenerationRequest.model_validate(message.kwargs["request"])
         if not isinstance(exception, AttemptFailed):
             log.exception("job %s failed on an unexpected error", message.message_id, exc_info=exception)
@@ -107,10 +130,13 @@ class Rerouting(dramatiq.Middleware):
 
     def _serving(self, backend: Backend) -> bool:
         """A pool serves while some worker's vouched-until instant (Redis clock) is still ahead."""
-        seconds, micros = self.store.client.time()
-        now_us = int(seconds) * 1_000_000 + int(micros)
         pool = self.store.keys.pool(pool_name(self.route.name, backend))
-        return int(self.store.client.zcount(pool, now_us, "+inf")) > 0
+
+        def count() -> int:
+            seconds, micros = self.store.client.time()
+            return int(self.store.client.zcount(pool, int(seconds) * 1_000_000 + int(micros), "+inf"))
+
+        return ride_out(count, self.store.outage_patience_s) > 0
 
     def _give_up(
         self,

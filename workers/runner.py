@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -32,7 +33,7 @@ from workers.backend_client import BackendError, Cancelled, Timeouts, complete
 from workers.cancellation import CancelWatch
 from workers.metrics import WorkerMetrics
 from workers.servers.supervisor import ServerSupervisor
-from workers.solo import SoloGate
+from workers.solo import POLL_S, GateClosed, SoloGate
 
 log = logging.getLogger(__name__)
 
@@ -84,22 +85,25 @@ class JobRunner:
     ) -> None:
         parsed = GenerationRequest.model_validate(request)
         queue = self.queue_for_lane[parsed.lane.value]
-        ticket = self.store.start(job_id, self.worker_name, self.backend, queue)
-        if not isinstance(ticket, StartTicket):
-            if ticket is JobState.CANCELLED:
-                self._finish_cancelled(job_id, parsed, attempts, batch_id, started=None)
-            log.info("job %s not run: %s", job_id, "record expired" if ticket is None else ticket.value)
-            return
-        with self._count_lock:
-            self.in_flight += 1
-            self.metrics.in_flight.set(self.in_flight)
-        try:
-            with self.gate.enter(solo=solo):
-                self._attempt(job_id, parsed, attempts, batch_id, ticket, solo)
-        finally:
+        # Listen before the job is marked running: a cancel sent once it runs is then never missed (one
+        # sent before is seen by the start script), and it holds from the start, not from the request.
+        with self.cancels.watch(job_id) as cancelled:
+            ticket = self.store.start(job_id, self.worker_name, self.backend, queue)
+            started_mono = time.monotonic()
+            if not isinstance(ticket, StartTicket):
+                if ticket is JobState.CANCELLED:
+                    self._finish_cancelled(job_id, parsed, attempts, batch_id, started=None)
+                log.info("job %s not run: %s", job_id, "record expired" if ticket is None else ticket.value)
+                return
             with self._count_lock:
-                self.in_flight -= 1
+                self.in_flight += 1
                 self.metrics.in_flight.set(self.in_flight)
+            try:
+                self._attempt(job_id, parsed, attempts, batch_id, ticket, solo, started_mono, cancelled)
+            finally:
+                with self._count_lock:
+                    self.in_flight -= 1
+                    self.metrics.in_flight.set(self.in_flight)
 
     def _attempt(
         self,
@@ -109,10 +113,14 @@ class JobRunner:
         batch_id: str | None,
         ticket: StartTicket,
         solo: bool,
+        started_mono: float,
+        cancelled: threading.Event,
     ) -> None:
-        started_mono = time.monotonic()
+        """One attempt, timed from its real start: waiting at the solo gate and for a restarting server
+        is part of it, is taken from its deadline, and ends when the job is cancelled."""
         started_at = utc_from_micros(ticket.started_us)
         enqueued_at = utc_from_micros(ticket.enqueued_us)
+        deadline = started_mono + ticket.remaining_s
         self.metrics.queue_wait.labels(**self._labels(request)).observe(
             max(0.0, (ticket.started_us - ticket.enqueued_us) / 1e6)
         )
@@ -131,45 +139,86 @@ class JobRunner:
                 attempt, retryable=retryable, deadline_us=ticket.deadline_us, enqueued_us=ticket.enqueued_us
             )
 
-        remaining = ticket.remaining_s
-        if remaining <= 0:
+        def finish_cancelled() -> None:
+            self._finish_cancelled(
+                job_id,
+                request,
+                history,
+                batch_id,
+                started=started_at,
+                enqueued_at=enqueued_at,
+                duration=time.monotonic() - started_mono,
+            )
+
+        if ticket.remaining_s <= 0:
             raise fail(AttemptOutcome.TIMEOUT, "deadline passed before the job started", False)
-        if not self.server.wait_ready(min(remaining, self.route.first_token_timeout_s)):
-            raise fail(AttemptOutcome.UNAVAILABLE, f"{self.server.spec.name} is not ready", True)
+        try:
+            with self.gate.enter(solo=solo, deadline=deadline, cancelled=cancelled):
+                waited = self._await_server(deadline, cancelled)
+                if waited == "cancelled":
+                    finish_cancelled()
+                    return
+                if waited == "deadline":
+                    raise fail(AttemptOutcome.TIMEOUT, f"deadline passed waiting for {self.server.spec.name}", False)
+                if waited == "not ready":
+                    raise fail(AttemptOutcome.UNAVAILABLE, f"{self.server.spec.name} is not ready", True)
+                self._generate(job_id, request, history, batch_id, ticket, started_mono, deadline, cancelled, fail)
+        except GateClosed as closed:
+            if closed.cancelled:
+                finish_cancelled()
+                return
+            raise fail(
+                AttemptOutcome.TIMEOUT, "deadline passed waiting for jobs running alone on the server", False
+            ) from closed
+        except Cancelled:
+            finish_cancelled()
+
+    def _await_server(self, deadline: float, cancelled: threading.Event) -> str:
+        """Wait for the server (restarting after a crash) as long as a first token may take: 'ready',
+        'not ready', or 'deadline' / 'cancelled' when those come first."""
+        ready_by = min(deadline, time.monotonic() + self.route.first_token_timeout_s)
+        while not self.server.wait_ready(min(POLL_S, ready_by - time.monotonic())):
+            if cancelled.is_set():
+                return "cancelled"
+            if time.monotonic() >= ready_by:
+                return "deadline" if time.monotonic() >= deadline else "not ready"
+        return "cancelled" if cancelled.is_set() else "ready"
+
+    def _generate(
+        self,
+        job_id: str,
+        request: GenerationRequest,
+        history: list[dict[str, Any]],
+        batch_id: str | None,
+        ticket: StartTicket,
+        started_mono: float,
+        deadline: float,
+        cancelled: threading.Event,
+        fail: Callable[[AttemptOutcome, str, bool], AttemptFailed],
+    ) -> None:
+        started_at = utc_from_micros(ticket.started_us)
         server_before = self.server.pid
         timeouts = Timeouts(
             first_token_s=self.route.first_token_timeout_s,
             between_tokens_s=self.route.token_timeout_s,
-            deadline=started_mono + remaining,
+            deadline=deadline,
         )
         publish = (lambda i, text: self.store.publish_token(job_id, i, text)) if request.stream else None
-        with self.cancels.watch(job_id) as cancelled:
-            try:
-                completion = complete(
-                    self.http,
-                    self.server.base_url,
-                    request,
-                    self.server.spec,
-                    timeouts,
-                    on_text=publish,
-                    cancelled=cancelled,
-                )
-            except Cancelled:
-                self._finish_cancelled(
-                    job_id,
-                    request,
-                    history,
-                    batch_id,
-                    started=started_at,
-                    enqueued_at=enqueued_at,
-                    duration=time.monotonic() - started_mono,
-                )
-                return
-            except BackendError as error:
-                outcome = error.outcome
-                if outcome is AttemptOutcome.CONNECTION_ERROR and self.server.died_since(server_before):
-                    outcome = AttemptOutcome.SERVER_CRASHED
-                raise fail(outcome, str(error), error.retryable) from error
+        try:
+            completion = complete(
+                self.http,
+                self.server.base_url,
+                request,
+                self.server.spec,
+                timeouts,
+                on_text=publish,
+                cancelled=cancelled,
+            )
+        except BackendError as error:
+            outcome = error.outcome
+            if outcome is AttemptOutcome.CONNECTION_ERROR and self.server.died_since(server_before):
+                outcome = AttemptOutcome.SERVER_CRASHED
+            raise fail(outcome, str(error), error.retryable) from error
 
         def at(mono: float) -> datetime:
             return started_at + timedelta(seconds=mono - started_mono)
@@ -192,7 +241,7 @@ class JobRunner:
             worker=self.worker_name,
             attempts=[*(Attempt.model_validate(a) for a in history), attempt],
             timings=Timings(
-                enqueued_at=enqueued_at,
+                enqueued_at=utc_from_micros(ticket.enqueued_us),
                 started_at=started_at,
                 first_token_at=None if completion.first_token_at is None else at(completion.first_token_at),
                 finished_at=at(completion.finished_at),

@@ -51,6 +51,10 @@ return n
 """
 
 
+# How often liveness keys are renewed: well inside the shortest TTL allowed (2 s).
+VOUCH_EVERY_S = 0.5
+
+
 @dataclass
 class Child:
     name: str
@@ -95,7 +99,7 @@ class WorkerPool:
         try:
             for _ in range(self.settings.processes):
                 self.children.append(self._spawn())
-            while not self.stopping.wait(0.5):
+            while not self.stopping.wait(VOUCH_EVERY_S):
                 self._tend()
         finally:
             self._shutdown()
@@ -125,11 +129,12 @@ class WorkerPool:
         except redis.RedisError as error:
             log.warning("redis unreachable from the supervisor (%s); workers keep their jobs", error)
 
-    def _vouch_for(self, children: list[Child]) -> None:
+    def _vouch_for(self, children: list[Child], *, serving: bool = True) -> None:
+        """Renew each child's liveness key; add the ready ones to the pool set unless `serving` is off."""
         if not children:
             return
         keys = [self.pool, *(self.keys.alive(c.name) for c in children)]
-        ready = ["1" if c.ready.is_set() else "0" for c in children]
+        ready = ["1" if serving and c.ready.is_set() else "0" for c in children]
         ttl_ms = int(self.settings.liveness_ttl_s * 1000)
         self._vouch(keys=keys, args=[ttl_ms, *(c.name for c in children), *ready])
 
@@ -162,17 +167,33 @@ class WorkerPool:
                 log.info("handed back %d job(s) of %s", moved, child.name)
 
     def _shutdown(self) -> None:
+        """Stop every child, vouching for each until the moment it exits: a draining worker still holds
+        its jobs, and a liveness key left to expire meanwhile would let other workers' janitors hand
+        them out to run a second time. It no longer serves, so it leaves the pool set at once."""
         log.info("stopping %d worker(s), grace %.0fs", len(self.children), self.settings.shutdown_grace_s)
+        with contextlib.suppress(redis.RedisError):
+            if self.children:
+                self.client.zrem(self.pool, *(c.name for c in self.children))
         for child in self.children:
             with contextlib.suppress(ProcessLookupError):
                 if child.process.pid:
                     os.kill(child.process.pid, signal.SIGTERM)
         deadline = time.monotonic() + self.settings.shutdown_grace_s + 10
-        for child in self.children:
-            child.process.join(timeout=max(0.1, deadline - time.monotonic()))
-            if child.process.is_alive():
-                log.warning("worker %s did not stop in time; killing it", child.name)
-            self._bury(child)
+        draining = list(self.children)
+        while draining:
+            for child in [c for c in draining if not c.process.is_alive()]:
+                self._bury(child)
+                draining.remove(child)
+            if not draining:
+                break
+            if time.monotonic() > deadline:
+                for child in draining:
+                    log.warning("worker %s did not stop in time; killing it", child.name)
+                    self._bury(child)
+                break
+            with contextlib.suppress(redis.RedisError):
+                self._vouch_for(draining, serving=False)
+            draining[0].process.join(timeout=min(VOUCH_EVERY_S, max(0.0, deadline - time.monotonic())))
         self.children.clear()
 
     # -- metrics across processes ------------------------------------------------------------------
