@@ -15,6 +15,7 @@ import logging
 from typing import Any
 
 import dramatiq
+from dramatiq.errors import BrokerConnectionError
 
 from jobcontract.broker import LeavePending
 from jobcontract.jobs import JobStore
@@ -30,7 +31,7 @@ from jobcontract.models import (
     Timings,
     utc_from_micros,
 )
-from jobcontract.outage import ride_out
+from jobcontract.outage import OUTAGE_ERRORS, ride_out
 from jobcontract.routes import ModelRoute
 from workers.circuit import CircuitBreaker
 from workers.metrics import WorkerMetrics
@@ -41,8 +42,8 @@ log = logging.getLogger(__name__)
 
 
 class Undecided(LeavePending):
-    """What to do after a failed attempt could not be decided (Redis away too long, or a bug): the
-    consumer must leave the message's entry pending, never ack it, so the job runs again."""
+    """What to do after a failed attempt could not be decided (Redis away too long): the consumer
+    must leave the message's entry pending, never ack it, so the job runs again."""
 
 
 class Rerouting(dramatiq.Middleware):
@@ -76,13 +77,28 @@ class Rerouting(dramatiq.Middleware):
             return
         try:
             self._after_failure(broker, message, exception)
-        except Exception as error:
+        except (*OUTAGE_ERRORS, BrokerConnectionError) as error:
             log.error(
                 "job %s: could not decide what follows its failed attempt (%r); it will be delivered again",
                 message.message_id,
                 error,
             )
             message.stuff_exception(Undecided(repr(error)))
+        except Exception as error:
+            # A bug, not an outage: delivering it again would fail the same way, every second, forever.
+            log.exception("job %s: deciding what follows its failed attempt raised; dead-lettered", message.message_id)
+            self._dead_letter_on_bug(message, error)
+
+    def _dead_letter_on_bug(self, message: dramatiq.MessageProxy, error: Exception) -> None:
+        """File the job under dead letters (replayable) with a failed result, so nobody waits on it; if
+        even that cannot be written, leave the entry pending rather than lose the job."""
+        try:
+            request = GenerationRequest.model_validate(message.kwargs["request"])
+            reason = GiveUp(f"worker error while deciding: {error!r}", dead_letter=True)
+            self._give_up(message, request, [], reason, None)
+        except Exception as second:
+            log.error("job %s: could not dead-letter it either (%r); delivered again", message.message_id, second)
+            message.stuff_exception(Undecided(repr(second)))
 
     def _after_failure(self, broker: dramatiq.Broker, message: dramatiq.MessageProxy, exception: BaseException) -> None:
         request = GenerationRequest.model_validate(message.kwargs["request"])
