@@ -22,12 +22,14 @@ from typing import Any
 import dramatiq
 import pytest
 import redis
+from prometheus_client import CollectorRegistry
 
 from genq.local_redis import LocalRedis
 from jobcontract.broker import LeavePending, StreamsBroker
 from jobcontract.connection import connect
+from jobcontract.jobs import JobStore
 from jobcontract.keys import CONSUMER_GROUP, Keys
-from jobcontract.models import AttemptOutcome, Backend, GenerationRequest, JobState
+from jobcontract.models import Attempt, AttemptOutcome, Backend, GenerationRequest, JobState
 from jobcontract.settings import GenqSettings
 from producer.client import Client
 from tests.faults import (
@@ -48,6 +50,10 @@ from tests.faults import (
     write_routes,
 )
 from tests.harness import WorkerHandle, alive, start_worker
+from workers import rerouting
+from workers.circuit import CircuitBreaker
+from workers.metrics import WorkerMetrics
+from workers.runner import AttemptFailed
 
 StartWorker = Callable[..., WorkerHandle]
 
@@ -319,3 +325,60 @@ def test_the_deadline_holds_while_a_job_waits_behind_suspects_and_timings_are_tr
         recorded_us = result.timings.finished_at.timestamp() * 1e6
         # The result is built just before it is recorded: a second apart is a lie, not a delay.
         assert really_finished_us - recorded_us < 1_000_000, (job_id, result.timings, result.attempts)
+
+
+# -- a bug while deciding is not an outage --------------------------------------------------------------
+def test_a_bug_while_deciding_dead_letters_the_job_instead_of_redelivering_it_forever(
+    settings: GenqSettings, raw: redis.Redis, client: Client, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Leaving the entry pending is right for an outage (the next delivery may decide); for a bug it
+    would fail the same way every second, forever. The job must end failed, filed under dead letters."""
+
+    def broken_decide(**_: Any) -> Any:
+        raise ValueError("a bug in the policy")
+
+    monkeypatch.setattr(rerouting, "decide", broken_decide)
+    job_id = client.submit(ask("a job whose retry decision hits a bug"))
+    message = held_message_or_queued(raw, keys, job_id)
+    store = JobStore(raw, keys, result_ttl_s=600, max_queued=100)
+    middleware = rerouting.Rerouting(
+        store=store,
+        route=settings.routes.get("tiny"),
+        backend=Backend.MLX,
+        circuit=CircuitBreaker(raw, keys, "tiny"),
+        metrics=WorkerMetrics("tiny", "mlx", registry=CollectorRegistry()),
+        worker_name="test-worker",
+    )
+    attempt_started = store.start(job_id, "test-worker", Backend.MLX, message.queue_name)
+    assert not isinstance(attempt_started, JobState | None)
+    failed = AttemptFailed(
+        Attempt(
+            backend=Backend.MLX,
+            worker="test-worker",
+            outcome=AttemptOutcome.SERVER_ERROR,
+            started_at=store.now(),
+            duration_s=0.1,
+            error="500 from the server",
+        ),
+        retryable=True,
+        deadline_us=attempt_started.deadline_us,
+        enqueued_us=attempt_started.enqueued_us,
+    )
+    proxy = dramatiq.MessageProxy(message)
+    middleware.after_process_message(StreamsBroker(raw, keys), proxy, exception=failed)
+
+    assert not isinstance(getattr(proxy, "_exception", None), LeavePending), "a bug must not leave it pending"
+    assert proxy.failed, "the consumer's nack files it under dead letters"
+    result = client.result(job_id, timeout=5)
+    assert result.state is JobState.FAILED
+    assert "a bug in the policy" in (result.error.message if result.error else "")
+
+
+def held_message_or_queued(raw: redis.Redis, keys: Keys, job_id: str) -> dramatiq.Message[object]:
+    """The job's dramatiq message, read from its queue's stream (nobody has taken it yet)."""
+    for queue in raw.smembers(keys.queues):
+        for _id, fields in raw.xrange(keys.stream(queue.decode())):
+            message = dramatiq.Message.decode(fields[b"m"])
+            if message.message_id == job_id:
+                return message
+    raise AssertionError(f"job {job_id} is in no queue")
