@@ -52,7 +52,7 @@ async def result(
 ) -> Any:
     if wait > 0:
         try:
-            return await s.store.wait(job_id, min(wait, s.settings.gateway_max_wait_s))
+            return await s.drain.race(s.store.wait(job_id, min(wait, s.settings.gateway_max_wait_s)))
         except TimeoutError:
             pass
     found: GenerationResult | None = await s.store.result(job_id)
