@@ -62,11 +62,13 @@ if sys.version_info < (3, 11):
     sys.exit(f"genq needs Python 3.11 or newer; {sys.executable} is {sys.version.split()[0]}")
 PY
   [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade "pip>=24"
+  # The venv's own pip (Python 3.11 ships pip 23+) installs editable hatchling projects: upgrading it
+  # first cost the demo ~10 s. --no-compile: byte-compiling every installed file (transformers has
+  # thousands) is CPU the first run does not need; Python compiles what it imports, once.
   # llama-cpp-python (the llamacpp extra, tests only) compiles llama.cpp for minutes; pip keeps the
   # built wheel in its cache for next time.
   CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || sysctl -n hw.ncpu)} \
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[$extras]"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-compile -e ".[$extras]"
 }
 
 case ${1:-} in
