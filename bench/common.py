@@ -1,18 +1,17 @@
-"""What every benchmark shares: a private Redis and the tiny model, real `genq worker` and bare
-`mlx_lm.server` processes, a direct client for the side-by-side figures, and distinct prompts.
+"""What every benchmark shares: the local stack (genq/local_stack.py: a private Redis, the tiny
+model, real `genq worker` processes), bare `mlx_lm.server` processes, a direct client for the
+side-by-side figures, and distinct prompts.
 
-Every process a benchmark starts belongs to its `Lab`, which stops them all on the way out, so a
-failed run leaves nothing behind on a machine shared with others.
+Every process a benchmark starts belongs to its `Lab`, which stops them all on the way out, and
+dies with the benchmark even when it is killed, so a failed run leaves nothing behind on a machine
+shared with others.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -20,147 +19,36 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import httpx
-import psutil
-import redis
+from redis import Redis
 
 from bench.report import Options
 from genq.local_redis import LocalRedis
-from genq.tiny_model import ensure_tiny_model
+from genq.local_stack import MODEL, SERVER_MARKERS, LocalStack, Worker, base_env, port_of, rss_mb
+from genq.processes import spawn
+from genq.processes import stop as stop_process
 from jobcontract.connection import connect
-from jobcontract.keys import Keys, pool_name
-from jobcontract.models import Backend
 from jobcontract.settings import GenqSettings
 
 REPO_DIR = Path(__file__).resolve().parents[1]
-SERVER_MARKERS = ("mlx_lm.server", "llama_cpp.server", "llama-server")
-MODEL = "tiny"
+__all__ = ["MODEL", "SERVER_MARKERS", "port_of", "rss_mb"]
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 
 # -- processes -------------------------------------------------------------------------------------------
-def rss_mb(pid: int) -> float:
-    try:
-        return float(psutil.Process(pid).memory_info().rss) / 2**20
-    except psutil.NoSuchProcess:
-        return 0.0
-
-
-def port_of(pid: int) -> int | None:
-    """The --port a server was started with (genq's server supervisor always passes one)."""
-    try:
-        argv = psutil.Process(pid).cmdline()
-    except psutil.NoSuchProcess:
-        return None
-    for flag, value in itertools.pairwise(argv):
-        if flag == "--port":
-            return int(value)
-    return None
-
-
 def clean_env(extra: Mapping[str, str]) -> dict[str, str]:
-    """This shell's environment without its GENQ_ settings, so a benchmark measures what it says."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GENQ_") and k != "PROMETHEUS_MULTIPROC_DIR"}
-    return {**env, **extra}
+    """This shell's environment without its GENQ_ settings (the local stack's one rule), plus `extra`."""
+    return base_env(extra)
 
 
-@dataclass
-class WorkerProc:
-    """A real `genq worker` subprocess: the supervisor, its worker processes and their servers."""
-
-    process: subprocess.Popen[bytes]
-    settings: GenqSettings
-    backend: Backend
-    processes: int
-    log_path: Path
-    launched: float  # monotonic
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def pool_members(self, client: redis.Redis | None = None) -> int:
-        own = client or redis.Redis.from_url(self.settings.redis_url)
-        try:
-            return int(own.zcount(Keys(self.settings.namespace).pool(pool_name(MODEL, self.backend)), "-inf", "+inf"))
-        finally:
-            if client is None:
-                own.close()
-
-    def wait_ready(self, processes: int | None = None, timeout: float = 300) -> float:
-        """Block until every process serves (has joined its pool, its server is up); returns seconds
-        since launch. Polls gently: on 2 cores a busy poller would slow the start it measures."""
-        wanted = processes or self.processes
-        deadline = time.monotonic() + timeout
-        client = redis.Redis.from_url(self.settings.redis_url)
-        try:
-            while self.pool_members(client) < wanted or len(self.server_pids()) < wanted:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"genq worker exited with {self.process.returncode}:\n{self.log()}")
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"genq worker not ready after {timeout:.0f}s:\n{self.log()}")
-                time.sleep(0.02)
-        finally:
-            client.close()
-        return time.monotonic() - self.launched
-
-    def worker_pids(self) -> list[int]:
-        try:
-            children = psutil.Process(self.pid).children()
-        except psutil.NoSuchProcess:
-            return []
-        pids = []
-        for child in children:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                if child.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(child.cmdline()):
-                    pids.append(child.pid)
-        return pids
-
-    def server_pids(self) -> list[int]:
-        pids = []
-        for worker in self.worker_pids():
-            with contextlib.suppress(psutil.NoSuchProcess):
-                for child in psutil.Process(worker).children():
-                    if child.status() != psutil.STATUS_ZOMBIE and any(
-                        m in " ".join(child.cmdline()) for m in SERVER_MARKERS
-                    ):
-                        pids.append(child.pid)
-        return pids
-
-    def server_urls(self) -> list[str]:
-        return [f"http://127.0.0.1:{port}" for port in map(port_of, self.server_pids()) if port]
-
-    def memory_mb(self) -> dict[str, float]:
-        """RSS of genq's own processes (supervisor, workers and helpers) and of the servers beside them."""
-        servers = self.server_pids()
-        try:
-            tree = [psutil.Process(self.pid), *psutil.Process(self.pid).children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return {"genq_mb": 0.0, "servers_mb": 0.0}
-        own = sum(rss_mb(p.pid) for p in tree if p.pid not in servers)
-        return {"genq_mb": own, "servers_mb": sum(rss_mb(p) for p in servers)}
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-6000:] if self.log_path.exists() else ""
-
-    def stop(self, timeout: float = 60) -> None:
-        if self.process.poll() is None:
-            for pid in self.server_pids():  # a server frozen by a benchmark must be able to stop
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGCONT)
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+# A real `genq worker` subprocess: the supervisor, its worker processes and their servers.
+WorkerProc = Worker
 
 
 class BareServer:
@@ -186,16 +74,8 @@ class BareServer:
         return f"http://127.0.0.1:{self.port}"
 
     def launch(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as log_file:
-            self.launched = time.monotonic()
-            self.process = subprocess.Popen(
-                self.spec.argv(self.port),
-                env=clean_env(self.spec.env),
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-            )
+        self.launched = time.monotonic()
+        self.process = spawn(self.spec.argv(self.port), env=clean_env(self.spec.env), log_path=self.log_path)
 
     def wait_ready(self, timeout: float = 180) -> float:
         """Block until /health answers 200; returns seconds since launch."""
@@ -211,13 +91,8 @@ class BareServer:
                 time.sleep(0.02)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process, timeout_s=10)
 
 
 class DirectClient:
@@ -296,45 +171,51 @@ def prompts(n: int, tag: str, words: int = 12) -> list[str]:
 
 # -- the lab ---------------------------------------------------------------------------------------------
 class Lab:
-    """A private redis-server, the tiny model and a scratch folder; every process started through it
-    is stopped when it closes. Logs are kept (and their folder printed) when the run failed."""
+    """The local stack (genq/local_stack.py: a private redis-server, the tiny model, workers that
+    die with this process) with a scratch folder, bare servers and anything else a benchmark
+    opens; all stopped when it closes. Logs are kept (and their folder printed) when the run failed."""
 
     def __init__(self, options: Options, name: str, *, redis_appendonly: bool = False) -> None:
         self.options = options
         self.name = name
-        self.redis = LocalRedis(appendonly=redis_appendonly)
         self.run_dir = Path(tempfile.mkdtemp(prefix=f"genq-bench-{name}-"))
-        models_dir = options.models_dir or GenqSettings().models_dir
-        self.models_dir = models_dir.expanduser()
-        self.mlx_model, self.gguf_model = ensure_tiny_model(self.models_dir)
-        self.workers: list[WorkerProc] = []
+        self.stack = LocalStack(models_dir=options.models_dir, run_dir=self.run_dir, redis_appendonly=redis_appendonly)
+        self.models_dir = self.stack.models_dir
+        self.mlx_model, self.gguf_model = self.stack.mlx_model, self.stack.gguf_model
         self.servers: list[BareServer] = []
         self.closers: list[Callable[[], None]] = []
 
     def __enter__(self) -> Self:
-        self.redis.start()
+        self.stack.__enter__()
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
-        for worker in reversed(self.workers):
-            with contextlib.suppress(Exception):
-                worker.stop()
-        for server in self.servers:
-            server.stop()
-        for close in reversed(self.closers):
-            with contextlib.suppress(Exception):
-                close()
-        self.redis.close()
+        with contextlib.ExitStack() as cleanup:  # the stack (Redis, workers) goes last, whatever fails before
+            cleanup.callback(self.stack.close)
+            for server in self.servers:
+                server.stop()
+            for close in reversed(self.closers):
+                with contextlib.suppress(Exception):
+                    close()
         if error is None and not self.options.keep_logs:
             shutil.rmtree(self.run_dir, ignore_errors=True)
         else:
             print(f"bench {self.name}: logs kept in {self.run_dir}", file=sys.stderr)
 
     @property
-    def url(self) -> str:
-        return self.redis.url
+    def redis(self) -> LocalRedis:
+        assert self.stack.redis is not None
+        return self.stack.redis
 
-    def client(self) -> redis.Redis:
+    @property
+    def workers(self) -> list[Worker]:
+        return self.stack.workers
+
+    @property
+    def url(self) -> str:
+        return self.stack.url
+
+    def client(self) -> Redis:
         client = connect(self.url)
         self.closers.append(client.close)
         return client
@@ -373,35 +254,24 @@ class Lab:
         env: Mapping[str, str] | None = None,
         wait: bool = True,
     ) -> WorkerProc:
-        log_path = self.run_dir / f"worker-{backend}-{len(self.workers)}.log"
-        full_env = clean_env(
-            {
-                "GENQ_REDIS_URL": settings.redis_url,
-                "GENQ_NAMESPACE": settings.namespace,
-                "GENQ_MODELS_DIR": str(settings.models_dir),
-                "GENQ_LOG_DIR": str(self.run_dir / "servers"),
-                "GENQ_SHUTDOWN_GRACE_S": "5",
-                "GENQ_MAX_QUEUED_JOBS": str(settings.max_queued_jobs),
-                **({"GENQ_ROUTES_FILE": str(settings.routes_file)} if settings.routes_file else {}),
-                **(env or {}),
-            }
+        worker = self.stack.start_worker(
+            settings,
+            backend=backend,
+            processes=processes,
+            concurrency=concurrency,
+            env=env,
+            shutdown_grace_s=5,
+            cwd=REPO_DIR,
+            wait=False,
+            ready_timeout=300,
+            poll_interval=0.02,
         )
-        argv = [sys.executable, "-m", "genq", "worker", "--model", MODEL, "--backend", backend]
-        argv += ["--processes", str(processes), "--concurrency", str(concurrency)]
-        with log_path.open("wb") as log_file:
-            launched = time.monotonic()
-            process = subprocess.Popen(
-                argv, env=full_env, cwd=REPO_DIR, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
-        worker = WorkerProc(process, settings, Backend(backend), processes, log_path, launched)
-        self.workers.append(worker)
         if wait:
             worker.wait_ready()
         return worker
 
     def stop_worker(self, worker: WorkerProc) -> None:
-        worker.stop()
-        self.workers.remove(worker)
+        self.stack.stop_worker(worker)
 
     def bare_mlx(self, *, concurrency: int) -> BareServer:
         server = BareServer(

@@ -6,19 +6,12 @@ batch of prompts, and each result printed with its timings.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-from genq.local_redis import LocalRedis
-from genq.tiny_model import ensure_tiny_model
-from jobcontract.keys import Keys, pool_name
-from jobcontract.models import Backend, GenerationRequest, GenerationResult
+from genq.local_stack import LocalStack
+from jobcontract.models import GenerationRequest, GenerationResult
 from jobcontract.settings import GenqSettings
 from producer.client import Client
 
@@ -34,62 +27,21 @@ PROMPTS = [
 ]
 
 
-@contextlib.contextmanager
-def redis_for_demo() -> Iterator[str]:
-    if os.environ.get("GENQ_REDIS_URL"):
-        yield os.environ["GENQ_REDIS_URL"]
-        return
-    with LocalRedis() as local:
-        print(f"started a private redis-server on {local.url}")
-        yield local.url
-
-
-@contextlib.contextmanager
-def worker_process(redis_url: str, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    env = {**os.environ, "GENQ_REDIS_URL": redis_url}
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "genq", "worker", "--model", "tiny", "--backend", "mlx"],
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        yield process
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-
-
-def wait_for_pool(
-    settings: GenqSettings, model: str, backend: Backend, worker: subprocess.Popen[bytes], timeout_s: float = 180
-) -> None:
-    key = Keys(settings.namespace).pool(pool_name(model, backend))
-    deadline = time.monotonic() + timeout_s
-    with Client(settings) as client:
-        while client.redis.zcard(key) == 0:
-            if worker.poll() is not None:
-                raise RuntimeError(f"the worker exited with {worker.returncode} before serving")
-            if time.monotonic() > deadline:
-                raise TimeoutError("the worker did not become ready")
-            time.sleep(0.1)
-
-
 def run_demo(*, prompts: int, max_tokens: int) -> int:
     base = GenqSettings()
-    mlx_folder, gguf = ensure_tiny_model(base.models_dir)
-    print(f"tiny model: {mlx_folder} (and {gguf.name})")
-    log_path = Path("~/.cache/genq/logs/demo-worker.log").expanduser()
-    with redis_for_demo() as url, worker_process(url, log_path) as worker:
-        settings = base.model_copy(update={"redis_url": url})
+    log_dir = Path("~/.cache/genq/logs/demo").expanduser()
+    # A private Redis unless GENQ_REDIS_URL names one; the worker dies with this process whatever happens.
+    with LocalStack(redis_url=os.environ.get("GENQ_REDIS_URL"), models_dir=base.models_dir, run_dir=log_dir) as stack:
+        print(f"tiny model: {stack.mlx_model} (and {stack.gguf_model.name})")
+        if stack.redis is not None:
+            print(f"started a private redis-server on {stack.url}")
+        settings = base.model_copy(update={"redis_url": stack.url})
         started = time.monotonic()
-        wait_for_pool(settings, "tiny", Backend.MLX, worker)
+        worker = stack.start_worker(settings, backend="mlx", wait=False)
+        worker.wait_ready(timeout=180, servers=False, interval=0.1)
         print(
-            f"mlx worker ready in {time.monotonic() - started:.1f}s (log: {log_path}); submitting {prompts} prompts\n"
+            f"mlx worker ready in {time.monotonic() - started:.1f}s (log: {worker.log_path}); "
+            f"submitting {prompts} prompts\n"
         )
         with Client(settings) as client:
             requests = [

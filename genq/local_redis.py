@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -12,6 +13,8 @@ from types import TracebackType
 from typing import Self
 
 import redis
+
+from genq.processes import spawn
 
 
 def _free_port() -> int:
@@ -39,7 +42,7 @@ class LocalRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> Self:
-        self.process = subprocess.Popen(
+        self.process = spawn(
             [
                 self.binary,
                 "--port",
@@ -59,8 +62,7 @@ class LocalRedis:
                 "--loglevel",
                 "warning",
             ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            env=os.environ,
         )
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
         deadline = time.monotonic() + 10

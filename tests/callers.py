@@ -4,7 +4,6 @@ subprocesses, batch files, and a look at the job records a test left in Redis.""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -17,6 +16,8 @@ from typing import Any
 import httpx
 import redis
 
+from genq.local_stack import worker_env
+from genq.processes import spawn
 from jobcontract.keys import Keys
 from jobcontract.settings import GenqSettings
 
@@ -28,14 +29,8 @@ def free_port() -> int:
 
 
 def genq_env(settings: GenqSettings, **extra: str) -> dict[str, str]:
-    return {
-        **os.environ,
-        "GENQ_REDIS_URL": settings.redis_url,
-        "GENQ_NAMESPACE": settings.namespace,
-        "GENQ_MODELS_DIR": str(settings.models_dir),
-        "GENQ_MAX_QUEUED_JOBS": str(settings.max_queued_jobs),
-        **extra,
-    }
+    """The local stack's one rule: no GENQ_ variable from this shell, the settings written out."""
+    return worker_env(settings, extra)
 
 
 @dataclass
@@ -73,13 +68,7 @@ def start_gateway(
     port = port or free_port()
     log_path = log_dir / f"gateway-{port}-{time.monotonic_ns()}.log"
     command = argv or [sys.executable, "-m", "genq", "gateway"]
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            [*command, "--port", str(port)],
-            env=genq_env(settings, **env),
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
+    process = spawn([*command, "--port", str(port)], env=genq_env(settings, **env), log_path=log_path)
     gateway = Gateway(process, port, log_path)
     deadline = time.monotonic() + 30
     while True:

@@ -18,7 +18,7 @@ from jobcontract.settings import GenqSettings
 from producer.client import Client
 from tests.harness import WorkerHandle, start_worker
 
-pytest_plugins = ["tests.reliability_figures"]
+pytest_plugins = ["tests.reliability_figures", "tests.process_guard"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

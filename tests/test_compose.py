@@ -9,6 +9,7 @@ import configparser
 import itertools
 import json
 import plistlib
+import re
 import shutil
 import subprocess
 import time
@@ -29,6 +30,14 @@ OPS = ROOT / "ops"
 def compose() -> dict[str, Any]:
     loaded: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     return loaded
+
+
+def seconds(duration: str) -> float:
+    """A compose duration such as "20s", "1m30s"."""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0}
+    parts = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", duration)
+    assert parts and duration, f"not a compose duration: {duration!r}"
+    return sum(float(n) * unit for n, unit in zip(parts.groups(), units.values(), strict=True) if n)
 
 
 def flag_values(command: list[str]) -> dict[str, str]:
@@ -79,6 +88,9 @@ def test_genq_services_share_the_image_redis_and_routes() -> None:
     assert gateway["ports"] == ["8000:8000"]
     assert gateway["command"][:2] == ["genq", "gateway"]
     assert "GENQ_GATEWAY_API_KEYS" in gateway["environment"], "off loopback the gateway needs API keys"
+    # Docker's SIGKILL comes after the gateway's own bounded shutdown, with room for the lifespan's end.
+    grace_s = float(gateway["environment"]["GENQ_GATEWAY_SHUTDOWN_GRACE_S"])
+    assert seconds(gateway["stop_grace_period"]) >= grace_s + 5
     assert services["genq-metrics"]["command"] == ["genq", "metrics", "--port", "9102"]
     worker = services["llamacpp-worker"]
     assert flag_values(worker["command"]) == {"--backend": "llamacpp", "--metrics-port": "9101"}

@@ -9,6 +9,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
@@ -129,24 +130,26 @@ def pools(redis_server: LocalRedis, models_dir: Path, tmp_path_factory: pytest.T
     ports = {"mlx": free_port(), "llamacpp": free_port()}
     llama_bin = os.environ.get("GENQ_TEST_LLAMA_SERVER")
     # Two mlx processes: the endpoint must sum them. Two slots each, so eight jobs spread over both.
-    mlx = start_worker(
-        settings, directory, processes=2, concurrency=2, wait=False, extra_args=["--metrics-port", str(ports["mlx"])]
-    )
-    llamacpp = start_worker(
-        settings,
-        directory,
-        backend="llamacpp",
-        concurrency=2,
-        wait=False,
-        extra_args=["--metrics-port", str(ports["llamacpp"]), *(["--llama-server", llama_bin] if llama_bin else [])],
-    )
-    try:
+    with ExitStack() as started:  # both stopped whichever step fails
+        mlx_args = ["--metrics-port", str(ports["mlx"])]
+        mlx = start_worker(settings, directory, processes=2, concurrency=2, wait=False, extra_args=mlx_args)
+        started.callback(mlx.stop)
+        llamacpp = start_worker(
+            settings,
+            directory,
+            backend="llamacpp",
+            concurrency=2,
+            wait=False,
+            extra_args=[
+                "--metrics-port",
+                str(ports["llamacpp"]),
+                *(["--llama-server", llama_bin] if llama_bin else []),
+            ],
+        )
+        started.callback(llamacpp.stop)
         mlx.wait_ready()
         llamacpp.wait_ready()
         yield Pools(settings, mlx, llamacpp, ports)
-    finally:
-        mlx.stop()
-        llamacpp.stop()
 
 
 def expected_counts(results: list[GenerationResult]) -> dict[str, dict[tuple[str, ...], float]]:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,10 @@ import httpx
 import pytest
 import yaml
 
+from genq import processes
 from genq.local_redis import LocalRedis
+from genq.local_stack import worker_env
+from genq.processes import spawn
 from jobcontract.settings import GenqSettings
 from producer.client import Client
 from tests.harness import start_worker, wait_until
@@ -113,60 +117,48 @@ def stack(redis_server: LocalRedis, models_dir: Path, tmp_path_factory: pytest.T
     directory = tmp_path_factory.mktemp("prometheus")
     settings = GenqSettings(redis_url=redis_server.url, namespace=f"tp{os.getpid()}", models_dir=models_dir)
     worker_port, cluster_port, gateway_port, prometheus_port = (free_port() for _ in range(4))
-    worker = start_worker(
-        settings, directory, processes=1, concurrency=4, wait=False, extra_args=["--metrics-port", str(worker_port)]
-    )
-    cluster_log = (directory / "genq-metrics.log").open("wb")
-    cluster = subprocess.Popen(
-        [sys.executable, "-m", "genq", "metrics", "--host", "127.0.0.1", "--port", str(cluster_port)],
-        env={
-            **os.environ,
-            "GENQ_REDIS_URL": settings.redis_url,
-            "GENQ_NAMESPACE": settings.namespace,
-            "GENQ_MODELS_DIR": str(models_dir),
-        },
-        stdout=cluster_log,
-        stderr=subprocess.STDOUT,
-    )
-    config = write_config(
-        directory / "config",
-        {
-            "workers": [f"127.0.0.1:{worker_port}"],
-            "cluster": [f"127.0.0.1:{cluster_port}"],
-            "gateway": [f"127.0.0.1:{gateway_port}"],
-        },
-    )
-    checked = promtool("check", "config", config)
-    assert checked.returncode == 0, checked.stdout + checked.stderr
-    log = directory / "prometheus.log"
-    prometheus: subprocess.Popen[bytes] | None = None
-    try:
-        with serving(gateway_app(settings), gateway_port) as gateway_url, log.open("wb") as log_file:
-            prometheus = subprocess.Popen(
-                [
-                    binary("prometheus"),
-                    f"--config.file={config}",
-                    f"--storage.tsdb.path={directory / 'data'}",
-                    f"--web.listen-address=127.0.0.1:{prometheus_port}",
-                    "--log.level=warn",
-                ],
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-            )
-            handle = Prometheus(f"http://127.0.0.1:{prometheus_port}", prometheus, log)
-            worker.wait_ready()
-            assert wait_until(lambda: _ready(handle), 60), log.read_text()
-            assert wait_until(lambda: _all_targets_up(handle), 60), handle.api("targets")
-            _traffic(settings, gateway_url)
-            yield handle
-    finally:
-        if prometheus is not None:
-            prometheus.terminate()
-            prometheus.wait(timeout=30)
-        cluster.terminate()
-        cluster.wait(timeout=30)
-        cluster_log.close()
-        worker.stop()
+    # Each process is stopped on the way out, whatever step fails (a missing promtool included).
+    with ExitStack() as started:
+        worker = start_worker(
+            settings, directory, processes=1, concurrency=4, wait=False, extra_args=["--metrics-port", str(worker_port)]
+        )
+        started.callback(worker.stop)
+        cluster = spawn(
+            [sys.executable, "-m", "genq", "metrics", "--host", "127.0.0.1", "--port", str(cluster_port)],
+            env=worker_env(settings),
+            log_path=directory / "genq-metrics.log",
+        )
+        started.callback(processes.stop, cluster, timeout_s=30)
+        config = write_config(
+            directory / "config",
+            {
+                "workers": [f"127.0.0.1:{worker_port}"],
+                "cluster": [f"127.0.0.1:{cluster_port}"],
+                "gateway": [f"127.0.0.1:{gateway_port}"],
+            },
+        )
+        checked = promtool("check", "config", config)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        log = directory / "prometheus.log"
+        gateway_url = started.enter_context(serving(gateway_app(settings), gateway_port))
+        prometheus = spawn(
+            [
+                binary("prometheus"),
+                f"--config.file={config}",
+                f"--storage.tsdb.path={directory / 'data'}",
+                f"--web.listen-address=127.0.0.1:{prometheus_port}",
+                "--log.level=warn",
+            ],
+            env=os.environ,
+            log_path=log,
+        )
+        started.callback(processes.stop, prometheus, timeout_s=30)
+        handle = Prometheus(f"http://127.0.0.1:{prometheus_port}", prometheus, log)
+        worker.wait_ready()
+        assert wait_until(lambda: _ready(handle), 60), log.read_text()
+        assert wait_until(lambda: _all_targets_up(handle), 60), handle.api("targets")
+        _traffic(settings, gateway_url)
+        yield handle
 
 
 def _ready(prometheus: Prometheus) -> bool:

@@ -18,10 +18,9 @@ def register(sub: Any) -> None:
 
 
 def _gateway(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from jobcontract.connection import redact
     from producer.gateway.app import create_app
+    from producer.gateway.server import serve
     from producer.gateway.settings import GatewaySettings, is_loopback
 
     given = {"gateway_host": args.host, "gateway_port": args.port}
@@ -55,5 +54,10 @@ def _gateway(args: argparse.Namespace) -> int:
         settings.gateway_port,
         redact(settings.redis_url),
     )
-    uvicorn.run(create_app(settings), host=settings.gateway_host, port=settings.gateway_port, log_level="info")
+    serve(
+        create_app(settings),
+        host=settings.gateway_host,
+        port=settings.gateway_port,
+        grace_s=settings.gateway_shutdown_grace_s,
+    )
     return 0

@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from jobcontract.models import GenerationRequest, JobState, Lane
 from producer.gateway.api_keys import Caller
+from producer.gateway.draining import ShuttingDown
 from producer.gateway.errors import ApiError
 from producer.gateway.security import CallerDep
 from producer.gateway.services import Services, services
@@ -90,7 +91,7 @@ async def _complete(endpoint: str, body: Body, s: Services, caller: Caller, idem
     request = s.check(to_request(body, lane=Lane.INTERACTIVE, idempotency_key=idempotency_key))
     job_id, duplicate = await s.submit(request, caller)
     if not body.stream:
-        result = await s.store.wait(job_id, s.wait_s(request))
+        result = await s.drain.race(s.store.wait(job_id, s.wait_s(request)), job_id=job_id)
         if not result.ok:
             status, error = failure(result)
             return JSONResponse(error, status_code=status)
@@ -133,7 +134,7 @@ async def _events(
         if endpoint == CHAT_URL:
             yield _sse(chunk(endpoint, job_id, model, created, text="", role=True))
         expected = 0  # a retried attempt publishes from index 0 again: send each index once
-        async for token in s.store.tokens(job_id, s.wait_s(request)):
+        async for token in s.drain.iterate(s.store.tokens(job_id, s.wait_s(request)), job_id=job_id):
             if token.index < expected:
                 continue
             expected = token.index + 1
@@ -149,6 +150,8 @@ async def _events(
             if include_usage:
                 yield _sse(usage_chunk(endpoint, result, created))
         yield "data: [DONE]\n\n"
+    except ShuttingDown as stopping:  # the gateway is stopping: say so, then cancel below as on a hang-up
+        yield _sse(stopping.body)
     finally:
         if not finished and not keep:  # the caller hung up (or the wait timed out): free the worker's slot
             with anyio.CancelScope(shield=True):

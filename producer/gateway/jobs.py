@@ -56,7 +56,7 @@ async def result(
     await s.owners.check(job_id, caller)
     if wait > 0:
         try:
-            return await s.store.wait(job_id, min(wait, s.settings.gateway_max_wait_s))
+            return await s.drain.race(s.store.wait(job_id, min(wait, s.settings.gateway_max_wait_s)))
         except TimeoutError:
             pass
     found: GenerationResult | None = await s.store.result(job_id)

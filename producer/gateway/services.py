@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +14,7 @@ from jobcontract.jobs_async import AsyncJobStore
 from jobcontract.models import GenerationRequest
 from producer.client import Client
 from producer.gateway.api_keys import Caller
+from producer.gateway.draining import Drain
 from producer.gateway.errors import unknown_model
 from producer.gateway.quotas import Quotas, too_many
 from producer.gateway.settings import GatewaySettings
@@ -33,6 +34,7 @@ class Services:
     files: FileStore
     batches: BatchSupervisor
     quotas: Quotas
+    drain: Drain = field(default_factory=Drain)  # built in the serving loop, by the lifespan
 
     def check(self, fields: dict[str, Any]) -> GenerationRequest:
         """Validate against this deployment's limits; an unknown model is a 404, as OpenAI answers."""

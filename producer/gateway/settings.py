@@ -39,6 +39,11 @@ class GatewaySettings(GenqSettings):
     )
     gateway_max_batch_lines: int = Field(default=100_000, ge=1, description="Lines in one batch input file.")
     gateway_max_wait_s: float = Field(default=300.0, gt=0, description="Longest wait on /v1/genq/jobs/{id}/result.")
+    gateway_shutdown_grace_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="On SIGTERM: waiters are answered 503 at once, other requests get this long, then are cut off.",
+    )
 
     @field_validator("gateway_api_keys", mode="before")
     @classmethod
