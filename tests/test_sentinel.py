@@ -157,6 +157,38 @@ def test_sync_and_async_clients_find_the_new_master_by_themselves(cluster: Senti
     sync_client.close()
 
 
+def test_a_command_retried_after_a_failover_goes_to_the_new_master_not_the_last_address(
+    cluster: SentinelCluster,
+) -> None:
+    """A pooled connection to the old master, used after the sentinels named a new one, that dies
+    under a command: redis-py's retry reconnected to the address it had (the dead master) instead
+    of asking the sentinels, and failed although a master was known."""
+    client = connect(cluster.url)
+    try:
+        client.set("warm", "1")  # one pooled connection, to the first master
+        old = cluster.first_master
+        with cluster.sentinel_client() as sentinel:
+            sentinel.execute_command("SENTINEL", "FAILOVER", "genqmaster")
+        new = cluster.wait_failover(old)
+        reply: list[Any] = []
+
+        def read() -> None:  # blocks on the old master, still up until the sentinels demote it
+            try:
+                reply.append(client.xread({"nothing": "$"}, block=3000))
+            except redis.RedisError as error:
+                reply.append(error)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        time.sleep(0.5)
+        cluster.stop_server(old)
+        reader.join(timeout=60)
+        assert reply == [[]], f"{[str(r) for r in reply]} (old master {old}, new master {new})"
+        assert client.set("after", "2") and redis.Redis(port=new).get("after") == b"2"
+    finally:
+        client.close()
+
+
 def test_an_admission_no_replica_confirms_is_reported_not_queued(cluster: SentinelCluster, models_dir: Path) -> None:
     settings = GenqSettings(
         redis_url=cluster.url, namespace=f"s{uuid.uuid4().hex[:8]}", models_dir=models_dir, redis_wait_ms=300
@@ -177,6 +209,57 @@ def test_an_admission_no_replica_confirms_is_reported_not_queued(cluster: Sentin
         assert job_id in str(refused.value) and "failover" in str(refused.value)
         # The caller was told; the job is on the master and, once the replica is back, on it too.
         assert client.status(job_id).state.value == "queued"
+
+
+def test_gateway_requests_ride_out_a_failover_and_never_land_on_the_old_master_back_empty(
+    cluster: SentinelCluster, models_dir: Path, tmp_path: Path
+) -> None:
+    """A request waiting on its job when the master dies, and one sent before a new master is
+    named, are answered with their results once one is (within the gateway's patience), not 503.
+    Their retries must ask the sentinels again: the old master, restarted empty, calls itself a
+    master for seconds before the sentinels demote it, and a request sent there finds no job."""
+    namespace = f"s{uuid.uuid4().hex[:8]}"
+    settings = GenqSettings(redis_url=cluster.url, namespace=namespace, models_dir=models_dir)
+    # A patience far above this cluster's failover time, so the test does not depend on its speed.
+    gateway = start_gateway(settings, tmp_path, GENQ_GATEWAY_REDIS_PATIENCE_S="30")
+    worker = None
+    answers: dict[str, tuple[int, str]] = {}
+
+    def ask(name: str) -> None:
+        with httpx.Client(base_url=gateway.url, timeout=150) as http:
+            try:
+                reply = http.post("/v1/completions", json={"model": "tiny", "prompt": name, "max_tokens": 4})
+                answers[name] = (reply.status_code, reply.text[:300])
+            except httpx.TimeoutException:
+                answers[name] = (0, "hung")
+
+    callers = [threading.Thread(target=ask, args=(name,)) for name in ("in flight", "during the failover")]
+    try:
+        callers[0].start()
+        with redis.Redis(port=cluster.first_master) as direct:  # no worker yet: its job waits, queued
+            deadline = time.monotonic() + 30
+            while not any(direct.scan_iter(f"{namespace}:job:*")):
+                assert time.monotonic() < deadline, gateway.log()[-3000:]
+                time.sleep(0.05)
+        old = cluster.kill_master()
+        callers[1].start()
+        new = cluster.wait_failover(old)
+        cluster.start_server(old)  # back, empty, a master of nothing until the sentinels demote it
+        plain = GenqSettings(redis_url=cluster.plain_url(new), namespace=namespace, models_dir=models_dir)
+        worker = start_worker(plain, tmp_path, env={"GENQ_REDIS_URL": cluster.url})
+        for caller in callers:
+            caller.join(timeout=180)
+        assert not any(c.is_alive() for c in callers), "a request hung"
+        assert answers == {
+            "in flight": (200, answers["in flight"][1]),
+            "during the failover": (200, answers["during the failover"][1]),
+        }, f"{answers}\n{gateway.log()[-3000:]}"
+    finally:
+        gateway.stop()
+        if worker is not None:
+            worker.stop()
+        for caller in callers:
+            caller.join(timeout=30)
 
 
 # -- the failover under load -------------------------------------------------------------------------

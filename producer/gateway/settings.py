@@ -39,6 +39,12 @@ class GatewaySettings(GenqSettings):
     )
     gateway_max_batch_lines: int = Field(default=100_000, ge=1, description="Lines in one batch input file.")
     gateway_max_wait_s: float = Field(default=300.0, gt=0, description="Longest wait on /v1/genq/jobs/{id}/result.")
+    gateway_redis_patience_s: float = Field(
+        default=3.0,
+        ge=0,
+        description="How long a request rides out a Redis outage (a Sentinel failover) before its 503; keep it "
+        "below callers' timeouts.",
+    )
 
     @field_validator("gateway_api_keys", mode="before")
     @classmethod
