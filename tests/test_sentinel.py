@@ -372,6 +372,7 @@ def test_master_sigkilled_twice_under_load_loses_and_doubles_nothing_and_nobody_
         watch = connect(cluster.url)
         recoveries: list[float] = []
         windows: list[tuple[float, float]] = []  # wall-clock spans from a kill to a new master named
+        rejoins: list[tuple[float, float]] = []  # wall-clock spans of the old master coming back as a replica
         failover_s: list[float] = []
         for _round in range(2):
             # Kill while the batch is under way, with jobs running on both processes.
@@ -395,7 +396,9 @@ def test_master_sigkilled_twice_under_load_loses_and_doubles_nothing_and_nobody_
             assert found is not None, f"no job finished on the new master: {worker.log()}"
             recoveries.append(found)
             windows.append((killed_at, time.time()))
+            rejoin_began = time.time()
             cluster.rejoin(old, new)  # the old master comes back, as a replica of the new one
+            rejoins.append((rejoin_began, time.time()))
         deadline = time.monotonic() + 900
         while len(outcome) < len(job_ids) and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -418,8 +421,18 @@ def test_master_sigkilled_twice_under_load_loses_and_doubles_nothing_and_nobody_
         slowest_call = max(t for _, t in calls) if calls else 0.0
         slowest_http = max(c.took_s for c in http_calls) if http_calls else 0.0
         http_bad = [c for c in http_calls if c.status not in (200, 503) or (c.status == 503 and not c.retry_after)]
-        # 503 only between a kill and the sentinels naming the new master (2 s of slack for reconnecting).
-        outside = [c for c in http_calls if c.status == 503 and not any(a - 1 <= c.at <= b + 2 for a, b in windows)]
+
+        # 503 only between a kill and the sentinels naming the new master (2 s of slack for reconnecting),
+        # judged by when the 503 was answered: a request sent before a kill (its job queued, waited on)
+        # and failed by it was answered while no master was known, however early it began. An admission
+        # no replica confirmed (`not_replicated`, jobcontract/durability.py) may also be answered while
+        # the old master rejoins as a replica and catches up (online but not yet acking within WAIT's
+        # 500 ms): the job is on the master and the caller is told it is not confirmed, not lost.
+        def answered_within(call: Call) -> bool:
+            spans = windows + rejoins if '"code":"not_replicated"' in call.body else windows
+            return any(a - 1 <= call.at + call.took_s <= b + 2 for a, b in spans)
+
+        outside = [c for c in http_calls if c.status == 503 and not answered_within(c)]
         figures.record(
             Figure(
                 test="test_master_sigkilled_twice_under_load_loses_and_doubles_nothing_and_nobody_hangs",
