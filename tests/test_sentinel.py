@@ -262,6 +262,25 @@ def test_gateway_requests_ride_out_a_failover_and_never_land_on_the_old_master_b
             caller.join(timeout=30)
 
 
+def test_with_no_master_to_be_had_the_gateway_answers_503_after_its_patience_not_never(
+    cluster: SentinelCluster, models_dir: Path, tmp_path: Path
+) -> None:
+    """The patience is bounded: with the replica gone too, no master can be named, and a request
+    is answered 503 + Retry-After (redis_unavailable) instead of waiting for one."""
+    settings = GenqSettings(redis_url=cluster.url, namespace=f"s{uuid.uuid4().hex[:8]}", models_dir=models_dir)
+    gateway = start_gateway(settings, tmp_path, GENQ_GATEWAY_REDIS_PATIENCE_S="2")
+    try:
+        [replica] = [p for p in cluster.servers if p != cluster.first_master]
+        cluster.stop_server(replica)
+        cluster.kill_master()
+        with httpx.Client(base_url=gateway.url, timeout=60) as http:
+            reply = http.post("/v1/completions", json={"model": "tiny", "prompt": "nowhere", "max_tokens": 4})
+        assert reply.status_code == 503, reply.text
+        assert reply.headers.get("retry-after") and reply.json()["error"]["code"] == "redis_unavailable"
+    finally:
+        gateway.stop()
+
+
 # -- the failover under load -------------------------------------------------------------------------
 def _ask(n: int) -> GenerationRequest:
     return GenerationRequest.model_validate(
