@@ -14,7 +14,14 @@ from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 from jobcontract.durability import attach, split_url
+from jobcontract.outage import PatientRetry
 from jobcontract.sentinel import is_sentinel_url, parse_sentinel_url
+from jobcontract.sentinel_connections import (
+    AsyncMasterConnection,
+    AsyncMasterSSLConnection,
+    MasterConnection,
+    MasterSSLConnection,
+)
 
 # Blocking reads (XREADGROUP, XREAD) never block longer than this, so a socket timeout above it
 # only fires when Redis really stopped answering.
@@ -35,17 +42,20 @@ def connect(url: str) -> redis.Redis:
     `sentinel://` URL (jobcontract.sentinel) gives a client that asks the sentinels for the master
     on every new connection, so after a failover it reconnects to the new one by itself."""
     retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2)
-    return cast(redis.Redis, _open(url, redis.Redis, Sentinel, retry))
+    return cast(redis.Redis, _open(url, redis.Redis, Sentinel, retry, (MasterConnection, MasterSSLConnection)))
 
 
-def connect_async(url: str) -> aioredis.Redis:
+def connect_async(url: str, *, patience_s: float = 0.0) -> aioredis.Redis:
     """As connect, for asyncio, with the same retries: a pooled connection to a master that died
-    or was demoted fails once and is replaced, instead of failing its caller's request."""
-    retry = AsyncRetry(ExponentialBackoff(cap=0.5, base=0.05), retries=2)
-    return cast(aioredis.Redis, _open(url, aioredis.Redis, AsyncSentinel, retry))
+    or was demoted fails once and is replaced, instead of failing its caller's request. With a
+    `patience_s`, a call rides out an outage (a failover) for that long before failing
+    (jobcontract.outage.PatientRetry): the gateway's choice, not a caller's."""
+    retry = PatientRetry(patience_s) if patience_s > 0 else AsyncRetry(ExponentialBackoff(cap=0.5, base=0.05), 2)
+    classes = (AsyncMasterConnection, AsyncMasterSSLConnection)
+    return cast(aioredis.Redis, _open(url, aioredis.Redis, AsyncSentinel, retry, classes))
 
 
-def _open(url: str, redis_class: Any, sentinel_class: Any, retry: Any) -> Any:
+def _open(url: str, redis_class: Any, sentinel_class: Any, retry: Any, master_classes: tuple[type, type]) -> Any:
     """One recipe for both clients: timeouts, retries on a lost connection, Sentinel, durability."""
     plain, durability = split_url(url)
     options = {"retry": retry, "retry_on_error": [redis.ConnectionError, redis.TimeoutError], **TIMEOUTS}
@@ -57,6 +67,8 @@ def _open(url: str, redis_class: Any, sentinel_class: Any, retry: Any) -> Any:
         sentinel_kwargs={**config.sentinel_kwargs(), **SENTINEL_TIMEOUTS},
         **config.master_kwargs(),
     )
+    # Connections whose retries ask the sentinels again (jobcontract.sentinel_connections).
+    options["connection_class"] = master_classes[1] if config.ssl else master_classes[0]
     return attach(sentinels.master_for(config.service, redis_class=redis_class, **options), durability)
 
 

@@ -164,6 +164,16 @@ class SentinelCluster:
         process.wait(timeout=10)
         return port
 
+    def stop_server(self, port: int) -> None:
+        """SIGKILL the server on `port`, whatever its role."""
+        process = self.servers.pop(port)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
+
+    def sentinel_client(self) -> redis.Redis:
+        """A client of the first sentinel (SENTINEL FAILOVER and the like)."""
+        return self._sentinel(next(iter(self.sentinels)))
+
     def wait_failover(self, old: int, timeout: float = 60) -> int:
         """The port of the master that replaced `old`, once it answers as one."""
         found: list[int] = []

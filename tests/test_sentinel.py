@@ -157,6 +157,38 @@ def test_sync_and_async_clients_find_the_new_master_by_themselves(cluster: Senti
     sync_client.close()
 
 
+def test_a_command_retried_after_a_failover_goes_to_the_new_master_not_the_last_address(
+    cluster: SentinelCluster,
+) -> None:
+    """A pooled connection to the old master, used after the sentinels named a new one, that dies
+    under a command: redis-py's retry reconnected to the address it had (the dead master) instead
+    of asking the sentinels, and failed although a master was known."""
+    client = connect(cluster.url)
+    try:
+        client.set("warm", "1")  # one pooled connection, to the first master
+        old = cluster.first_master
+        with cluster.sentinel_client() as sentinel:
+            sentinel.execute_command("SENTINEL", "FAILOVER", "genqmaster")
+        new = cluster.wait_failover(old)
+        reply: list[Any] = []
+
+        def read() -> None:  # blocks on the old master, still up until the sentinels demote it
+            try:
+                reply.append(client.xread({"nothing": "$"}, block=3000))
+            except redis.RedisError as error:
+                reply.append(error)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        time.sleep(0.5)
+        cluster.stop_server(old)
+        reader.join(timeout=60)
+        assert reply == [[]], f"{[str(r) for r in reply]} (old master {old}, new master {new})"
+        assert client.set("after", "2") and redis.Redis(port=new).get("after") == b"2"
+    finally:
+        client.close()
+
+
 def test_an_admission_no_replica_confirms_is_reported_not_queued(cluster: SentinelCluster, models_dir: Path) -> None:
     settings = GenqSettings(
         redis_url=cluster.url, namespace=f"s{uuid.uuid4().hex[:8]}", models_dir=models_dir, redis_wait_ms=300
@@ -177,6 +209,76 @@ def test_an_admission_no_replica_confirms_is_reported_not_queued(cluster: Sentin
         assert job_id in str(refused.value) and "failover" in str(refused.value)
         # The caller was told; the job is on the master and, once the replica is back, on it too.
         assert client.status(job_id).state.value == "queued"
+
+
+def test_gateway_requests_ride_out_a_failover_and_never_land_on_the_old_master_back_empty(
+    cluster: SentinelCluster, models_dir: Path, tmp_path: Path
+) -> None:
+    """A request waiting on its job when the master dies, and one sent before a new master is
+    named, are answered with their results once one is (within the gateway's patience), not 503.
+    Their retries must ask the sentinels again: the old master, restarted empty, calls itself a
+    master for seconds before the sentinels demote it, and a request sent there finds no job."""
+    namespace = f"s{uuid.uuid4().hex[:8]}"
+    settings = GenqSettings(redis_url=cluster.url, namespace=namespace, models_dir=models_dir)
+    # A patience far above this cluster's failover time, so the test does not depend on its speed.
+    gateway = start_gateway(settings, tmp_path, GENQ_GATEWAY_REDIS_PATIENCE_S="30")
+    worker = None
+    answers: dict[str, tuple[int, str]] = {}
+
+    def ask(name: str) -> None:
+        with httpx.Client(base_url=gateway.url, timeout=150) as http:
+            try:
+                reply = http.post("/v1/completions", json={"model": "tiny", "prompt": name, "max_tokens": 4})
+                answers[name] = (reply.status_code, reply.text[:300])
+            except httpx.TimeoutException:
+                answers[name] = (0, "hung")
+
+    callers = [threading.Thread(target=ask, args=(name,)) for name in ("in flight", "during the failover")]
+    try:
+        callers[0].start()
+        with redis.Redis(port=cluster.first_master) as direct:  # no worker yet: its job waits, queued
+            deadline = time.monotonic() + 30
+            while not any(direct.scan_iter(f"{namespace}:job:*")):
+                assert time.monotonic() < deadline, gateway.log()[-3000:]
+                time.sleep(0.05)
+        old = cluster.kill_master()
+        callers[1].start()
+        new = cluster.wait_failover(old)
+        cluster.start_server(old)  # back, empty, a master of nothing until the sentinels demote it
+        plain = GenqSettings(redis_url=cluster.plain_url(new), namespace=namespace, models_dir=models_dir)
+        worker = start_worker(plain, tmp_path, env={"GENQ_REDIS_URL": cluster.url})
+        for caller in callers:
+            caller.join(timeout=180)
+        assert not any(c.is_alive() for c in callers), "a request hung"
+        assert answers == {
+            "in flight": (200, answers["in flight"][1]),
+            "during the failover": (200, answers["during the failover"][1]),
+        }, f"{answers}\n{gateway.log()[-3000:]}"
+    finally:
+        gateway.stop()
+        if worker is not None:
+            worker.stop()
+        for caller in callers:
+            caller.join(timeout=30)
+
+
+def test_with_no_master_to_be_had_the_gateway_answers_503_after_its_patience_not_never(
+    cluster: SentinelCluster, models_dir: Path, tmp_path: Path
+) -> None:
+    """The patience is bounded: with the replica gone too, no master can be named, and a request
+    is answered 503 + Retry-After (redis_unavailable) instead of waiting for one."""
+    settings = GenqSettings(redis_url=cluster.url, namespace=f"s{uuid.uuid4().hex[:8]}", models_dir=models_dir)
+    gateway = start_gateway(settings, tmp_path, GENQ_GATEWAY_REDIS_PATIENCE_S="2")
+    try:
+        [replica] = [p for p in cluster.servers if p != cluster.first_master]
+        cluster.stop_server(replica)
+        cluster.kill_master()
+        with httpx.Client(base_url=gateway.url, timeout=60) as http:
+            reply = http.post("/v1/completions", json={"model": "tiny", "prompt": "nowhere", "max_tokens": 4})
+        assert reply.status_code == 503, reply.text
+        assert reply.headers.get("retry-after") and reply.json()["error"]["code"] == "redis_unavailable"
+    finally:
+        gateway.stop()
 
 
 # -- the failover under load -------------------------------------------------------------------------
@@ -289,6 +391,7 @@ def test_master_sigkilled_twice_under_load_loses_and_doubles_nothing_and_nobody_
         watch = connect(cluster.url)
         recoveries: list[float] = []
         windows: list[tuple[float, float]] = []  # wall-clock spans from a kill to a new master named
+        rejoins: list[tuple[float, float]] = []  # wall-clock spans of the old master coming back as a replica
         failover_s: list[float] = []
         for _round in range(2):
             # Kill while the batch is under way, with jobs running on both processes.
@@ -312,7 +415,9 @@ def test_master_sigkilled_twice_under_load_loses_and_doubles_nothing_and_nobody_
             assert found is not None, f"no job finished on the new master: {worker.log()}"
             recoveries.append(found)
             windows.append((killed_at, time.time()))
+            rejoin_began = time.time()
             cluster.rejoin(old, new)  # the old master comes back, as a replica of the new one
+            rejoins.append((rejoin_began, time.time()))
         deadline = time.monotonic() + 900
         while len(outcome) < len(job_ids) and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -335,8 +440,18 @@ def test_master_sigkilled_twice_under_load_loses_and_doubles_nothing_and_nobody_
         slowest_call = max(t for _, t in calls) if calls else 0.0
         slowest_http = max(c.took_s for c in http_calls) if http_calls else 0.0
         http_bad = [c for c in http_calls if c.status not in (200, 503) or (c.status == 503 and not c.retry_after)]
-        # 503 only between a kill and the sentinels naming the new master (2 s of slack for reconnecting).
-        outside = [c for c in http_calls if c.status == 503 and not any(a - 1 <= c.at <= b + 2 for a, b in windows)]
+
+        # 503 only between a kill and the sentinels naming the new master (2 s of slack for reconnecting),
+        # judged by when the 503 was answered: a request sent before a kill (its job queued, waited on)
+        # and failed by it was answered while no master was known, however early it began. An admission
+        # no replica confirmed (`not_replicated`, jobcontract/durability.py) may also be answered while
+        # the old master rejoins as a replica and catches up (online but not yet acking within WAIT's
+        # 500 ms): the job is on the master and the caller is told it is not confirmed, not lost.
+        def answered_within(call: Call) -> bool:
+            spans = windows + rejoins if '"code":"not_replicated"' in call.body else windows
+            return any(a - 1 <= call.at + call.took_s <= b + 2 for a, b in spans)
+
+        outside = [c for c in http_calls if c.status == 503 and not answered_within(c)]
         figures.record(
             Figure(
                 test="test_master_sigkilled_twice_under_load_loses_and_doubles_nothing_and_nobody_hangs",

@@ -30,7 +30,7 @@ def create_app(settings: GatewaySettings | None = None, *, registry: CollectorRe
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = Client(settings)
-        async_redis = connect_async(settings.redis_url)
+        async_redis = connect_async(settings.redis_url, patience_s=settings.gateway_redis_patience_s)
         file_store = FileStore(client.redis, client.store.keys, ttl_s=settings.result_ttl_s)
         supervisor = BatchSupervisor(client, file_store, max_lines=settings.gateway_max_batch_lines)
         app.state.services = Services(

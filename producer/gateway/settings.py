@@ -44,6 +44,12 @@ class GatewaySettings(GenqSettings):
         ge=0,
         description="On SIGTERM: waiters are answered 503 at once, other requests get this long, then are cut off.",
     )
+    gateway_redis_patience_s: float = Field(
+        default=3.0,
+        ge=0,
+        description="How long a request rides out a Redis outage (a Sentinel failover) before its 503; keep it "
+        "below callers' timeouts.",
+    )
 
     @field_validator("gateway_api_keys", mode="before")
     @classmethod
