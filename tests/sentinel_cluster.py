@@ -30,7 +30,7 @@ class SentinelCluster:
         *,
         replicas: int = 1,
         sentinels: int = 3,
-        down_after_ms: int = 1000,
+        down_after_ms: int = 2500,
         failover_timeout_ms: int = 3000,
         sentinel_password: str | None = None,
     ) -> None:
