@@ -15,7 +15,7 @@ names it. A job that succeeded or was cancelled meanwhile is not replayed.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from datetime import datetime
 from typing import Any
 
@@ -23,35 +23,12 @@ import dramatiq
 import redis
 from dramatiq.common import q_name
 
-from jobcontract.jobs import _NOW_US, UnknownJob, parse_status
+from jobcontract import protocol
+from jobcontract.jobs import UnknownJob, parse_status
 from jobcontract.keys import Keys
 from jobcontract.models import GenerationRequest, JobStatus, utc_from_micros
-
-REPLAY_SCRIPT = (
-    _NOW_US
-    + """
--- KEYS: dead letters, job, job events, target stream, known queues, the job's batch (the job again
--- when it has none). ARGV: entry id, message, model, lane, queue, timeout_us, ttl_s, has_batch.
-if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return {'gone', ''} end
-local state = redis.call('HGET', KEYS[2], 'state') or 'missing'
-if state == 'succeeded' or state == 'cancelled' then return {'refused', state} end
--- A failed batch job already has its entry in the batch's stream of finished jobs and will add
--- another: the batch counts it once (finished = entries - replays; see producer/batch/finished.py).
-if state == 'failed' and ARGV[8] == '1' and redis.call('EXISTS', KEYS[6]) == 1 then
-  redis.call('HINCRBY', KEYS[6], 'replayed', 1)
-end
-redis.call('HDEL', KEYS[2], 'result', 'finished_us', 'started_us', 'worker', 'backend', 'cancel_requested')
-redis.call('HSET', KEYS[2], 'state', 'queued', 'model', ARGV[3], 'lane', ARGV[4], 'queue', ARGV[5],
-           'enqueued_us', us(now), 'deadline_us', us(now + tonumber(ARGV[6])), 'starts', '0')
-redis.call('HINCRBY', KEYS[2], 'replays', 1)
-redis.call('EXPIRE', KEYS[2], ARGV[7])
-redis.call('DEL', KEYS[3])
-redis.call('XADD', KEYS[4], '*', 'm', ARGV[2], 'r', '0')
-redis.call('SADD', KEYS[5], ARGV[5])
-redis.call('XDEL', KEYS[1], ARGV[1])
-return {'replayed', state}
-"""
-)
+from jobcontract.protocol.entry import DeadLetterEntry
+from jobcontract.protocol.queue import Replay
 
 
 class ReplayRefused(Exception):
@@ -111,7 +88,6 @@ class DeadLetters:
         self.keys = keys
         self.default_timeout_s = default_timeout_s
         self.result_ttl_s = result_ttl_s
-        self._replay = client.register_script(REPLAY_SCRIPT)
 
     def count(self) -> int:
         return int(self.client.xlen(self.keys.dead_letters))
@@ -159,29 +135,19 @@ class DeadLetters:
         timeout_us = int((request.timeout_s or self.default_timeout_s) * 1_000_000)
         job_id = message.message_id
         batch_id = message.kwargs.get("batch_id")
-        outcome, state = (
-            _text(v)
-            for v in self._replay(
-                keys=[
-                    self.keys.dead_letters,
-                    self.keys.job(job_id),
-                    self.keys.events(job_id),
-                    self.keys.stream(queue),
-                    self.keys.queues,
-                    self.keys.batch(batch_id) if batch_id else self.keys.job(job_id),
-                ],
-                args=[
-                    letter.entry_id,
-                    fresh.encode(),
-                    request.model,
-                    request.lane.value,
-                    queue,
-                    timeout_us,
-                    self.result_ttl_s,
-                    "1" if batch_id else "0",
-                ],
-            )
+        replay = Replay(
+            self.keys,
+            entry_id=letter.entry_id,
+            job_id=job_id,
+            message=fresh.encode(),
+            model=request.model,
+            lane=request.lane.value,
+            queue=queue,
+            timeout_us=timeout_us,
+            ttl_s=self.result_ttl_s,
+            batch_id=batch_id,
         )
+        outcome, state = astuple(protocol.run(self.client, replay))
         if outcome == "gone":
             raise KeyError(f"dead letter {letter.entry_id} was replayed or purged meanwhile")
         if outcome == "refused":
@@ -229,19 +195,13 @@ class DeadLetters:
 
 def _parse(entry: Any) -> DeadLetter:
     raw_id, fields = entry
-    raw = fields.get(b"m", b"")
+    letter = DeadLetterEntry.read(fields)
     try:
-        message: dramatiq.Message[Any] | None = dramatiq.Message.decode(raw)
+        message: dramatiq.Message[Any] | None = dramatiq.Message.decode(letter.message)
     except Exception:  # whatever it holds, it is listed
         message = None
-    queue = _text(fields.get(b"queue", b""))
     return DeadLetter(
-        entry_id=_text(raw_id),
-        # Older entries named the stream key (`ns:q:queue`); the queue is what an operator knows.
-        queue=queue.split(":q:", 1)[1] if ":q:" in queue else queue,
-        reason=_text(fields.get(b"reason", b"")),
-        raw=raw,
-        message=message,
+        entry_id=_text(raw_id), queue=letter.queue, reason=letter.reason, raw=letter.message, message=message
     )
 
 

@@ -1,7 +1,8 @@
 """Job records and results in Redis: admission, start, finish, wait, cancel, status.
 
-Every step that must not half-happen is one Lua script (admission of a whole list: idempotency,
-backpressure, pool choice, record and enqueue, see jobcontract.admission; start; finish).
+Every step that must not half-happen is one operation of jobcontract.protocol, run here (admission
+of a whole list: idempotency, backpressure, pool choice, record and enqueue, see
+jobcontract.admission; start; finish).
 Results are keyed by job id alone, so a job rerouted to another queue keeps its key, and the
 first terminal result wins: a job that runs twice (a worker killed after finishing but before
 acking) is delivered to its caller once.
@@ -13,14 +14,13 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
 import redis
 
 from jobcontract.admission import SUBMIT_SCRIPT as SUBMIT_SCRIPT
-from jobcontract.admission import Admission, Receipt, parse_receipts
+from jobcontract.admission import Admission, Receipt
 from jobcontract.admission import IdempotencyConflict as IdempotencyConflict  # callers catch these from here
 from jobcontract.admission import QueueFull as QueueFull
 from jobcontract.admission import candidate_backends as candidate_backends
@@ -40,105 +40,16 @@ from jobcontract.models import (
     utc_from_micros,
 )
 from jobcontract.outage import ride_out
+from jobcontract.protocol.jobs import Finish, Start, Submit
+from jobcontract.protocol.jobs import StartTicket as StartTicket  # workers read tickets from here
+from jobcontract.protocol.operation import run, send
 from jobcontract.routes import ModelRoute
-
-# Redis's clock in integer microseconds (exact in a Lua double); `us` prints one without an exponent.
-_NOW_US = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local function us(n) return string.format('%.0f', n) end
-"""
-
-START_SCRIPT = (
-    _NOW_US
-    + """
--- KEYS: job. ARGV: worker, backend, queue.
-local state = redis.call('HGET', KEYS[1], 'state')
-if not state then return {'missing'} end
-if state == 'succeeded' or state == 'failed' or state == 'cancelled' then return {state} end
-if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then return {'cancel'} end
-redis.call('HSET', KEYS[1], 'state', 'running', 'started_us', us(now), 'worker', ARGV[1],
-           'backend', ARGV[2], 'queue', ARGV[3])
-redis.call('HINCRBY', KEYS[1], 'starts', 1)
-return {'run', redis.call('HGET', KEYS[1], 'enqueued_us'), redis.call('HGET', KEYS[1], 'deadline_us'),
-        us(now)}
-"""
-)
-
-FINISH_SCRIPT = (
-    _NOW_US
-    + """
--- KEYS: job, events, batch-done stream (the job key again when there is no batch).
--- ARGV: state, result json, ttl_s, job_id, has_batch.
-local state = redis.call('HGET', KEYS[1], 'state')
-if state == 'succeeded' or state == 'failed' or state == 'cancelled' then return 0 end
-redis.call('HSET', KEYS[1], 'state', ARGV[1], 'result', ARGV[2], 'finished_us', us(now))
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-redis.call('XADD', KEYS[2], '*', 'type', 'done', 'state', ARGV[1])
-redis.call('EXPIRE', KEYS[2], ARGV[3])
-if ARGV[5] == '1' then
-  redis.call('XADD', KEYS[3], '*', 'job', ARGV[4], 'state', ARGV[1])
-  redis.call('EXPIRE', KEYS[3], ARGV[3])
-end
-return 1
-"""
-)
-
-# FINISH for a job that no worker can finish: one whose stream entry goes to dead letters without a
-# run that ended (its workers kept dying). Called from the broker's scripts, which know only the
-# stream key, so the namespace is read from it and the key layout of `Keys` is spelled out here.
-# Timings are Unix seconds (cjson keeps 0.1 ms), which GenerationResult reads like ISO instants.
-FAIL_JOB_LUA = """
-local function fail_job(stream, message, error_type, reason)
-  local ok, decoded = pcall(cjson.decode, message)
-  local namespace = string.match(stream, '^(.-):q:')
-  if not ok or type(decoded) ~= 'table' or type(decoded['message_id']) ~= 'string' or not namespace then
-    return 0
-  end
-  local job_id = decoded['message_id']
-  local job = namespace .. ':job:' .. job_id
-  local state = redis.call('HGET', job, 'state')
-  if not state or state == 'succeeded' or state == 'failed' or state == 'cancelled' then return 0 end
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-  local f = redis.call('HMGET', job, 'model', 'worker', 'enqueued_us', 'started_us', 'backend', 'batch')
-  local result = {job_id = job_id, model = f[1] or '', state = 'failed', finish_reason = 'error',
-                  timings = {enqueued_at = tonumber(f[3] or now) / 1e6, finished_at = now / 1e6},
-                  error = {type = error_type, message = reason, retryable = true}}
-  if f[2] then result['worker'] = f[2] end
-  if f[4] then result['timings']['started_at'] = tonumber(f[4]) / 1e6 end
-  if f[5] then result['backend'] = f[5] end
-  local ttl = redis.call('TTL', job)
-  redis.call('HSET', job, 'state', 'failed', 'result', cjson.encode(result), 'finished_us', string.format('%.0f', now))
-  redis.call('XADD', job .. ':events', '*', 'type', 'done', 'state', 'failed')
-  if ttl > 0 then redis.call('EXPIRE', job .. ':events', ttl) end
-  if f[6] then
-    local done = namespace .. ':batch:' .. f[6] .. ':done'
-    redis.call('XADD', done, '*', 'job', job_id, 'state', 'failed')
-    if ttl > 0 then redis.call('EXPIRE', done, ttl) end
-  end
-  return 1
-end
-"""
 
 
 class UnknownJob(KeyError):
     def __init__(self, job_id: str) -> None:
         super().__init__(f"no job {job_id!r} (never submitted, or its record expired)")
         self.job_id = job_id
-
-
-@dataclass(frozen=True)
-class StartTicket:
-    """What a worker learns when it starts a job: the instants it needs, on the Redis clock."""
-
-    enqueued_us: int
-    deadline_us: int
-    started_us: int
-
-    @property
-    def remaining_s(self) -> float:
-        return (self.deadline_us - self.started_us) / 1_000_000
 
 
 def new_job_id() -> str:
@@ -156,9 +67,6 @@ class JobStore:
         self.result_ttl_s = result_ttl_s
         self.max_queued = max_queued
         self.outage_patience_s = outage_patience_s
-        self._submit = client.register_script(SUBMIT_SCRIPT)
-        self._start = client.register_script(START_SCRIPT)
-        self._finish = client.register_script(FINISH_SCRIPT)
 
     # -- callers -------------------------------------------------------------------------------------
     def submit(
@@ -193,13 +101,13 @@ class JobStore:
         if not requests:
             return []
         ids = list(job_ids) if job_ids is not None else [new_job_id() for _ in requests]
-        keys, args = self.admission(default_timeout_s).call(requests, ids, route_for, batch_id)
+        submit = Submit(self.admission(default_timeout_s), requests, ids, route_for, batch_id)
         if not durability_of(self.client).waits:  # one EVALSHA: a pipeline would first ask SCRIPT EXISTS
-            return parse_receipts(self._submit(keys=keys, args=args), requests, ids)
+            return run(self.client, submit)
         pipe = self.client.pipeline(transaction=False)
-        self._submit(keys=keys, args=args, client=pipe)
+        send(pipe, self.client, submit)
         durability = add_wait(pipe, self.client)  # WAIT for a replica, on the writes' connection
-        return parse_receipts(admitted(pipe.execute(raise_on_error=True), durability, self.client), requests, ids)
+        return submit.parse(admitted(pipe.execute(raise_on_error=True), durability, self.client))
 
     def admission(self, default_timeout_s: float) -> Admission:
         return Admission(self.keys, self.max_queued, self.result_ttl_s, default_timeout_s)
@@ -280,11 +188,7 @@ class JobStore:
                 return JobState.RUNNING
             cancelled = cancelled_before_it_ran(status, self.now())
             pipe.multi()
-            self._finish(
-                keys=self._finish_keys(job_id, status.batch_id),
-                args=self._finish_args(cancelled, status.batch_id),
-                client=pipe,
-            )
+            send(pipe, self.client, Finish(self.keys, cancelled, status.batch_id, self.result_ttl_s))
             return JobState.CANCELLED
 
         outcome = self.client.transaction(attempt, self.keys.job(job_id), value_from_callable=True)  # type: ignore[arg-type]
@@ -298,20 +202,8 @@ class JobStore:
     def start(self, job_id: str, worker: str, backend: Backend, queue: str) -> StartTicket | JobState | None:
         """Mark the job running. Returns a ticket to run it; a terminal state if it is already done
         (a duplicate delivery); CANCELLED if a cancel was asked for; None if its record is gone."""
-        reply = [
-            _text(v)
-            for v in ride_out(
-                lambda: self._start(keys=[self.keys.job(job_id)], args=[worker, backend.value, queue]),
-                self.outage_patience_s,
-            )
-        ]
-        if reply[0] == "run":
-            return StartTicket(enqueued_us=int(reply[1]), deadline_us=int(reply[2]), started_us=int(reply[3]))
-        if reply[0] == "missing":
-            return None
-        if reply[0] == "cancel":
-            return JobState.CANCELLED
-        return JobState(reply[0])
+        start = Start(self.keys, job_id, worker, backend, queue)
+        return ride_out(lambda: run(self.client, start), self.outage_patience_s)
 
     def publish_token(self, job_id: str, index: int, text: str) -> None:
         key = self.keys.events(job_id)
@@ -327,30 +219,17 @@ class JobStore:
 
     def finish(self, result: GenerationResult, batch_id: str | None = None) -> bool:
         """Record a terminal result once; False when another run already finished the job."""
-        keys, args = self._finish_keys(result.job_id, batch_id), self._finish_args(result, batch_id)
+        finish = Finish(self.keys, result, batch_id, self.result_ttl_s)
         if not durability_of(self.client).waits:
-            return bool(ride_out(lambda: self._finish(keys=keys, args=args), self.outage_patience_s))
+            return ride_out(lambda: run(self.client, finish), self.outage_patience_s)
 
-        def finish_and_wait() -> Any:  # WAIT for a replica on the same connection as the write
+        def finish_and_wait() -> bool:  # WAIT for a replica on the same connection as the write
             pipe = self.client.pipeline(transaction=False)
-            self._finish(keys=keys, args=args, client=pipe)
+            send(pipe, self.client, finish)
             durability = add_wait(pipe, self.client)
-            return finished(pipe.execute(raise_on_error=True), durability, self.client, result.job_id)[0]
+            return finish.parse(finished(pipe.execute(raise_on_error=True), durability, self.client, result.job_id)[0])
 
-        return bool(ride_out(finish_and_wait, self.outage_patience_s))
-
-    def _finish_keys(self, job_id: str, batch_id: str | None) -> list[str]:
-        batch_key = self.keys.batch_done(batch_id) if batch_id else self.keys.job(job_id)
-        return [self.keys.job(job_id), self.keys.events(job_id), batch_key]
-
-    def _finish_args(self, result: GenerationResult, batch_id: str | None) -> list[Any]:
-        return [
-            result.state.value,
-            result.model_dump_json(),
-            self.result_ttl_s,
-            result.job_id,
-            "1" if batch_id else "0",
-        ]
+        return ride_out(finish_and_wait, self.outage_patience_s)
 
 
 def cancelled_before_it_ran(status: JobStatus, now: datetime) -> GenerationResult:

@@ -1,7 +1,7 @@
 """The job store's caller side on `redis.asyncio`, for the HTTP gateway and the async client.
 
-The Lua scripts, their calling convention (keys and arguments) and the parsing of records are
-JobStore's own, used here as they are: only the waiting (XREAD) and the round trips are async.
+The operations (jobcontract.protocol: script, keys, arguments, reply) and the parsing of records are
+the ones JobStore runs, used here as they are: only the waiting (XREAD) and the round trips are async.
 """
 
 from __future__ import annotations
@@ -13,13 +13,11 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 
-from jobcontract.admission import SUBMIT_SCRIPT, Receipt, parse_receipts
+from jobcontract.admission import Admission, Receipt
 from jobcontract.connection import MAX_BLOCK_MS, stream_reply
 from jobcontract.connection import connect_async as connect_async  # where the gateway and clients look
 from jobcontract.durability import add_wait, admitted, durability_of
 from jobcontract.jobs import (
-    FINISH_SCRIPT,
-    JobStore,
     UnknownJob,
     cancelled_before_it_ran,
     new_job_id,
@@ -34,17 +32,9 @@ from jobcontract.models import (
     TokenEvent,
     utc_from_micros,
 )
+from jobcontract.protocol.jobs import Finish, Submit
+from jobcontract.protocol.operation import run_async, send_async
 from jobcontract.routes import ModelRoute
-
-
-class _Calls(JobStore):
-    """JobStore's key and argument builders without a connection of its own, so the scripts'
-    calling convention is written once, in JobStore."""
-
-    def __init__(self, keys: Keys, *, result_ttl_s: int, max_queued: int) -> None:
-        self.keys = keys
-        self.result_ttl_s = result_ttl_s
-        self.max_queued = max_queued
 
 
 class AsyncJobStore:
@@ -53,9 +43,6 @@ class AsyncJobStore:
         self.keys = keys
         self.result_ttl_s = result_ttl_s
         self.max_queued = max_queued
-        self._calls = _Calls(keys, result_ttl_s=result_ttl_s, max_queued=max_queued)
-        self._submit = client.register_script(SUBMIT_SCRIPT)
-        self._finish = client.register_script(FINISH_SCRIPT)
 
     async def submit(
         self,
@@ -88,13 +75,14 @@ class AsyncJobStore:
         if not requests:
             return []
         ids = list(job_ids) if job_ids is not None else [new_job_id() for _ in requests]
-        keys, args = self._calls.admission(default_timeout_s).call(requests, ids, route_for, batch_id)
+        admission = Admission(self.keys, self.max_queued, self.result_ttl_s, default_timeout_s)
+        submit = Submit(admission, requests, ids, route_for, batch_id)
         if not durability_of(self.client).waits:  # one EVALSHA: a pipeline would first ask SCRIPT EXISTS
-            return parse_receipts(await self._submit(keys=keys, args=args), requests, ids)
+            return await run_async(self.client, submit)
         pipe = self.client.pipeline(transaction=False)
-        await self._submit(keys=keys, args=args, client=pipe)
+        await send_async(pipe, self.client, submit)
         durability = add_wait(pipe, self.client)
-        return parse_receipts(admitted(await pipe.execute(raise_on_error=True), durability, self.client), requests, ids)
+        return submit.parse(admitted(await pipe.execute(raise_on_error=True), durability, self.client))
 
     async def result(self, job_id: str) -> GenerationResult | None:
         raw = await self.client.hget(self.keys.job(job_id), "result")
@@ -161,11 +149,8 @@ class AsyncJobStore:
                 return JobState.RUNNING
             cancelled = cancelled_before_it_ran(status, await self.now())
             pipe.multi()
-            await self._finish(
-                keys=self._calls._finish_keys(job_id, status.batch_id),
-                args=self._calls._finish_args(cancelled, status.batch_id),
-                client=pipe,
-            )
+            finish = Finish(self.keys, cancelled, status.batch_id, self.result_ttl_s)
+            await send_async(pipe, self.client, finish)
             return JobState.CANCELLED
 
         outcome = await self.client.transaction(attempt, self.keys.job(job_id), value_from_callable=True)

@@ -19,6 +19,41 @@ def pool_name(model: str, backend: Backend) -> str:
     return f"{model}.{backend.value}"
 
 
+DELAY_SUFFIX = ".DQ"  # dramatiq's delay queue of a queue: dq_name(queue)
+
+
+@dataclass(frozen=True, order=True)
+class QueueRef:
+    """A queue name read back: the pool it belongs to, its lane, and whether it is the delay queue."""
+
+    model: str
+    backend: Backend
+    lane: Lane
+    delayed: bool = False
+
+    @property
+    def pool(self) -> str:
+        return pool_name(self.model, self.backend)
+
+    def on(self, backend: Backend) -> str:
+        """The same queue (delayed or not) of another backend's pool."""
+        name = queue_name(self.model, backend, self.lane)
+        return name + DELAY_SUFFIX if self.delayed else name
+
+
+def parse_queue(name: str) -> QueueRef | None:
+    """`{model}.{backend}.{lane}[.DQ]`, read from the right (model names may hold dots); None for a
+    name that is not genq's. The inverse of queue_name (and of dq_name on it)."""
+    delayed = name.endswith(DELAY_SUFFIX)
+    parts = name.removesuffix(DELAY_SUFFIX).rsplit(".", 2)
+    if len(parts) != 3:
+        return None
+    try:
+        return QueueRef(parts[0], Backend(parts[1]), Lane(parts[2]), delayed)
+    except ValueError:
+        return None
+
+
 def actor_name(lane: Lane) -> str:
     return f"genq_generate_{lane.value}"
 

@@ -24,8 +24,10 @@ from dramatiq.common import dq_name
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from jobcontract.keys import CONSUMER_GROUP, Keys, pool_name
+from jobcontract import protocol
+from jobcontract.keys import CONSUMER_GROUP, Keys, parse_queue, pool_name
 from jobcontract.models import Backend, Lane
+from jobcontract.protocol.liveness import LiveWorkers
 
 log = logging.getLogger(__name__)
 
@@ -45,16 +47,9 @@ class QueueName:
 
     @classmethod
     def parse(cls, name: str) -> QueueName | None:
-        """`{model}.{backend}.{lane}`, split from the right (model names may hold dots); a delay
-        queue names its base queue; anything else is not genq's."""
-        base = name.removesuffix(".DQ")  # dramatiq's delay queue: dq_name(queue)
-        parts = base.rsplit(".", 2)
-        if len(parts) != 3:
-            return None
-        try:
-            return cls(parts[0], Backend(parts[1]), Lane(parts[2]))
-        except ValueError:
-            return None
+        """A delay queue names its base queue; anything else that is not genq's is None."""
+        ref = parse_queue(name)
+        return None if ref is None else cls(ref.model, ref.backend, ref.lane)
 
 
 @dataclass(frozen=True)
@@ -137,13 +132,12 @@ class QueueCollector(Collector):
         circuits = [bool(_ok(next(replies), 0)) for _ in pools]
 
         second = self.client.pipeline(transaction=False)
-        for model, backend in pools:
-            second.zcount(self.keys.pool(pool_name(model, backend)), now_us, "+inf")
+        protocol.send(second, self.client, LiveWorkers(self.keys, pools))
         waiting_queues = [c for c in counts if c[1] - c[2] > 0]
         for queue, _length, _pending, _delayed, last_delivered in waiting_queues:
             second.xrange(self.keys.stream(queue.name), min=_after(last_delivered), max="+", count=1)
         replies = iter(second.execute(raise_on_error=False))
-        workers = [int(_ok(next(replies), 0)) for _ in pools]
+        workers = [int(n) for n in _ok(next(replies), [0] * len(pools))]
         oldest_ms: dict[QueueName, int] = {}
         for queue, *_ in waiting_queues:
             entries = _ok(next(replies), [])

@@ -19,7 +19,7 @@ from dramatiq.errors import BrokerConnectionError
 
 from jobcontract.broker import LeavePending
 from jobcontract.jobs import JobStore
-from jobcontract.keys import pool_name, queue_name
+from jobcontract.keys import queue_name
 from jobcontract.models import (
     Attempt,
     AttemptOutcome,
@@ -32,6 +32,8 @@ from jobcontract.models import (
     utc_from_micros,
 )
 from jobcontract.outage import OUTAGE_ERRORS, ride_out
+from jobcontract.protocol.liveness import LiveWorkers
+from jobcontract.protocol.operation import run
 from jobcontract.routes import ModelRoute
 from workers.circuit import CircuitBreaker
 from workers.metrics import WorkerMetrics
@@ -146,13 +148,8 @@ class Rerouting(dramatiq.Middleware):
 
     def _serving(self, backend: Backend) -> bool:
         """A pool serves while some worker's vouched-until instant (Redis clock) is still ahead."""
-        pool = self.store.keys.pool(pool_name(self.route.name, backend))
-
-        def count() -> int:
-            seconds, micros = self.store.client.time()
-            return int(self.store.client.zcount(pool, int(seconds) * 1_000_000 + int(micros), "+inf"))
-
-        return ride_out(count, self.store.outage_patience_s) > 0
+        live = LiveWorkers(self.store.keys, [(self.route.name, backend)])
+        return ride_out(lambda: run(self.store.client, live), self.store.outage_patience_s)[0] > 0
 
     def _give_up(
         self,

@@ -9,55 +9,20 @@ that is only restarting keeps its queue.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import dramatiq
 import redis
-from dramatiq.common import dq_name
 
+from jobcontract import protocol
 from jobcontract.connection import stream_reply
-from jobcontract.keys import CONSUMER_GROUP, Keys, pool_name, queue_name
-from jobcontract.models import Backend, Lane
+from jobcontract.keys import CONSUMER_GROUP, Keys, QueueRef, parse_queue
+from jobcontract.models import Backend
+from jobcontract.protocol.entry import QueueEntry
+from jobcontract.protocol.liveness import LiveWorkers
+from jobcontract.protocol.queue import RescueMove
 from jobcontract.routes import Routes
 
 log = logging.getLogger(__name__)
-
-# Moves one entry only if it is still pending to the rescuer (a janitor may have taken it back).
-MOVE_SCRIPT = """
-if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 1 then
-  redis.call('XADD', KEYS[2], '*', 'm', ARGV[3], 'r', '0')
-  redis.call('XDEL', KEYS[1], ARGV[2])
-  return 1
-end
-return 0
-"""
-
-DELAY_SUFFIX = ".DQ"
-
-
-@dataclass(frozen=True)
-class QueueParts:
-    model: str
-    backend: Backend
-    lane: Lane
-    delayed: bool
-
-    @classmethod
-    def parse(cls, name: str) -> QueueParts | None:
-        """`{model}.{backend}.{lane}[.DQ]`, read from the right: model names may hold dots."""
-        delayed = name.endswith(DELAY_SUFFIX)
-        base = name.removesuffix(DELAY_SUFFIX)
-        parts = base.rsplit(".", 2)
-        if len(parts) != 3:
-            return None
-        try:
-            return cls(parts[0], Backend(parts[1]), Lane(parts[2]), delayed)
-        except ValueError:
-            return None
-
-    def on(self, backend: Backend) -> str:
-        name = queue_name(self.model, backend, self.lane)
-        return dq_name(name) if self.delayed else name
 
 
 class Rescuer:
@@ -67,35 +32,34 @@ class Rescuer:
         self.routes = routes
         self.name = f"rescuer:{name}"
         self.rescue_after_ms = int(rescue_after_s * 1000)
-        self._move = client.register_script(MOVE_SCRIPT)
 
     def run_once(self) -> int:
         seconds, micros = self.client.time()
         now_ms = int(seconds) * 1000 + int(micros) // 1000
         moved = 0
         for raw in self.client.smembers(self.keys.queues):
-            parts = QueueParts.parse(raw.decode() if isinstance(raw, bytes) else str(raw))
-            if parts is None or self._pool_live(parts.model, parts.backend, now_ms):
+            parts = parse_queue(raw.decode() if isinstance(raw, bytes) else str(raw))
+            if parts is None or self._pool_live(parts.model, parts.backend):
                 continue
-            target = self._target(parts, now_ms)
+            target = self._target(parts)
             if target is not None:
                 moved += self._move_waiting(parts, target, now_ms)
         return moved
 
-    def _pool_live(self, model: str, backend: Backend, now_ms: int) -> bool:
-        return int(self.client.zcount(self.keys.pool(pool_name(model, backend)), now_ms * 1000, "+inf")) > 0
+    def _pool_live(self, model: str, backend: Backend) -> bool:
+        return protocol.run(self.client, LiveWorkers(self.keys, [(model, backend)]))[0] > 0
 
-    def _target(self, parts: QueueParts, now_ms: int) -> Backend | None:
+    def _target(self, parts: QueueRef) -> Backend | None:
         try:
             route = self.routes.get(parts.model)
         except KeyError:
             return None
         for backend in route.order:
-            if backend is not parts.backend and self._pool_live(parts.model, backend, now_ms):
+            if backend is not parts.backend and self._pool_live(parts.model, backend):
                 return backend
         return None
 
-    def _move_waiting(self, parts: QueueParts, target: Backend, now_ms: int) -> int:
+    def _move_waiting(self, parts: QueueRef, target: Backend, now_ms: int) -> int:
         source = parts.on(parts.backend)
         stream = self.keys.stream(source)
         if not self._oldest_waiting_is_older_than(stream, now_ms - self.rescue_after_ms):
@@ -108,12 +72,10 @@ class Rescuer:
         moved = 0
         for _stream, entries in reply:
             for entry_id, fields in entries:
-                message = dramatiq.Message.decode(fields[b"m"]).copy(queue_name=destination)
-                moved += int(
-                    self._move(
-                        keys=[stream, self.keys.stream(destination)], args=[CONSUMER_GROUP, entry_id, message.encode()]
-                    )
-                )
+                raw = QueueEntry.read(fields).message or b""
+                message = dramatiq.Message.decode(raw).copy(queue_name=destination)
+                move = RescueMove(self.keys, source, destination, _text(entry_id), message.encode())
+                moved += protocol.run(self.client, move)
         if moved:
             log.warning(
                 "pool %s has no live worker: moved %d waiting job(s) to %s", parts.backend.value, moved, destination

@@ -25,31 +25,16 @@ from multiprocessing.synchronize import Event as ProcessEvent
 
 import redis
 
+from jobcontract import protocol
 from jobcontract.broker import StreamsBroker
 from jobcontract.connection import connect, redact
 from jobcontract.keys import Keys, pool_name
+from jobcontract.protocol.liveness import Vouch
 from workers import process as worker_process
 from workers.rescue import Rescuer
 from workers.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
-
-VOUCH_SCRIPT = """
--- KEYS: pool set, then one liveness key per worker. ARGV: ttl_ms, then names, then ready flags.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local n = #KEYS - 1
-local ttl = tonumber(ARGV[1])
-for i = 1, n do
-  redis.call('SET', KEYS[i + 1], '1', 'PX', ttl)
-  if ARGV[1 + n + i] == '1' then
-    redis.call('ZADD', KEYS[1], now + ttl * 1000, ARGV[1 + i])
-  end
-end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-return n
-"""
-
 
 # How often liveness keys are renewed: well inside the shortest TTL allowed (2 s).
 VOUCH_EVERY_S = 0.5
@@ -68,11 +53,11 @@ class WorkerPool:
         self.settings = settings
         self.keys = Keys(settings.namespace)
         self.client = connect(settings.redis_url)
-        self.pool = self.keys.pool(pool_name(settings.model, settings.backend))
+        self.pool_name = pool_name(settings.model, settings.backend)
+        self.pool = self.keys.pool(self.pool_name)
         self.broker = StreamsBroker(
             self.client, self.keys, consumer_name=f"supervisor:{settings.host}:{os.getpid()}", middleware=[]
         )
-        self._vouch = self.client.register_script(VOUCH_SCRIPT)
         self.rescuer = Rescuer(
             self.client,
             self.keys,
@@ -133,10 +118,14 @@ class WorkerPool:
         """Renew each child's liveness key; add the ready ones to the pool set unless `serving` is off."""
         if not children:
             return
-        keys = [self.pool, *(self.keys.alive(c.name) for c in children)]
-        ready = ["1" if serving and c.ready.is_set() else "0" for c in children]
-        ttl_ms = int(self.settings.liveness_ttl_s * 1000)
-        self._vouch(keys=keys, args=[ttl_ms, *(c.name for c in children), *ready])
+        vouch = Vouch(
+            self.keys,
+            self.pool_name,
+            workers=[c.name for c in children],
+            ready=[serving and c.ready.is_set() for c in children],
+            ttl_ms=int(self.settings.liveness_ttl_s * 1000),
+        )
+        protocol.run(self.client, vouch)
 
     def _spawn(self) -> Child:
         name = f"{self.settings.host}:{self.settings.model}.{self.settings.backend.value}:{uuid.uuid4().hex[:8]}"

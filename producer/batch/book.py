@@ -12,7 +12,9 @@ from typing import Any
 import redis
 from pydantic import BaseModel, Field
 
+from jobcontract import protocol
 from jobcontract.keys import Keys
+from jobcontract.protocol.batch import BatchAdvance, BatchLease, BatchRecordJobs
 
 BATCH_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 
@@ -72,38 +74,6 @@ class BatchRecord(BaseModel):
         return max(0, self.submitted - self.finished)
 
 
-# Only forward, never out of a terminal status; once cancelling, only to cancelled.
-ADVANCE_SCRIPT = """
--- KEYS: batch hash. ARGV: new status, now (s).
-local current = redis.call('HGET', KEYS[1], 'status')
-if not current then return '' end
-if current == 'completed' or current == 'failed' or current == 'cancelled' or current == 'expired' then
-  return current
-end
-if current == 'cancelling' and ARGV[1] ~= 'cancelled' then return current end
-redis.call('HSET', KEYS[1], 'status', ARGV[1], ARGV[1] .. '_at', ARGV[2])
-return ARGV[1]
-"""
-
-# A lease is taken when free or already ours, and kept alive by its holder.
-LEASE_SCRIPT = """
--- KEYS: lease. ARGV: owner, ttl_ms.
-local holder = redis.call('GET', KEYS[1])
-if holder and holder ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return 1
-"""
-
-# The jobs a batch queued, and its count of them, in one step.
-RECORD_SCRIPT = """
--- KEYS: batch jobs hash, batch hash. ARGV: ttl_s, through_line, then job id, custom_id pairs.
-for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-if #ARGV > 2 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
-local submitted = redis.call('HLEN', KEYS[1])
-redis.call('HSET', KEYS[2], 'submitted', submitted, 'submitted_line', ARGV[2])
-return submitted
-"""
-
 _INT_FIELDS = {name for name, info in BatchRecord.model_fields.items() if info.annotation in (int, int | None)}
 
 
@@ -112,9 +82,6 @@ class BatchBook:
         self.client = client
         self.keys = keys
         self.ttl_s = ttl_s
-        self._advance = client.register_script(ADVANCE_SCRIPT)
-        self._lease = client.register_script(LEASE_SCRIPT)
-        self._record = client.register_script(RECORD_SCRIPT)
 
     def create(self, batch_id: str, *, status: BatchStatus, origin: str, input: str, **fields: Any) -> bool:
         """Record a new batch; False (and nothing changed) when the id is already known."""
@@ -164,8 +131,7 @@ class BatchBook:
 
     def advance(self, batch_id: str, status: BatchStatus) -> BatchStatus | None:
         """Move to `status` if the transition is allowed; returns the status the batch now has."""
-        reply = self._advance(keys=[self.keys.batch(batch_id)], args=[status.value, int(time.time())])
-        text = reply.decode() if isinstance(reply, bytes) else str(reply)
+        text = protocol.run(self.client, BatchAdvance(self.keys, batch_id, status.value, int(time.time())))
         if text in (BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.CANCELLED, BatchStatus.EXPIRED):
             self.client.srem(self.keys.active_batches, batch_id)
         return BatchStatus(text) if text else None
@@ -183,10 +149,7 @@ class BatchBook:
         """`jobs`: job id -> custom_id of the lines just submitted, through input line `through_line`.
         Returns the batch's `submitted`: its distinct jobs, counted from what was queued rather than
         from lines read, so a line that named an existing job cannot leave a phantom in flight."""
-        args: list[Any] = [self.ttl_s, through_line]
-        for job_id, custom_id in jobs.items():
-            args += [job_id, custom_id]
-        return int(self._record(keys=[self.keys.batch_jobs(batch_id), self.keys.batch(batch_id)], args=args))
+        return protocol.run(self.client, BatchRecordJobs(self.keys, batch_id, jobs, through_line, self.ttl_s))
 
     def submitted_line(self, batch_id: str) -> int:
         return int(self.client.hget(self.keys.batch(batch_id), "submitted_line") or 0)
@@ -208,7 +171,7 @@ class BatchBook:
         return [None if c is None else _text(c) for c in found]
 
     def take_lease(self, batch_id: str, owner: str, ttl_s: float) -> bool:
-        return bool(self._lease(keys=[self.keys.batch_lease(batch_id)], args=[owner, int(ttl_s * 1000)]))
+        return protocol.run(self.client, BatchLease(self.keys, batch_id, owner, int(ttl_s * 1000)))
 
     def lease_holder(self, batch_id: str) -> str | None:
         holder = self.client.get(self.keys.batch_lease(batch_id))

@@ -19,18 +19,12 @@ from typing import Any
 
 import redis
 
+from jobcontract import protocol
 from jobcontract.keys import Keys
 from jobcontract.models import GenerationResult, JobState
+from jobcontract.protocol.batch import MarkWritten
 
 WRITTEN = "batch_written"
-
-# Only a record that still exists is marked: marking an expired one would leave a key without a TTL.
-MARK_SCRIPT = """
-for _, key in ipairs(KEYS) do
-  if redis.call('EXISTS', key) == 1 then redis.call('HSET', key, ARGV[1], '1') end
-end
-return #KEYS
-"""
 
 
 @dataclass(frozen=True)
@@ -59,7 +53,7 @@ def to_write(client: redis.Redis, keys: Keys, job_ids: list[str]) -> list[Finish
 
 def mark_written(client: redis.Redis, keys: Keys, job_ids: list[str]) -> None:
     if job_ids:
-        client.register_script(MARK_SCRIPT)(keys=[keys.job(j) for j in job_ids], args=[WRITTEN])
+        protocol.run(client, MarkWritten(keys, job_ids, WRITTEN))
 
 
 def _text(value: bytes | str) -> str:

@@ -14,38 +14,19 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import astuple
 from typing import Any, BinaryIO
 
 import redis
 
+from jobcontract import protocol
 from jobcontract.keys import Keys
+from jobcontract.protocol.gateway import FileReserve
 from producer.batch.book import BatchStatus
 from producer.gateway.api_keys import Caller, FileBounds
 from producer.gateway.errors import ApiError
 
 CHUNK = 1 << 20
-
-RESERVE_SCRIPT = """
--- KEYS: the tenant's file sizes, the tenant's listing index, the new file's content.
--- ARGV: file id, bytes, max files, max bytes, ttl_s, the prefix of file keys (`{ns}:file:`).
-local members = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
-local count, total = 0, 0
-for i = 1, #members, 2 do
-  local id = members[i]
-  if redis.call('EXISTS', ARGV[6] .. id, ARGV[6] .. id .. ':content') > 0 then
-    count = count + 1
-    total = total + tonumber(members[i + 1])
-  else
-    redis.call('ZREM', KEYS[1], id)
-    redis.call('ZREM', KEYS[2], id)
-  end
-end
-if count >= tonumber(ARGV[3]) then return {'files', count, total} end
-if total + tonumber(ARGV[2]) > tonumber(ARGV[4]) then return {'bytes', count, total} end
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
-redis.call('SET', KEYS[3], '', 'EX', ARGV[5])
-return {'ok', count, total}
-"""
 
 
 def not_found(file_id: str) -> ApiError:
@@ -58,7 +39,6 @@ class FileStore:
         self.client = client
         self.keys = keys
         self.ttl_s = ttl_s
-        self._reserve = client.register_script(RESERVE_SCRIPT)
 
     def create(
         self, filename: str, purpose: str, content: BinaryIO, caller: Caller, bounds: FileBounds
@@ -90,11 +70,8 @@ class FileStore:
         return self.get(file_id, caller)
 
     def _admit(self, file_id: str, tenant: str, size: int, bounds: FileBounds) -> None:
-        reply = self._reserve(
-            keys=[self.keys.tenant_file_bytes(tenant), self.keys.tenant_files(tenant), self.keys.file_content(file_id)],
-            args=[file_id, size, bounds.max_files, bounds.max_bytes, self.ttl_s, self.keys.file("")],
-        )
-        outcome, count, total = _text(reply[0]), int(reply[1]), int(reply[2])
+        reserve = FileReserve(self.keys, tenant, file_id, size, bounds.max_files, bounds.max_bytes, self.ttl_s)
+        outcome, count, total = astuple(protocol.run(self.client, reserve))
         if outcome == "files":
             raise ApiError(
                 429,

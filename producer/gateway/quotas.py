@@ -24,21 +24,15 @@ from limits import RateLimitItem
 from limits.aio.storage import RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 
+from jobcontract import protocol
 from jobcontract.keys import Keys
 from jobcontract.models import JobState
+from jobcontract.protocol.gateway import QuotaReserve
 from producer.batch.book import BatchStatus
 from producer.gateway.errors import ApiError
 
 # An id reserved this recently may still be on its way into Redis: a missing record is not yet "gone".
 ADMISSION_GRACE_S = 30
-
-RESERVE_SCRIPT = """
--- KEYS: a key's set of unfinished ids. ARGV: bound, id, ttl_s.
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
-redis.call('ZADD', KEYS[1], redis.call('TIME')[1], ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-return 1
-"""
 
 
 class RateLimits:
@@ -81,14 +75,13 @@ class Allowance:
         self.field = field
         self.finished = {state.encode() for state in finished}
         self.ttl_s = ttl_s
-        self._reserve = client.register_script(RESERVE_SCRIPT)
 
     async def reserve(self, name: str, item_id: str, bound: int) -> bool:
-        key = self.members(name)
-        if await self._reserve(keys=[key], args=[bound, item_id, self.ttl_s]):
+        reserve = QuotaReserve(self.members(name), item_id, bound, self.ttl_s)
+        if await protocol.run_async(self.client, reserve):
             return True
         await self.prune(name)
-        return bool(await self._reserve(keys=[key], args=[bound, item_id, self.ttl_s]))
+        return await protocol.run_async(self.client, reserve)
 
     async def release(self, name: str, item_id: str) -> None:
         await self.client.zrem(self.members(name), item_id)

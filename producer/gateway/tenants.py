@@ -19,15 +19,11 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from jobcontract import protocol
 from jobcontract.jobs import UnknownJob
 from jobcontract.keys import Keys
+from jobcontract.protocol.gateway import ClaimJob
 from producer.gateway.api_keys import Caller
-
-CLAIM_SCRIPT = """
--- KEYS: job. ARGV: tenant. Never creates a record (one that expired stays gone), never changes an owner.
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-return redis.call('HSETNX', KEYS[1], 'tenant', ARGV[1])
-"""
 
 
 def scoped_key(caller: Caller, key: str | None) -> str | None:
@@ -41,10 +37,9 @@ class JobOwners:
     def __init__(self, client: aioredis.Redis, keys: Keys) -> None:
         self.client = client
         self.keys = keys
-        self._claim = client.register_script(CLAIM_SCRIPT)
 
     async def claim(self, job_id: str, caller: Caller) -> None:
-        await self._claim(keys=[self.keys.job(job_id)], args=[caller.tenant])
+        await protocol.run_async(self.client, ClaimJob(self.keys, job_id, caller.tenant))
 
     async def check(self, job_id: str, caller: Caller) -> None:
         """UnknownJob unless the job is the caller's (or the caller sees all and the job exists)."""

@@ -1,0 +1,128 @@
+"""State changes of queue entries: hand back (requeue), reclaim a dead consumer's, move to another
+queue (rescue), and replay a dead letter."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from jobcontract.keys import CONSUMER_GROUP, Keys
+from jobcontract.protocol.operation import Operation, text
+
+
+@dataclass(frozen=True)
+class Requeue(Operation[int]):
+    """Hand entries back to their stream as new entries (a poison one goes to dead letters, its job
+    failed); answers how many went back."""
+
+    SCRIPT: ClassVar[str] = "requeue.lua"
+
+    names: Keys
+    queue: str
+    entry_ids: Sequence[str]
+    max_redeliveries: int
+
+    def keys(self) -> list[str]:
+        return [self.names.stream(self.queue), self.names.dead_letters]
+
+    def args(self) -> list[Any]:
+        return [CONSUMER_GROUP, self.max_redeliveries, *self.entry_ids]
+
+    def parse(self, reply: Any) -> int:
+        return int(reply)
+
+
+@dataclass(frozen=True)
+class Reclaim(Operation[int | None]):
+    """Hand back every entry pending on a consumer nobody vouches for; None while one does."""
+
+    SCRIPT: ClassVar[str] = "reclaim.lua"
+
+    names: Keys
+    stream: str
+    consumer: str
+    max_redeliveries: int
+
+    def keys(self) -> list[str]:
+        return [self.stream, self.names.alive(self.consumer), self.names.dead_letters]
+
+    def args(self) -> list[Any]:
+        return [CONSUMER_GROUP, self.max_redeliveries, self.consumer]
+
+    def parse(self, reply: Any) -> int | None:
+        moved = int(reply)
+        return None if moved < 0 else moved
+
+
+@dataclass(frozen=True)
+class RescueMove(Operation[bool]):
+    """Move one entry pending on the rescuer to another queue, unless a janitor took it back meanwhile."""
+
+    SCRIPT: ClassVar[str] = "rescue_move.lua"
+
+    names: Keys
+    source: str
+    destination: str
+    entry_id: str
+    message: bytes  # the message addressed to `destination`
+
+    def keys(self) -> list[str]:
+        return [self.names.stream(self.source), self.names.stream(self.destination)]
+
+    def args(self) -> list[Any]:
+        return [CONSUMER_GROUP, self.entry_id, self.message]
+
+    def parse(self, reply: Any) -> bool:
+        return bool(int(reply))
+
+
+@dataclass(frozen=True)
+class ReplayOutcome:
+    outcome: str  # 'replayed', 'gone' (no such dead letter any more) or 'refused'
+    previous_state: str
+
+
+@dataclass(frozen=True)
+class Replay(Operation[ReplayOutcome]):
+    """Put a dead letter's job back to queued with a fresh deadline (see jobcontract.deadletters)."""
+
+    SCRIPT: ClassVar[str] = "replay.lua"
+
+    names: Keys
+    entry_id: str
+    job_id: str
+    message: bytes
+    model: str
+    lane: str
+    queue: str
+    timeout_us: int
+    ttl_s: int
+    batch_id: str | None
+
+    def keys(self) -> list[str]:
+        job = self.names.job(self.job_id)
+        return [
+            self.names.dead_letters,
+            job,
+            self.names.events(self.job_id),
+            self.names.stream(self.queue),
+            self.names.queues,
+            self.names.batch(self.batch_id) if self.batch_id else job,
+        ]
+
+    def args(self) -> list[Any]:
+        return [
+            self.entry_id,
+            self.message,
+            self.model,
+            self.lane,
+            self.queue,
+            self.timeout_us,
+            self.ttl_s,
+            "1" if self.batch_id else "0",
+        ]
+
+    def parse(self, reply: Any) -> ReplayOutcome:
+        outcome, state = (text(v) for v in reply)
+        return ReplayOutcome(outcome, state)

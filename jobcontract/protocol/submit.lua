@@ -1,0 +1,65 @@
+-- KEYS: the set of known queues (so a queue nobody serves yet is still seen by rescuers and
+--       metrics), then per request: job, idempotency, and (stream, pool, circuit) per candidate.
+-- ARGV: max_queued, ttl_s, then per request: job_id, timeout_us, model, lane, batch_id,
+--       use_idempotency, fingerprint, candidates n, n messages, n queue names.
+-- Answers {status, job_id, queue} per request ('queued' or 'existing'), or one refusal for the
+-- whole list, written before anything is: {'full', index, queue} or {'conflict', index, job_id}.
+-- The layout is built by jobcontract.protocol.jobs.Submit; see jobcontract.admission for why.
+-- #include now.lua
+-- #include live.lua
+-- #include entry.lua
+local max_queued, ttl = tonumber(ARGV[1]), ARGV[2]
+local plans, planned, planned_key, added = {}, {}, {}, {}
+local k, a, index = 2, 3, 0
+while a <= #ARGV do
+  index = index + 1
+  local job_key, idem_key = KEYS[k], KEYS[k + 1]
+  local job_id, fingerprint, n = ARGV[a], ARGV[a + 6], tonumber(ARGV[a + 7])
+  local use_idem = ARGV[a + 5] == '1'
+  -- The job that already answers this request: its idempotency key's, or its id's own.
+  local owner = use_idem and (planned_key[idem_key] or redis.call('GET', idem_key)) or nil
+  if not owner and (planned[job_key] or redis.call('EXISTS', job_key) == 1) then owner = job_id end
+  if owner then
+    local owner_key = string.sub(job_key, 1, #job_key - #job_id) .. owner
+    local known = planned[owner_key]
+    local fields = known and {known.fingerprint, known.queue}
+      or redis.call('HMGET', owner_key, 'fingerprint', 'queue')
+    if fields[1] and fields[1] ~= fingerprint then return {{'conflict', tostring(index), owner}} end
+    plans[index] = {status = 'existing', job_id = owner, queue = fields[2] or ''}
+  else
+    local chosen, fallback = nil, nil
+    for i = 0, n - 1 do
+      local live = live_workers(KEYS[k + 3 + 3 * i]) > 0
+      if live and redis.call('EXISTS', KEYS[k + 4 + 3 * i]) == 0 then chosen = i break end
+      if live and fallback == nil then fallback = i end
+    end
+    chosen = chosen or fallback or 0
+    local stream, queue = KEYS[k + 2 + 3 * chosen], ARGV[a + 8 + n + chosen]
+    added[stream] = (added[stream] or 0) + 1
+    if redis.call('XLEN', stream) + added[stream] > max_queued then
+      return {{'full', tostring(index), queue}}
+    end
+    local plan = {status = 'queued', job_id = job_id, queue = queue, fingerprint = fingerprint,
+                  job_key = job_key, idem_key = use_idem and idem_key, stream = stream,
+                  message = ARGV[a + 8 + chosen], timeout_us = tonumber(ARGV[a + 1]),
+                  model = ARGV[a + 2], lane = ARGV[a + 3], batch = ARGV[a + 4]}
+    plans[index], planned[job_key] = plan, plan
+    if use_idem then planned_key[idem_key] = job_id end
+  end
+  k, a = k + 2 + 3 * n, a + 8 + 2 * n
+end
+local replies = {}
+for i, plan in ipairs(plans) do
+  if plan.status == 'queued' then
+    redis.call('HSET', plan.job_key, 'state', 'queued', 'model', plan.model, 'lane', plan.lane,
+               'queue', plan.queue, 'enqueued_us', us(now), 'deadline_us', us(now + plan.timeout_us),
+               'starts', '0', 'fingerprint', plan.fingerprint)
+    if plan.batch ~= '' then redis.call('HSET', plan.job_key, 'batch', plan.batch) end
+    redis.call('EXPIRE', plan.job_key, ttl)
+    add_entry(plan.stream, plan.message, 0)
+    redis.call('SADD', KEYS[1], plan.queue)
+    if plan.idem_key then redis.call('SET', plan.idem_key, plan.job_id, 'EX', ttl) end
+  end
+  replies[i] = {plan.status, plan.job_id, plan.queue}
+end
+return replies
