@@ -19,6 +19,7 @@ from typing import Any, cast
 
 import redis
 
+from jobcontract import results
 from jobcontract.admission import SUBMIT_SCRIPT as SUBMIT_SCRIPT
 from jobcontract.admission import Admission, Receipt, parse_receipts
 from jobcontract.admission import IdempotencyConflict as IdempotencyConflict  # callers catch these from here
@@ -31,11 +32,9 @@ from jobcontract.models import (
     Backend,
     GenerationRequest,
     GenerationResult,
-    JobError,
     JobState,
     JobStatus,
     Lane,
-    Timings,
     TokenEvent,
     utc_from_micros,
 )
@@ -355,14 +354,7 @@ class JobStore:
 
 def cancelled_before_it_ran(status: JobStatus, now: datetime) -> GenerationResult:
     """The result of a job cancelled while queued: it will never run."""
-    return GenerationResult(
-        job_id=status.job_id,
-        model=status.model,
-        state=JobState.CANCELLED,
-        finish_reason="cancelled",
-        timings=Timings(enqueued_at=status.enqueued_at, finished_at=now),
-        error=JobError(type="cancelled", message="cancelled before it ran"),
-    )
+    return results.cancelled(status.job_id, status.model, enqueued_at=status.enqueued_at, finished_at=now)
 
 
 def parse_status(job_id: str, fields: dict[Any, Any]) -> JobStatus:
