@@ -10,7 +10,6 @@ A per-job event stream announces tokens and the end, so waiters block in XREAD a
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from jobcontract.admission import Admission, Receipt, parse_receipts
 from jobcontract.admission import IdempotencyConflict as IdempotencyConflict  # callers catch these from here
 from jobcontract.admission import QueueFull as QueueFull
 from jobcontract.admission import candidate_backends as candidate_backends
-from jobcontract.connection import MAX_BLOCK_MS, stream_reply
+from jobcontract.connection import stream_reply
 from jobcontract.durability import add_wait, admitted, durability_of, finished
 from jobcontract.keys import Keys
 from jobcontract.models import (
@@ -40,6 +39,15 @@ from jobcontract.models import (
 )
 from jobcontract.outage import ride_out
 from jobcontract.routes import ModelRoute
+from jobcontract.waiting import (
+    RESULTS_PER_READ,
+    TOKENS_PER_READ,
+    CancelStep,
+    ResultWait,
+    TokenRead,
+    cancel_step,
+    redis_instant,
+)
 
 # Redis's clock in integer microseconds (exact in a Lua double); `us` prints one without an exponent.
 _NOW_US = """
@@ -212,32 +220,21 @@ class JobStore:
         return self.wait_many([job_id], timeout_s)[job_id]
 
     def wait_many(self, job_ids: Iterable[str], timeout_s: float | None) -> dict[str, GenerationResult]:
-        pending = {self.keys.events(j): j for j in job_ids}
-        cursors = dict.fromkeys(pending, "0-0")
+        wait = ResultWait(self.keys, job_ids, timeout_s)
         done: dict[str, GenerationResult] = {}
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while pending:
-            block_ms = MAX_BLOCK_MS
-            if deadline is not None:
-                left_ms = int((deadline - time.monotonic()) * 1000)
-                if left_ms <= 0:
-                    raise TimeoutError(f"{len(pending)} job(s) not finished after {timeout_s}s")
-                block_ms = max(1, min(block_ms, left_ms))
-            reply = stream_reply(self.client.xread({k: cursors[k] for k in pending}, block=block_ms, count=100))
-            for stream, entries in reply:
-                key = _text(stream)
-                for entry_id, fields in entries:
-                    cursors[key] = _text(entry_id)
-                    if fields.get(b"type") == b"done":
-                        job_id = pending.pop(key)
-                        finished = self.result(job_id)
-                        if finished is None:
-                            raise UnknownJob(job_id)
-                        done[job_id] = finished
-                        break
+        while wait.pending:
+            reply = stream_reply(self.client.xread(wait.streams(), block=wait.block_ms(), count=RESULTS_PER_READ))
+            for job_id in wait.take(reply):
+                done[job_id] = self._ended(job_id)
             if not reply:
-                self._fail_unknown(pending.values())
+                self._fail_unknown(wait.pending.values())
         return done
+
+    def _ended(self, job_id: str) -> GenerationResult:
+        finished = self.result(job_id)
+        if finished is None:
+            raise UnknownJob(job_id)
+        return finished
 
     def _fail_unknown(self, job_ids: Iterable[str]) -> None:
         for job_id in job_ids:
@@ -245,20 +242,13 @@ class JobStore:
                 raise UnknownJob(job_id)
 
     def tokens(self, job_id: str, timeout_s: float | None) -> Iterable[TokenEvent]:
-        """Yield the job's tokens as they arrive (from the start, so a late reader misses none)."""
-        key, cursor = self.keys.events(job_id), "0-0"
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while True:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise TimeoutError(f"job {job_id} still streaming after {timeout_s}s")
-            block_ms = MAX_BLOCK_MS if remaining is None else max(1, min(MAX_BLOCK_MS, int(remaining * 1000)))
-            for _stream, entries in stream_reply(self.client.xread({key: cursor}, block=block_ms, count=256)):
-                for entry_id, fields in entries:
-                    cursor = _text(entry_id)
-                    if fields.get(b"type") == b"done":
-                        return
-                    yield TokenEvent(job_id=job_id, index=int(fields[b"i"]), text=_text(fields[b"t"]))
+        """Yield the job's tokens as they arrive, each index once (see jobcontract.waiting.TokenRead)."""
+        read = TokenRead(self.keys, job_id, timeout_s)
+        while not read.done:
+            reply = stream_reply(self.client.xread(read.streams(), block=read.block_ms(), count=TOKENS_PER_READ))
+            yield from read.take(reply)
+            if not reply:
+                self._fail_unknown([job_id])
 
     def status(self, job_id: str) -> JobStatus:
         return parse_status(job_id, self.client.hgetall(self.keys.job(job_id)))
@@ -268,11 +258,11 @@ class JobStore:
         stop, and its worker aborts the server request and records it as cancelled."""
 
         def attempt(pipe: redis.client.Pipeline) -> JobState:
-            fields = pipe.hgetall(self.keys.job(job_id))
-            status = parse_status(job_id, fields)
-            if status.state.terminal:
+            status = parse_status(job_id, pipe.hgetall(self.keys.job(job_id)))
+            step = cancel_step(status)
+            if step is CancelStep.NOTHING:
                 return status.state
-            if status.state is JobState.RUNNING:
+            if step is CancelStep.ASK_WORKER:
                 pipe.multi()
                 pipe.hset(self.keys.job(job_id), "cancel_requested", "1")
                 pipe.publish(self.keys.cancel_channel, job_id)
@@ -290,8 +280,7 @@ class JobStore:
         return cast(JobState, outcome)
 
     def now(self) -> datetime:
-        seconds, micros = ride_out(self.client.time, self.outage_patience_s)
-        return utc_from_micros(int(seconds) * 1_000_000 + int(micros))
+        return redis_instant(ride_out(self.client.time, self.outage_patience_s))
 
     # -- workers -------------------------------------------------------------------------------------
     def start(self, job_id: str, worker: str, backend: Backend, queue: str) -> StartTicket | JobState | None:

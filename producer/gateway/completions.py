@@ -132,11 +132,7 @@ async def _events(
     try:
         if endpoint == CHAT_URL:
             yield _sse(chunk(endpoint, job_id, model, created, text="", role=True))
-        expected = 0  # a retried attempt publishes from index 0 again: send each index once
-        async for token in s.store.tokens(job_id, s.wait_s(request)):
-            if token.index < expected:
-                continue
-            expected = token.index + 1
+        async for token in s.store.tokens(job_id, s.wait_s(request)):  # each index once, across retries
             yield _sse(chunk(endpoint, job_id, model, created, text=token.text))
         result = await s.store.result(job_id)
         finished = True
