@@ -15,6 +15,7 @@ from typing import Any, Protocol, TypeVar
 import openai
 import pytest
 import redis
+from pydantic import ValidationError
 
 from jobcontract import results
 from jobcontract.jobs import JobStore, UnknownJob
@@ -267,3 +268,16 @@ def test_the_gateway_streams_each_index_of_a_retried_job_once(
         worker.join(10)
     finally:
         gateway.stop()
+
+
+@pytest.mark.parametrize("make", [Client, AsyncClient])
+def test_a_body_that_is_not_a_mapping_is_a_validation_error(settings: GenqSettings, make: type[Any]) -> None:
+    made = make(settings)
+    try:
+        with pytest.raises(ValidationError):
+            made.validate(["not", "an", "object"])
+    finally:
+        if isinstance(made, Client):
+            made.close()
+        else:
+            asyncio.run(made.close())
