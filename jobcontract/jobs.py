@@ -148,6 +148,16 @@ class StartTicket:
         return (self.deadline_us - self.started_us) / 1_000_000
 
 
+@dataclass(frozen=True)
+class JobEnd:
+    """What a reader of finished jobs needs of one record; state None: the record expired."""
+
+    job_id: str
+    state: JobState | None
+    result: GenerationResult | None
+    marked: bool
+
+
 def new_job_id() -> str:
     return uuid.uuid4().hex
 
@@ -214,6 +224,22 @@ class JobStore:
     def result(self, job_id: str) -> GenerationResult | None:
         raw = self.client.hget(self.keys.job(job_id), "result")
         return None if raw is None else GenerationResult.model_validate_json(raw)
+
+    def ends(self, job_ids: Sequence[str], *, mark: str) -> list[JobEnd]:
+        """Each job's state and result in one round trip, with whether the caller's own `mark` field
+        is set on its record (a batch marks a job whose line it wrote)."""
+        pipe = self.client.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hmget(self.keys.job(job_id), "state", "result", mark)
+        return [
+            JobEnd(
+                job_id=job_id,
+                state=None if state is None else JobState(_text(state)),
+                result=None if raw is None else GenerationResult.model_validate_json(raw),
+                marked=marked is not None,
+            )
+            for job_id, (state, raw, marked) in zip(job_ids, pipe.execute(), strict=True)
+        ]
 
     def wait(self, job_id: str, timeout_s: float | None) -> GenerationResult:
         """Block until the job has a terminal result; TimeoutError if it takes longer than timeout_s."""

@@ -106,11 +106,13 @@ class Client(ClientBase):
     ) -> BatchRecord:
         """Run (or resume) a batch file to its end; the same call after an interruption finishes it
         without generating or writing any line twice. Raises BatchInvalid before queueing anything."""
-        from producer.batch.runner import run_file
+        from producer.batch.file_run import run_file
 
         with self._reaching_redis():
             return run_file(
-                self,
+                self.store,
+                self.batch_book(),
+                self.settings,
                 Path(input_path),
                 Path(output_path),
                 errors_path=None if errors_path is None else Path(errors_path),
