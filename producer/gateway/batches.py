@@ -30,7 +30,6 @@ from producer.batch.sources import InputGone, LineSource, redis_source
 from producer.batch.validation import validate
 from producer.client import Client
 from producer.gateway.api_keys import DEFAULT_TENANT, Caller
-from producer.gateway.batch_object import batch_object, error_file_id, output_file_id
 from producer.gateway.errors import ApiError
 from producer.gateway.files import FileStore
 from producer.gateway.guards import ResourceId
@@ -71,6 +70,14 @@ def at_most(source: LineSource, max_lines: int) -> LineSource:
             yield number, raw
 
     return lines
+
+
+def output_file_id(batch_id: str) -> str:
+    return f"file-{batch_id.removeprefix('batch_')}-output"
+
+
+def error_file_id(batch_id: str) -> str:
+    return f"file-{batch_id.removeprefix('batch_')}-errors"
 
 
 class BatchSupervisor:
@@ -226,6 +233,35 @@ class BatchSupervisor:
         self.book.update(batch_id, errors=[{"code": code, "message": message, "param": "input_file_id", "line": None}])
         self.book.advance(batch_id, BatchStatus.FAILED)
         cancel_jobs(self.client, batch_id)
+
+
+def batch_object(record: BatchRecord) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "object": "batch",
+        "endpoint": record.endpoint or COMPLETIONS_URL,
+        "errors": {"object": "list", "data": record.errors} if record.errors else None,
+        "input_file_id": record.input,
+        "completion_window": record.completion_window,
+        "status": record.status.value,
+        "output_file_id": record.output_file_id,
+        "error_file_id": record.error_file_id,
+        "created_at": record.created_at,
+        "in_progress_at": record.in_progress_at,
+        "expires_at": record.created_at + 24 * 3600,
+        "finalizing_at": record.finalizing_at,
+        "completed_at": record.completed_at,
+        "failed_at": record.failed_at,
+        "expired_at": None,
+        "cancelling_at": record.cancelling_at,
+        "cancelled_at": record.cancelled_at,
+        "request_counts": {
+            "total": record.total,
+            "completed": record.completed,
+            "failed": record.failed + record.cancelled,
+        },
+        "metadata": record.metadata,
+    }
 
 
 # Plain functions: FastAPI runs them in its thread pool, where blocking Redis calls are fine.
