@@ -43,6 +43,7 @@ from jobcontract.waiting import (
     RESULTS_PER_READ,
     TOKENS_PER_READ,
     CancelStep,
+    JobEnd,
     ResultWait,
     TokenRead,
     cancel_step,
@@ -146,16 +147,6 @@ class StartTicket:
     @property
     def remaining_s(self) -> float:
         return (self.deadline_us - self.started_us) / 1_000_000
-
-
-@dataclass(frozen=True)
-class JobEnd:
-    """What a reader of finished jobs needs of one record; state None: the record expired."""
-
-    job_id: str
-    state: JobState | None
-    result: GenerationResult | None
-    marked: bool
 
 
 def new_job_id() -> str:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from jobcontract.connection import MAX_BLOCK_MS, StreamReply
 from jobcontract.keys import Keys
-from jobcontract.models import JobState, JobStatus, TokenEvent, utc_from_micros
+from jobcontract.models import GenerationResult, JobState, JobStatus, TokenEvent, utc_from_micros
 
 # XREAD's {stream key: cursor}; redis-py wants a dict of its own loose key type.
 Streams = dict[Any, Any]
@@ -104,6 +105,16 @@ class TokenRead:
                 self.next_index = index + 1
                 fresh.append(TokenEvent(job_id=self.job_id, index=index, text=text(fields[b"t"])))
         return fresh
+
+
+@dataclass(frozen=True)
+class JobEnd:
+    """What a reader of finished jobs (a batch) needs of one record; state None: the record expired."""
+
+    job_id: str
+    state: JobState | None
+    result: GenerationResult | None
+    marked: bool
 
 
 class CancelStep(enum.Enum):
