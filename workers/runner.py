@@ -290,8 +290,7 @@ class JobRunner:
             self.metrics.jobs.labels(**self._labels(request), outcome="cancelled").inc()
 
     def _enqueued_at(self, job_id: str, now: datetime) -> datetime:
-        """A job cancelled before it started has no ticket: its enqueue time is on its record (`now`
-        only if the record is gone, when the result cannot be stored anyway)."""
+        """A job cancelled before it started has no ticket: its enqueue time is on its record."""
         try:
             return ride_out(lambda: self.store.status(job_id), self.store.outage_patience_s).enqueued_at
         except UnknownJob:
