@@ -281,3 +281,26 @@ def test_a_body_that_is_not_a_mapping_is_a_validation_error(settings: GenqSettin
             made.close()
         else:
             asyncio.run(made.close())
+
+
+@pytest.mark.parametrize("side_name", ["sync", "async"])
+def test_a_batch_reports_its_start_on_both_clients(settings: GenqSettings, tmp_path: Path, side_name: str) -> None:
+    """An empty input runs to its end at once, with no worker: enough to see `on_start` called."""
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("")
+    started: list[str] = []
+
+    def on_start(batch_id: str, _validation: Any) -> None:
+        started.append(batch_id)
+
+    if side_name == "sync":
+        with Client(settings) as client:
+            record = client.batch(source, output, on_start=on_start)
+    else:
+
+        async def run() -> Any:
+            async with AsyncClient(settings) as client:
+                return await client.batch(source, output, on_start=on_start)
+
+        record = asyncio.run(run())
+    assert started == [record.id]
