@@ -28,7 +28,7 @@ from jobcontract.consumer import LeavePending as LeavePending  # middleware and 
 from jobcontract.consumer import StreamMessage as StreamMessage
 from jobcontract.consumer import StreamsConsumer
 from jobcontract.keys import CONSUMER_GROUP, Keys
-from jobcontract.outage import ride_out
+from jobcontract.outage import OutagePolicy
 from jobcontract.protocol.entry import entry_fields
 from jobcontract.protocol.queue import Reclaim, Requeue
 
@@ -60,6 +60,7 @@ class StreamsBroker(dramatiq.Broker):
         self.max_redeliveries = max_redeliveries
         # Workers re-enqueue jobs they hold (retries, reroutes, due delayed jobs): wait out an outage.
         self.outage_patience_s = outage_patience_s
+        self.outage = OutagePolicy(outage_patience_s)  # its consumers' requeue and settle too
         self.queues: set[str] = set()
 
     # -- declaring -------------------------------------------------------------------------------------
@@ -106,7 +107,7 @@ class StreamsBroker(dramatiq.Broker):
             pipe.execute()
 
         try:
-            ride_out(add, self.outage_patience_s)
+            self.outage.ride_out(add)
         except redis.RedisError as error:
             raise BrokerConnectionError(str(error)) from error
         self.emit_after("enqueue", message, delay)

@@ -19,7 +19,7 @@ from dramatiq.errors import BrokerConnectionError
 
 from jobcontract.connection import MAX_BLOCK_MS, stream_reply
 from jobcontract.keys import CONSUMER_GROUP
-from jobcontract.outage import OUTAGE_ERRORS, ride_out
+from jobcontract.outage import OUTAGE_ERRORS
 from jobcontract.protocol.entry import QueueEntry, dead_letter_fields
 
 if TYPE_CHECKING:
@@ -177,7 +177,7 @@ class StreamsConsumer(dramatiq.Consumer):
         ids = [_entry_id(m) for m in messages]
         if ids:
             try:
-                ride_out(lambda: self.broker.requeue_entries(self.queue_name, ids), 16.0)
+                self.broker.outage.ride_out(lambda: self.broker.requeue_entries(self.queue_name, ids))
             except OUTAGE_ERRORS as error:  # dramatiq retries a BrokerConnectionError until Redis is back
                 raise BrokerConnectionError(str(error)) from error
             for entry_id in ids:
@@ -205,19 +205,19 @@ class StreamsConsumer(dramatiq.Consumer):
     def _settle(self, entry_id: str, *, dead_reason: str | None = None, raw: bytes = b"") -> None:
         """Ack and delete an entry (and file it under dead letters when rejected), retrying through
         a short Redis outage so a finished job is not handed to someone else for nothing."""
-        for delay in (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 4.0, 8.0, 0.0):
-            try:
-                pipe = self.client.pipeline(transaction=True)
-                if dead_reason is not None:
-                    pipe.xadd(self.broker.keys.dead_letters, dead_letter_fields(raw, self.queue_name, dead_reason))
-                pipe.xack(self.stream, CONSUMER_GROUP, entry_id)
-                pipe.xdel(self.stream, entry_id)
-                pipe.execute()
-                return
-            except OUTAGE_ERRORS as error:
-                if delay == 0.0:
-                    raise BrokerConnectionError(str(error)) from error
-                time.sleep(delay)
+
+        def settle() -> None:
+            pipe = self.client.pipeline(transaction=True)
+            if dead_reason is not None:
+                pipe.xadd(self.broker.keys.dead_letters, dead_letter_fields(raw, self.queue_name, dead_reason))
+            pipe.xack(self.stream, CONSUMER_GROUP, entry_id)
+            pipe.xdel(self.stream, entry_id)
+            pipe.execute()
+
+        try:
+            self.broker.outage.ride_out(settle)
+        except OUTAGE_ERRORS as error:
+            raise BrokerConnectionError(str(error)) from error
 
 
 def _entry_id(message: dramatiq.MessageProxy) -> str:

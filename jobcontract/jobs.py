@@ -11,7 +11,6 @@ A per-job event stream announces tokens and the end, so waiters block in XREAD a
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
@@ -19,23 +18,22 @@ from typing import Any, cast
 
 import redis
 
+from jobcontract import results
 from jobcontract.admission import SUBMIT_SCRIPT as SUBMIT_SCRIPT
 from jobcontract.admission import Admission, Receipt
 from jobcontract.admission import IdempotencyConflict as IdempotencyConflict  # callers catch these from here
 from jobcontract.admission import QueueFull as QueueFull
 from jobcontract.admission import candidate_backends as candidate_backends
-from jobcontract.connection import MAX_BLOCK_MS, stream_reply
+from jobcontract.connection import stream_reply
 from jobcontract.durability import add_wait, admitted, durability_of, finished
 from jobcontract.keys import Keys
 from jobcontract.models import (
     Backend,
     GenerationRequest,
     GenerationResult,
-    JobError,
     JobState,
     JobStatus,
     Lane,
-    Timings,
     TokenEvent,
     utc_from_micros,
 )
@@ -44,6 +42,16 @@ from jobcontract.protocol.jobs import Finish, Start, Submit
 from jobcontract.protocol.jobs import StartTicket as StartTicket  # workers read tickets from here
 from jobcontract.protocol.operation import run, send
 from jobcontract.routes import ModelRoute
+from jobcontract.waiting import (
+    RESULTS_PER_READ,
+    TOKENS_PER_READ,
+    CancelStep,
+    JobEnd,
+    ResultWait,
+    TokenRead,
+    cancel_step,
+    redis_instant,
+)
 
 
 class UnknownJob(KeyError):
@@ -116,37 +124,42 @@ class JobStore:
         raw = self.client.hget(self.keys.job(job_id), "result")
         return None if raw is None else GenerationResult.model_validate_json(raw)
 
+    def ends(self, job_ids: Sequence[str], *, mark: str) -> list[JobEnd]:
+        """Each job's state and result in one round trip, with whether the caller's own `mark` field
+        is set on its record (a batch marks a job whose line it wrote)."""
+        pipe = self.client.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hmget(self.keys.job(job_id), "state", "result", mark)
+        return [
+            JobEnd(
+                job_id=job_id,
+                state=None if state is None else JobState(_text(state)),
+                result=None if raw is None else GenerationResult.model_validate_json(raw),
+                marked=marked is not None,
+            )
+            for job_id, (state, raw, marked) in zip(job_ids, pipe.execute(), strict=True)
+        ]
+
     def wait(self, job_id: str, timeout_s: float | None) -> GenerationResult:
         """Block until the job has a terminal result; TimeoutError if it takes longer than timeout_s."""
         return self.wait_many([job_id], timeout_s)[job_id]
 
     def wait_many(self, job_ids: Iterable[str], timeout_s: float | None) -> dict[str, GenerationResult]:
-        pending = {self.keys.events(j): j for j in job_ids}
-        cursors = dict.fromkeys(pending, "0-0")
+        wait = ResultWait(self.keys, job_ids, timeout_s)
         done: dict[str, GenerationResult] = {}
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while pending:
-            block_ms = MAX_BLOCK_MS
-            if deadline is not None:
-                left_ms = int((deadline - time.monotonic()) * 1000)
-                if left_ms <= 0:
-                    raise TimeoutError(f"{len(pending)} job(s) not finished after {timeout_s}s")
-                block_ms = max(1, min(block_ms, left_ms))
-            reply = stream_reply(self.client.xread({k: cursors[k] for k in pending}, block=block_ms, count=100))
-            for stream, entries in reply:
-                key = _text(stream)
-                for entry_id, fields in entries:
-                    cursors[key] = _text(entry_id)
-                    if fields.get(b"type") == b"done":
-                        job_id = pending.pop(key)
-                        finished = self.result(job_id)
-                        if finished is None:
-                            raise UnknownJob(job_id)
-                        done[job_id] = finished
-                        break
+        while wait.pending:
+            reply = stream_reply(self.client.xread(wait.streams(), block=wait.block_ms(), count=RESULTS_PER_READ))
+            for job_id in wait.take(reply):
+                done[job_id] = self._ended(job_id)
             if not reply:
-                self._fail_unknown(pending.values())
+                self._fail_unknown(wait.pending.values())
         return done
+
+    def _ended(self, job_id: str) -> GenerationResult:
+        finished = self.result(job_id)
+        if finished is None:
+            raise UnknownJob(job_id)
+        return finished
 
     def _fail_unknown(self, job_ids: Iterable[str]) -> None:
         for job_id in job_ids:
@@ -154,20 +167,13 @@ class JobStore:
                 raise UnknownJob(job_id)
 
     def tokens(self, job_id: str, timeout_s: float | None) -> Iterable[TokenEvent]:
-        """Yield the job's tokens as they arrive (from the start, so a late reader misses none)."""
-        key, cursor = self.keys.events(job_id), "0-0"
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while True:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise TimeoutError(f"job {job_id} still streaming after {timeout_s}s")
-            block_ms = MAX_BLOCK_MS if remaining is None else max(1, min(MAX_BLOCK_MS, int(remaining * 1000)))
-            for _stream, entries in stream_reply(self.client.xread({key: cursor}, block=block_ms, count=256)):
-                for entry_id, fields in entries:
-                    cursor = _text(entry_id)
-                    if fields.get(b"type") == b"done":
-                        return
-                    yield TokenEvent(job_id=job_id, index=int(fields[b"i"]), text=_text(fields[b"t"]))
+        """Yield the job's tokens as they arrive, each index once (see jobcontract.waiting.TokenRead)."""
+        read = TokenRead(self.keys, job_id, timeout_s)
+        while not read.done:
+            reply = stream_reply(self.client.xread(read.streams(), block=read.block_ms(), count=TOKENS_PER_READ))
+            yield from read.take(reply)
+            if not reply:
+                self._fail_unknown([job_id])
 
     def status(self, job_id: str) -> JobStatus:
         return parse_status(job_id, self.client.hgetall(self.keys.job(job_id)))
@@ -177,11 +183,11 @@ class JobStore:
         stop, and its worker aborts the server request and records it as cancelled."""
 
         def attempt(pipe: redis.client.Pipeline) -> JobState:
-            fields = pipe.hgetall(self.keys.job(job_id))
-            status = parse_status(job_id, fields)
-            if status.state.terminal:
+            status = parse_status(job_id, pipe.hgetall(self.keys.job(job_id)))
+            step = cancel_step(status)
+            if step is CancelStep.NOTHING:
                 return status.state
-            if status.state is JobState.RUNNING:
+            if step is CancelStep.ASK_WORKER:
                 pipe.multi()
                 pipe.hset(self.keys.job(job_id), "cancel_requested", "1")
                 pipe.publish(self.keys.cancel_channel, job_id)
@@ -195,8 +201,7 @@ class JobStore:
         return cast(JobState, outcome)
 
     def now(self) -> datetime:
-        seconds, micros = ride_out(self.client.time, self.outage_patience_s)
-        return utc_from_micros(int(seconds) * 1_000_000 + int(micros))
+        return redis_instant(ride_out(self.client.time, self.outage_patience_s))
 
     # -- workers -------------------------------------------------------------------------------------
     def start(self, job_id: str, worker: str, backend: Backend, queue: str) -> StartTicket | JobState | None:
@@ -234,14 +239,7 @@ class JobStore:
 
 def cancelled_before_it_ran(status: JobStatus, now: datetime) -> GenerationResult:
     """The result of a job cancelled while queued: it will never run."""
-    return GenerationResult(
-        job_id=status.job_id,
-        model=status.model,
-        state=JobState.CANCELLED,
-        finish_reason="cancelled",
-        timings=Timings(enqueued_at=status.enqueued_at, finished_at=now),
-        error=JobError(type="cancelled", message="cancelled before it ran"),
-    )
+    return results.cancelled(status.job_id, status.model, enqueued_at=status.enqueued_at, finished_at=now)
 
 
 def parse_status(job_id: str, fields: dict[Any, Any]) -> JobStatus:

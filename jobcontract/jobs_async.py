@@ -6,7 +6,6 @@ the ones JobStore runs, used here as they are: only the waiting (XREAD) and the 
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any, cast
@@ -14,8 +13,8 @@ from typing import Any, cast
 import redis.asyncio as aioredis
 
 from jobcontract.admission import Admission, Receipt
-from jobcontract.connection import MAX_BLOCK_MS, stream_reply
 from jobcontract.connection import connect_async as connect_async  # where the gateway and clients look
+from jobcontract.connection import stream_reply
 from jobcontract.durability import add_wait, admitted, durability_of
 from jobcontract.jobs import (
     UnknownJob,
@@ -30,11 +29,19 @@ from jobcontract.models import (
     JobState,
     JobStatus,
     TokenEvent,
-    utc_from_micros,
 )
 from jobcontract.protocol.jobs import Finish, Submit
 from jobcontract.protocol.operation import run_async, send_async
 from jobcontract.routes import ModelRoute
+from jobcontract.waiting import (
+    RESULTS_PER_READ,
+    TOKENS_PER_READ,
+    CancelStep,
+    ResultWait,
+    TokenRead,
+    cancel_step,
+    redis_instant,
+)
 
 
 class AsyncJobStore:
@@ -92,45 +99,36 @@ class AsyncJobStore:
         return (await self.wait_many([job_id], timeout_s))[job_id]
 
     async def wait_many(self, job_ids: Iterable[str], timeout_s: float | None) -> dict[str, GenerationResult]:
-        pending = {self.keys.events(j): j for j in job_ids}
-        cursors = dict.fromkeys(pending, "0-0")
+        wait = ResultWait(self.keys, job_ids, timeout_s)
         done: dict[str, GenerationResult] = {}
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while pending:
-            block_ms = _block_ms(deadline, timeout_s, len(pending))
-            reply = stream_reply(await self.client.xread({k: cursors[k] for k in pending}, block=block_ms, count=100))
-            for stream, entries in reply:
-                key = _text(stream)
-                for entry_id, fields in entries:
-                    cursors[key] = _text(entry_id)
-                    if fields.get(b"type") == b"done":
-                        job_id = pending.pop(key)
-                        finished = await self.result(job_id)
-                        if finished is None:
-                            raise UnknownJob(job_id)
-                        done[job_id] = finished
-                        break
+        while wait.pending:
+            reply = stream_reply(await self.client.xread(wait.streams(), block=wait.block_ms(), count=RESULTS_PER_READ))
+            for job_id in wait.take(reply):
+                done[job_id] = await self._ended(job_id)
             if not reply:
-                for job_id in pending.values():
-                    if not await self.client.exists(self.keys.job(job_id)):
-                        raise UnknownJob(job_id)
+                await self._fail_unknown(wait.pending.values())
         return done
 
-    async def tokens(self, job_id: str, timeout_s: float | None) -> AsyncIterator[TokenEvent]:
-        """The job's tokens as they arrive (from the start, so a late reader misses none)."""
-        key, cursor = self.keys.events(job_id), "0-0"
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while True:
-            block_ms = _block_ms(deadline, timeout_s, 1)
-            reply = stream_reply(await self.client.xread({key: cursor}, block=block_ms, count=256))
-            for _stream, entries in reply:
-                for entry_id, fields in entries:
-                    cursor = _text(entry_id)
-                    if fields.get(b"type") == b"done":
-                        return
-                    yield TokenEvent(job_id=job_id, index=int(fields[b"i"]), text=_text(fields[b"t"]))
-            if not reply and not await self.client.exists(self.keys.job(job_id)):
+    async def _ended(self, job_id: str) -> GenerationResult:
+        finished = await self.result(job_id)
+        if finished is None:
+            raise UnknownJob(job_id)
+        return finished
+
+    async def _fail_unknown(self, job_ids: Iterable[str]) -> None:
+        for job_id in list(job_ids):
+            if not await self.client.exists(self.keys.job(job_id)):
                 raise UnknownJob(job_id)
+
+    async def tokens(self, job_id: str, timeout_s: float | None) -> AsyncIterator[TokenEvent]:
+        """As JobStore.tokens: each index once, from the start."""
+        read = TokenRead(self.keys, job_id, timeout_s)
+        while not read.done:
+            reply = stream_reply(await self.client.xread(read.streams(), block=read.block_ms(), count=TOKENS_PER_READ))
+            for token in read.take(reply):
+                yield token
+            if not reply:
+                await self._fail_unknown([job_id])
 
     async def status(self, job_id: str) -> JobStatus:
         return parse_status(job_id, await self.client.hgetall(self.keys.job(job_id)))
@@ -140,9 +138,10 @@ class AsyncJobStore:
 
         async def attempt(pipe: Any) -> JobState:
             status = parse_status(job_id, await pipe.hgetall(self.keys.job(job_id)))
-            if status.state.terminal:
+            step = cancel_step(status)
+            if step is CancelStep.NOTHING:
                 return status.state
-            if status.state is JobState.RUNNING:
+            if step is CancelStep.ASK_WORKER:
                 pipe.multi()
                 pipe.hset(self.keys.job(job_id), "cancel_requested", "1")
                 pipe.publish(self.keys.cancel_channel, job_id)
@@ -157,18 +156,4 @@ class AsyncJobStore:
         return cast(JobState, outcome)
 
     async def now(self) -> datetime:
-        seconds, micros = await self.client.time()
-        return utc_from_micros(int(seconds) * 1_000_000 + int(micros))
-
-
-def _block_ms(deadline: float | None, timeout_s: float | None, pending: int) -> int:
-    if deadline is None:
-        return MAX_BLOCK_MS
-    left_ms = int((deadline - time.monotonic()) * 1000)
-    if left_ms <= 0:
-        raise TimeoutError(f"{pending} job(s) not finished after {timeout_s}s")
-    return max(1, min(MAX_BLOCK_MS, left_ms))
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+        return redis_instant(await self.client.time())

@@ -231,10 +231,6 @@ class TokenEvent(BaseModel):
     text: str
 
 
-def utc_from_epoch(seconds: float) -> datetime:
-    return datetime.fromtimestamp(seconds, tz=UTC)
-
-
 def utc_from_micros(micros: int) -> datetime:
     """Redis TIME, kept as integer microseconds so Lua never rounds it."""
     return datetime.fromtimestamp(micros / 1_000_000, tz=UTC)

@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from jobcontract.limits import Limits
+from jobcontract.outage import OutagePolicy
 from jobcontract.routes import Routes
 from jobcontract.sentinel import is_sentinel_url, parse_sentinel_url, with_master_name
 
@@ -29,6 +30,12 @@ class GenqSettings(BaseSettings):
         default=None, ge=0, description="Replicas that must confirm an admission or result (WAIT); 1 with Sentinel."
     )
     redis_wait_ms: int | None = Field(default=None, gt=0, description="How long WAIT waits for them (500 ms).")
+    redis_outage_patience_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="How long work under way (a worker's job, a batch file run) waits out one Redis outage "
+        "before giving up; see jobcontract.outage.",
+    )
 
     @model_validator(mode="after")
     def _fold_redis_options(self) -> Self:
@@ -52,6 +59,11 @@ class GenqSettings(BaseSettings):
     max_tokens_cap: int = Field(default=4096, ge=1)
     max_prompt_chars: int = Field(default=200_000, ge=1)
     max_queued_jobs: int = Field(default=100_000, ge=1, description="Per queue; past it, submits are refused.")
+
+    @property
+    def outage_policy(self) -> OutagePolicy:
+        """The one Redis-outage policy for work already under way (see jobcontract.outage)."""
+        return OutagePolicy(self.redis_outage_patience_s)
 
     @cached_property
     def routes(self) -> Routes:

@@ -7,33 +7,29 @@ file run is mostly file reading and writing, so `batch` runs the sync runner in 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from jobcontract.connection import redact
 from jobcontract.jobs import IdempotencyConflict, QueueFull, UnknownJob
 from jobcontract.jobs_async import AsyncJobStore, connect_async
-from jobcontract.keys import Keys
-from jobcontract.models import GenerationRequest, GenerationResult, JobState, JobStatus
-from jobcontract.outage import OUTAGE_ERRORS
+from jobcontract.models import GenerationResult, JobState, JobStatus
 from jobcontract.settings import GenqSettings
 from producer.batch.book import BatchRecord
-from producer.client import Client, GenqUnavailable
+from producer.client import Client
+from producer.client_base import ClientBase, GenqUnavailable, RequestLike
 
 __all__ = ["AsyncClient", "GenqUnavailable", "IdempotencyConflict", "QueueFull", "UnknownJob"]
 
-RequestLike = GenerationRequest | Mapping[str, Any]
 
-
-class AsyncClient:
+class AsyncClient(ClientBase):
     def __init__(self, settings: GenqSettings | None = None) -> None:
-        self.settings = settings or GenqSettings()
+        super().__init__(settings)
         self.redis = connect_async(self.settings.redis_url)
         self.store = AsyncJobStore(
             self.redis,
-            Keys(self.settings.namespace),
+            self.keys,
             result_ttl_s=self.settings.result_ttl_s,
             max_queued=self.settings.max_queued_jobs,
         )
@@ -52,26 +48,15 @@ class AsyncClient:
         if self._sync is not None:
             self._sync.close()
 
-    def validate(self, request: RequestLike) -> GenerationRequest:
-        data = request.model_dump(exclude_unset=True) if isinstance(request, GenerationRequest) else dict(request)
-        limits = self.settings.limits
-        return limits.cap(GenerationRequest.model_validate(data, context={"limits": limits}))
-
     async def submit(self, request: RequestLike, *, job_id: str | None = None) -> str:
         return (await self.submit_many([request], job_ids=None if job_id is None else [job_id]))[0]
 
     async def submit_many(
         self, requests: Sequence[RequestLike], *, batch_id: str | None = None, job_ids: Sequence[str] | None = None
     ) -> list[str]:
-        checked = [self.validate(r) for r in requests]
+        checked, how = self.admission(requests, batch_id, job_ids)
         async with self._reaching_redis():
-            receipts = await self.store.submit_many(
-                checked,
-                route_for=self.settings.routes.get,
-                default_timeout_s=self.settings.default_timeout_s,
-                batch_id=batch_id,
-                job_ids=job_ids,
-            )
+            receipts = await self.store.submit_many(checked, **how)
         return [r.job_id for r in receipts]
 
     async def result(self, job_id: str, timeout: float | None = None) -> GenerationResult:
@@ -112,8 +97,9 @@ class AsyncClient:
         batch_id: str | None = None,
         max_in_flight: int = 1000,
         on_progress: Callable[[Any], None] | None = None,
+        on_start: Callable[[str, Any], None] | None = None,
     ) -> BatchRecord:
-        """As Client.batch; `on_progress` is called from the runner's thread."""
+        """As Client.batch; `on_progress` and `on_start` are called from the runner's thread."""
         sync = self._sync_client()
         return await asyncio.to_thread(
             sync.batch,
@@ -124,6 +110,7 @@ class AsyncClient:
             batch_id=batch_id,
             max_in_flight=max_in_flight,
             on_progress=on_progress,
+            on_start=on_start,
         )
 
     async def batch_status(self, batch_id: str) -> BatchRecord:
@@ -136,20 +123,3 @@ class AsyncClient:
         if self._sync is None:
             self._sync = Client(self.settings)
         return self._sync
-
-    def _reaching_redis(self) -> _RedisErrors:
-        return _RedisErrors(self.settings.redis_url)
-
-
-class _RedisErrors:
-    """A Redis outage becomes one clear, retryable GenqUnavailable naming the (redacted) URL."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None, _tb: object) -> None:
-        if isinstance(error, OUTAGE_ERRORS):  # a failover's READONLY and MasterNotFoundError included
-            raise GenqUnavailable(f"cannot reach Redis at {redact(self.url)}: {error}") from error

@@ -6,37 +6,30 @@ Redis, so a malformed job raises `pydantic.ValidationError` and nothing is queue
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Self
 
 import redis
 
-from jobcontract.connection import connect, redact
+from jobcontract.connection import connect
 from jobcontract.durability import NotReplicated
 from jobcontract.jobs import IdempotencyConflict, JobStore, QueueFull, UnknownJob
-from jobcontract.keys import Keys
-from jobcontract.models import GenerationRequest, GenerationResult, JobState, JobStatus
-from jobcontract.outage import OUTAGE_ERRORS
+from jobcontract.models import GenerationResult, JobState, JobStatus
 from jobcontract.settings import GenqSettings
 from producer.batch.book import BatchBook, BatchRecord
+from producer.client_base import ClientBase, GenqUnavailable, RequestLike
 
 __all__ = ["Client", "GenqUnavailable", "IdempotencyConflict", "NotReplicated", "QueueFull", "UnknownJob"]
 
-RequestLike = GenerationRequest | Mapping[str, Any]
 
-
-class GenqUnavailable(ConnectionError):
-    """Redis could not be reached; nothing was queued. Safe to retry."""
-
-
-class Client:
+class Client(ClientBase):
     def __init__(self, settings: GenqSettings | None = None, *, redis_client: redis.Redis | None = None) -> None:
-        self.settings = settings or GenqSettings()
+        super().__init__(settings)
         self.redis = redis_client or connect(self.settings.redis_url)
         self.store = JobStore(
             self.redis,
-            Keys(self.settings.namespace),
+            self.keys,
             result_ttl_s=self.settings.result_ttl_s,
             max_queued=self.settings.max_queued_jobs,
         )
@@ -50,17 +43,6 @@ class Client:
     def close(self) -> None:
         self.redis.close()
 
-    def validate(self, request: RequestLike) -> GenerationRequest:
-        """Check a request against the field bounds and this deployment's limits and routes."""
-        data: Any = request
-        if isinstance(request, GenerationRequest):
-            data = request.model_dump(exclude_unset=True)
-        elif isinstance(request, Mapping):
-            data = dict(request)
-        # Anything else (a JSON body need not be an object) is pydantic's to refuse with a ValidationError.
-        limits = self.settings.limits
-        return limits.cap(GenerationRequest.model_validate(data, context={"limits": limits}))
-
     def submit(self, request: RequestLike, *, job_id: str | None = None) -> str:
         """Queue one job and return its id (the earlier job's id if its idempotency key, or the given
         job id, was seen with the same request; IdempotencyConflict if with another one)."""
@@ -71,16 +53,9 @@ class Client:
     ) -> list[str]:
         """Validate every request first, then queue them all in one round trip, all or none: after
         QueueFull or IdempotencyConflict nothing of the list is queued, so it can be sent again."""
-        checked = [self.validate(r) for r in requests]
-        routes = self.settings.routes
+        checked, how = self.admission(requests, batch_id, job_ids)
         with self._reaching_redis():
-            receipts = self.store.submit_many(
-                checked,
-                route_for=routes.get,
-                default_timeout_s=self.settings.default_timeout_s,
-                batch_id=batch_id,
-                job_ids=job_ids,
-            )
+            receipts = self.store.submit_many(checked, **how)
         return [r.job_id for r in receipts]
 
     def result(self, job_id: str, timeout: float | None = None) -> GenerationResult:
@@ -131,11 +106,13 @@ class Client:
     ) -> BatchRecord:
         """Run (or resume) a batch file to its end; the same call after an interruption finishes it
         without generating or writing any line twice. Raises BatchInvalid before queueing anything."""
-        from producer.batch.runner import run_file
+        from producer.batch.file_run import run_file
 
         with self._reaching_redis():
             return run_file(
-                self,
+                self.store,
+                self.batch_book(),
+                self.settings,
                 Path(input_path),
                 Path(output_path),
                 errors_path=None if errors_path is None else Path(errors_path),
@@ -155,20 +132,3 @@ class Client:
 
         with self._reaching_redis():
             return cancel_batch(self, batch_id)
-
-    def _reaching_redis(self) -> _RedisErrors:
-        return _RedisErrors(self.settings.redis_url)
-
-
-class _RedisErrors:
-    """Turn a Redis outage into one clear, retryable error naming the (redacted) URL."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, _tb: object) -> None:
-        if isinstance(error, OUTAGE_ERRORS):  # a failover's READONLY and MasterNotFoundError included
-            raise GenqUnavailable(f"cannot reach Redis at {redact(self.url)}: {error}") from error

@@ -22,8 +22,8 @@ from genq.local_redis import LocalRedis
 from jobcontract.connection import connect
 from jobcontract.keys import Keys
 from jobcontract.settings import GenqSettings
-from producer.batch.runner import validate
 from producer.batch.sources import file_source
+from producer.batch.validation import validate
 from tests.callers import batch_line, genq_env, job_keys, job_starts, read_jsonl, wait_for, write_jsonl
 from tests.harness import WorkerHandle, start_worker
 

@@ -17,6 +17,7 @@ from typing import Any
 import dramatiq
 from dramatiq.errors import BrokerConnectionError
 
+from jobcontract import results
 from jobcontract.broker import LeavePending
 from jobcontract.jobs import JobStore
 from jobcontract.keys import queue_name
@@ -25,10 +26,6 @@ from jobcontract.models import (
     AttemptOutcome,
     Backend,
     GenerationRequest,
-    GenerationResult,
-    JobError,
-    JobState,
-    Timings,
     utc_from_micros,
 )
 from jobcontract.outage import OUTAGE_ERRORS, ride_out
@@ -162,22 +159,18 @@ class Rerouting(dramatiq.Middleware):
         enqueued_us = failure.enqueued_us if failure is not None else message.message_timestamp * 1000
         now = self.store.now()
         last = attempts[-1] if attempts else None
-        result = GenerationResult(
-            job_id=message.args[0],
-            model=request.model,
-            state=JobState.FAILED,
-            finish_reason="error",
+        result = results.failed(
+            message.args[0],
+            request.model,
+            error_type=last.outcome.value if last else "worker_error",
+            message=decision.reason,
+            replayable=decision.dead_letter,  # filed under dead letters: a replay can still run it
+            enqueued_at=utc_from_micros(enqueued_us),
+            started_at=last.started_at if last else None,
+            finished_at=now,
             backend=last.backend if last else None,
             worker=self.worker_name,
             attempts=attempts,
-            timings=Timings(
-                enqueued_at=utc_from_micros(enqueued_us), started_at=last.started_at if last else None, finished_at=now
-            ),
-            error=JobError(
-                type=last.outcome.value if last else "worker_error",
-                message=decision.reason,
-                retryable=decision.dead_letter,
-            ),
             metadata=request.metadata,
         )
         if self.store.finish(result, message.kwargs.get("batch_id")):

@@ -15,19 +15,19 @@ from typing import Any
 
 import httpx
 
-from jobcontract.jobs import JobStore, StartTicket
+from jobcontract import results
+from jobcontract.jobs import JobStore, StartTicket, UnknownJob
 from jobcontract.models import (
     Attempt,
     AttemptOutcome,
     Backend,
     GenerationRequest,
-    GenerationResult,
-    JobError,
     JobState,
     Timings,
     Usage,
     utc_from_micros,
 )
+from jobcontract.outage import ride_out
 from jobcontract.routes import BackendRoute
 from workers.backend_client import BackendError, Cancelled, Timeouts, complete
 from workers.cancellation import CancelWatch
@@ -230,10 +230,9 @@ class JobRunner:
             started_at=started_at,
             duration_s=completion.finished_at - started_mono,
         )
-        result = GenerationResult(
-            job_id=job_id,
-            model=request.model,
-            state=JobState.SUCCEEDED,
+        result = results.succeeded(
+            job_id,
+            request.model,
             text=completion.text,
             finish_reason="stop" if completion.finish_reason == "stop" else "length",
             usage=Usage(prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens),
@@ -276,20 +275,26 @@ class JobRunner:
                     duration_s=duration,
                 )
             )
-        result = GenerationResult(
-            job_id=job_id,
-            model=request.model,
-            state=JobState.CANCELLED,
-            finish_reason="cancelled",
+        result = results.cancelled(
+            job_id,
+            request.model,
+            enqueued_at=enqueued_at or self._enqueued_at(job_id, now),
+            started_at=started,
+            finished_at=now,
             backend=self.backend,
             worker=self.worker_name,
             attempts=attempts,
-            timings=Timings(enqueued_at=enqueued_at or now, started_at=started, finished_at=now),
-            error=JobError(type="cancelled", message="cancelled by request"),
             metadata=request.metadata,
         )
         if self.store.finish(result, batch_id):
             self.metrics.jobs.labels(**self._labels(request), outcome="cancelled").inc()
+
+    def _enqueued_at(self, job_id: str, now: datetime) -> datetime:
+        """A job cancelled before it started has no ticket: its enqueue time is on its record."""
+        try:
+            return ride_out(lambda: self.store.status(job_id), self.store.outage_patience_s).enqueued_at
+        except UnknownJob:
+            return now
 
     def _labels(self, request: GenerationRequest) -> dict[str, str]:
         return {"model": request.model, "backend": self.backend.value}

@@ -30,9 +30,6 @@ class WorkerSettings(GenqSettings):
     liveness_ttl_s: float = Field(
         default=10.0, ge=2.0, description="A worker not vouched for this long has its jobs handed back."
     )
-    redis_outage_patience_s: float = Field(
-        default=60.0, ge=0, description="How long a worker waits out a Redis outage before giving up a job it holds."
-    )
     rescue_after_s: float = Field(
         default=5.0,
         ge=0,

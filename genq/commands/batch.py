@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from producer.batch.runner import Progress, Validation
+    from producer.batch.runner import Progress
+    from producer.batch.validation import Validation
 
 
 def register(sub: Any) -> None:
@@ -38,7 +39,8 @@ def _run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from producer.batch.book import BatchStatus
-    from producer.batch.runner import BatchInvalid, default_errors_path
+    from producer.batch.file_run import default_errors_path
+    from producer.batch.validation import BatchInvalid
     from producer.client import Client
 
     # A service manager's SIGTERM stops the run as Ctrl-C does: the lease is released for the rerun.

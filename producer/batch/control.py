@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from jobcontract.models import JobState
 from producer.batch.book import BatchRecord, BatchStatus
-from producer.batch.runner import died_here
+from producer.batch.lease import died_here
 
 if TYPE_CHECKING:
     from producer.client import Client

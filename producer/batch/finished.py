@@ -15,13 +15,13 @@ marking first could instead lose the line.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import redis
 
 from jobcontract import protocol
+from jobcontract.jobs import JobStore
 from jobcontract.keys import Keys
-from jobcontract.models import GenerationResult, JobState
+from jobcontract.models import GenerationResult
 from jobcontract.protocol.batch import MarkWritten
 
 WRITTEN = "batch_written"
@@ -33,28 +33,20 @@ class Finished:
     result: GenerationResult | None  # None: the job's record expired before its line was written
 
 
-def to_write(client: redis.Redis, keys: Keys, job_ids: list[str]) -> list[Finished]:
+def to_write(store: JobStore, job_ids: list[str]) -> list[Finished]:
     """The jobs among these stream entries whose line is due, in stream order, each once."""
-    pipe = client.pipeline(transaction=False)
-    for job_id in job_ids:
-        pipe.hmget(keys.job(job_id), "state", "result", WRITTEN)
-    rows: list[list[Any]] = pipe.execute()
     due: list[Finished] = []
     seen: set[str] = set()
-    for job_id, (state, raw, written) in zip(job_ids, rows, strict=True):
-        if job_id in seen or written is not None:
+    for end in store.ends(job_ids, mark=WRITTEN):
+        if end.job_id in seen or end.marked:
             continue  # its line is out already: this entry is a replayed run finishing again
-        if state is not None and not JobState(_text(state)).terminal:
+        if end.state is not None and not end.state.terminal:
             continue  # replayed and not finished: its next finish brings another entry
-        seen.add(job_id)
-        due.append(Finished(job_id, None if raw is None else GenerationResult.model_validate_json(raw)))
+        seen.add(end.job_id)
+        due.append(Finished(end.job_id, end.result))
     return due
 
 
 def mark_written(client: redis.Redis, keys: Keys, job_ids: list[str]) -> None:
     if job_ids:
         protocol.run(client, MarkWritten(keys, job_ids, WRITTEN))
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

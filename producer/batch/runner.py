@@ -10,7 +10,6 @@ are fixed by batch id and custom_id) and writes each finished line once (see sin
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import socket
@@ -18,81 +17,36 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from dataclasses import dataclass, replace
 
 from jobcontract.connection import stream_reply
 from jobcontract.durability import NotReplicated
-from jobcontract.jobs import QueueFull
-from jobcontract.limits import Limits
+from jobcontract.jobs import JobStore, QueueFull
 from jobcontract.models import GenerationResult, JobState
-from jobcontract.outage import OUTAGE_ERRORS
+from jobcontract.outage import OUTAGE_ERRORS, OutagePolicy
+from jobcontract.settings import GenqSettings
 from producer.batch.book import BatchBook, BatchRecord, BatchStatus
 from producer.batch.finished import mark_written, to_write
+from producer.batch.lease import LEASE_TTL_S, BatchBusy, died_here
 from producer.batch.lines import CUSTOM_ID, BatchLine, InvalidLine, checked_lines, invalid_line, output_line
-from producer.batch.sinks import Checkpoint, Counts, FileSink, Sink
-from producer.batch.sources import LineSource, file_source
+from producer.batch.sinks import Checkpoint, Counts, Sink
+from producer.batch.sources import LineSource
+from producer.client_base import ReachingRedis
 
-if TYPE_CHECKING:
-    from producer.client import Client
-
-LEASE_TTL_S = 10.0
-# How long one Redis outage or failover may last before the run gives up (it can be rerun).
-OUTAGE_PATIENCE_S = 60.0
 # GenqUnavailable is a builtin ConnectionError; NotReplicated: admitted while no replica confirms.
 _OUTAGES = (*OUTAGE_ERRORS, ConnectionError, NotReplicated)
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-SHOWN_ERRORS = 20
 
 
-@dataclass
-class Validation:
-    valid: int = 0
-    invalid: int = 0
-    errors: list[InvalidLine] = field(default_factory=list)  # the first few, for the report
-    digest: str = ""
-
-
-class BatchInvalid(ValueError):
-    """Some lines are invalid and the caller did not ask to skip them: nothing was queued."""
-
-    def __init__(self, validation: Validation) -> None:
-        shown = "\n".join(f"  {e}" for e in validation.errors)
-        more = validation.invalid - len(validation.errors)
-        tail = f"\n  ... and {more} more" if more > 0 else ""
-        super().__init__(
-            f"{validation.invalid} invalid line(s); nothing was queued (--skip-invalid queues the rest):\n{shown}{tail}"
-        )
-        self.validation = validation
-
-
-class BatchBusy(RuntimeError):
-    """Another live process is running this batch."""
+def batch_outage_policy(settings: GenqSettings) -> OutagePolicy:
+    """The deployment's outage policy (GENQ_REDIS_OUTAGE_PATIENCE_S) over what a batch run meets in
+    an outage: one that lasts longer ends the run (it can be rerun and resumes)."""
+    return replace(settings.outage_policy, errors=_OUTAGES)
 
 
 class InputChanged(RuntimeError):
     """The input ended before every line counted at validation was queued: it shrank or vanished
     while the batch ran, so the batch cannot be completed honestly."""
-
-
-def validate(source: LineSource, limits: Limits, *, endpoint: str | None = None) -> Validation:
-    """One streaming pass over the input: every line checked, the content hashed, custom_ids unique."""
-    result = Validation()
-    digest = hashlib.sha256()
-    for _number, raw, parsed in checked_lines(source, limits, endpoint=endpoint):
-        digest.update(raw if raw.endswith(b"\n") else raw + b"\n")
-        if parsed is None:
-            continue
-        if isinstance(parsed, BatchLine):
-            result.valid += 1
-            continue
-        result.invalid += 1
-        if len(result.errors) < SHOWN_ERRORS:
-            result.errors.append(parsed)
-    result.digest = digest.hexdigest()
-    return result
 
 
 @dataclass(frozen=True)
@@ -119,8 +73,9 @@ class BatchRunner:
 
     def __init__(
         self,
-        client: Client,
+        store: JobStore,
         book: BatchBook,
+        settings: GenqSettings,
         batch_id: str,
         source: LineSource,
         sink: Sink,
@@ -134,8 +89,10 @@ class BatchRunner:
         on_finalize: Callable[[Counts], None] | None = None,
         stop: threading.Event | None = None,
     ) -> None:
-        self.client = client
+        self.store = store
         self.book = book
+        self.settings = settings
+        self.outage = batch_outage_policy(settings)
         self.batch_id = batch_id
         self.source = source
         self.sink = sink
@@ -147,14 +104,14 @@ class BatchRunner:
         self.on_progress = on_progress
         self.on_finalize = on_finalize
         self.stop = stop or threading.Event()  # set: leave the loop (queued jobs run on; a rerun resumes)
-        self.done_key = client.store.keys.batch_done(batch_id)
+        self.done_key = store.keys.batch_done(batch_id)
 
     def run(self, *, wait_for_lease_s: float = 0.0) -> BatchRecord:
         """Run to the end. A lease held by a process that died on this host is broken at once; one held
         elsewhere is waited for up to `wait_for_lease_s` (it lapses LEASE_TTL_S after its holder died)."""
         deadline = time.monotonic() + wait_for_lease_s
-        while not through_outages(lambda: self.book.take_lease(self.batch_id, self.owner, LEASE_TTL_S)):
-            holder = through_outages(lambda: self.book.lease_holder(self.batch_id))
+        while not self.outage.ride_out(lambda: self.book.take_lease(self.batch_id, self.owner, LEASE_TTL_S)):
+            holder = self.outage.ride_out(lambda: self.book.lease_holder(self.batch_id))
             if holder is not None and died_here(holder):
                 self.book.break_lease(self.batch_id, holder)
             elif time.monotonic() > deadline:
@@ -164,11 +121,11 @@ class BatchRunner:
         try:
             # A Redis restart or failover does not end the run: the loop starts again from the book
             # and the sink's checkpoint (resubmitting is idempotent) and renews the lease it holds.
-            through_outages(self._loop)
+            self.outage.ride_out(self._loop)
         finally:
             with contextlib.suppress(*_OUTAGES):  # else it lapses LEASE_TTL_S later
                 self.book.release_lease(self.batch_id, self.owner)
-        return through_outages(lambda: self.book.get(self.batch_id))
+        return self.outage.ride_out(lambda: self.book.get(self.batch_id))
 
     def _loop(self) -> None:
         record = self.book.get(self.batch_id)
@@ -239,7 +196,7 @@ class BatchRunner:
     def _lines(self, submitted_line: int, invalid_through: int) -> Iterator[BatchLine | InvalidLine]:
         """Lines not yet submitted, and invalid lines not yet written out, in file order. Lines before
         the checkpoint are read too: a later line repeating their custom_id is invalid, as in validate."""
-        limits = self.client.settings.limits
+        limits = self.settings.limits
         for number, _raw, parsed in checked_lines(self.source, limits, endpoint=self.endpoint):
             if parsed is None:
                 continue
@@ -261,12 +218,11 @@ class BatchRunner:
 
     def _submit(self, lines: list[BatchLine]) -> None:
         pairs = [line.for_batch(self.batch_id) for line in lines]
-        routes = self.client.settings.routes
-        with self.client._reaching_redis():
-            self.client.store.submit_many(
+        with ReachingRedis(self.settings.redis_url):
+            self.store.submit_many(
                 [request for _, request in pairs],
-                route_for=routes.get,
-                default_timeout_s=self.client.settings.default_timeout_s,
+                route_for=self.settings.routes.get,
+                default_timeout_s=self.settings.default_timeout_s,
                 batch_id=self.batch_id,
                 job_ids=[job_id for job_id, _ in pairs],
             )
@@ -275,13 +231,13 @@ class BatchRunner:
         self, checkpoint: Checkpoint, invalid: list[InvalidLine], *, block_ms: int | None
     ) -> tuple[Checkpoint, int]:
         """Write out what finished since the checkpoint; returns the new checkpoint and how many jobs."""
-        redis_client = self.client.redis
-        reply = stream_reply(redis_client.xread({self.done_key: checkpoint.cursor}, count=self.chunk, block=block_ms))
+        reply = stream_reply(
+            self.store.client.xread({self.done_key: checkpoint.cursor}, count=self.chunk, block=block_ms)
+        )
         entries = [entry for _stream, batch in reply for entry in batch]
         if not entries and not invalid:
             return checkpoint, 0
-        keys = self.client.store.keys
-        due = to_write(redis_client, keys, [fields[b"job"].decode() for _id, fields in entries])
+        due = to_write(self.store, [fields[b"job"].decode() for _id, fields in entries])
         counts = replace(checkpoint.counts)
         output: list[str] = []
         errors: list[str] = []
@@ -301,7 +257,7 @@ class BatchRunner:
             counts=counts,
         )
         self.sink.commit(output, errors, updated)
-        mark_written(redis_client, keys, [f.job_id for f in due])
+        mark_written(self.store.client, self.store.keys, [f.job_id for f in due])
         self.book.update(
             self.batch_id,
             completed=counts.completed,
@@ -333,21 +289,6 @@ class BatchRunner:
         )
 
 
-def died_here(holder: str) -> bool:
-    """A lease owner named `host:pid:...` on this host whose process is gone."""
-    host, _, rest = holder.partition(":")
-    pid = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
 def _count(counts: Counts, result: GenerationResult | None) -> None:
     if result is not None and result.state is JobState.SUCCEEDED:
         counts.completed += 1
@@ -356,81 +297,3 @@ def _count(counts: Counts, result: GenerationResult | None) -> None:
         counts.cancelled += 1
     else:
         counts.failed += 1
-
-
-# -- a batch from a file on disk (the CLI and Client.batch_run) -------------------------------------------
-
-
-def file_batch_id(path: Path, digest: str) -> str:
-    """Fixed by the file's place and content: the same command run again resumes the same batch."""
-    return "batch_" + hashlib.sha256(f"{path.resolve()}\0{digest}".encode()).hexdigest()[:24]
-
-
-def through_outages(call: Callable[[], T]) -> T:
-    """`call`, again after a Redis outage or failover, until one outage lasts OUTAGE_PATIENCE_S
-    (errors more than 5 s apart are separate outages)."""
-    deadline, last_error = 0.0, -1e9
-    while True:
-        try:
-            return call()
-        except _OUTAGES as error:
-            now = time.monotonic()
-            if now - last_error > 5.0:
-                deadline = now + OUTAGE_PATIENCE_S
-            last_error = now
-            if now > deadline:
-                raise
-            log.warning("Redis unavailable (%s); carrying on when it is back", error)
-            time.sleep(0.5)
-
-
-def run_file(
-    client: Client,
-    input_path: Path,
-    output_path: Path,
-    *,
-    errors_path: Path | None = None,
-    skip_invalid: bool = False,
-    batch_id: str | None = None,
-    max_in_flight: int = 1000,
-    on_progress: ProgressCallback | None = None,
-    on_start: Callable[[str, Validation], None] | None = None,
-) -> BatchRecord:
-    source = file_source(input_path)
-    validation = validate(source, client.settings.limits)
-    if validation.invalid and not skip_invalid:
-        raise BatchInvalid(validation)
-    batch_id = batch_id or file_batch_id(input_path, validation.digest)
-    book = client.batch_book()
-    through_outages(
-        lambda: book.create(
-            batch_id,
-            status=BatchStatus.IN_PROGRESS,
-            origin="cli",
-            input=str(input_path.resolve()),
-            total=validation.valid,
-            invalid=validation.invalid,
-        )
-    )
-    if on_start is not None:
-        on_start(batch_id, validation)
-    sink = FileSink(batch_id, output_path, errors_path or default_errors_path(output_path))
-    try:
-        runner = BatchRunner(
-            client,
-            book,
-            batch_id,
-            source,
-            sink,
-            total=validation.valid,
-            max_in_flight=max_in_flight,
-            on_progress=on_progress,
-        )
-        return runner.run(wait_for_lease_s=LEASE_TTL_S + 1)
-    finally:
-        sink.close()
-
-
-def default_errors_path(output: Path) -> Path:
-    stem = output.name.removesuffix(".jsonl")
-    return output.with_name(f"{stem}.errors.jsonl")

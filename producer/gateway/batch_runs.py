@@ -13,9 +13,11 @@ from typing import Any
 from jobcontract.keys import Keys
 from producer.batch.book import BatchBook, BatchStatus
 from producer.batch.control import cancel_jobs
-from producer.batch.runner import LEASE_TTL_S, BatchBusy, BatchRunner, InputChanged, Progress, validate
+from producer.batch.lease import LEASE_TTL_S, BatchBusy
+from producer.batch.runner import BatchRunner, InputChanged, Progress
 from producer.batch.sinks import Counts, RedisSink
 from producer.batch.sources import InputGone, LineSource, redis_source
+from producer.batch.validation import validate
 from producer.client import Client
 from producer.gateway.api_keys import DEFAULT_TENANT
 from producer.gateway.files import FileStore
@@ -152,8 +154,9 @@ class BatchSupervisor:
                 self.book.update(batch_id, **fields)
 
             runner = BatchRunner(
-                self.client,
+                self.client.store,
                 self.book,
+                self.client.settings,
                 batch_id,
                 source,
                 sink,

@@ -133,11 +133,8 @@ async def _events(
     try:
         if endpoint == CHAT_URL:
             yield _sse(chunk(endpoint, job_id, model, created, text="", role=True))
-        expected = 0  # a retried attempt publishes from index 0 again: send each index once
-        async for token in s.drain.iterate(s.store.tokens(job_id, s.wait_s(request)), job_id=job_id):
-            if token.index < expected:
-                continue
-            expected = token.index + 1
+        tokens = s.store.tokens(job_id, s.wait_s(request))  # each index once, across retries
+        async for token in s.drain.iterate(tokens, job_id=job_id):
             yield _sse(chunk(endpoint, job_id, model, created, text=token.text))
         result = await s.store.result(job_id)
         finished = True

@@ -71,7 +71,6 @@ class ServerSupervisor:
         self.on_state = on_state or (lambda _state: None)
         self.process: subprocess.Popen[bytes] | None = None
         self.port = 0
-        self.restarts = 0
         self.ready = threading.Event()
         self._stopping = threading.Event()
         self._lock = threading.Lock()
@@ -205,7 +204,6 @@ class ServerSupervisor:
             silent_since = None
             try:
                 self._launch_until_ready()
-                self.restarts += 1
                 self.on_state("restarted")
             except ServerFailed as error:
                 log.error("restart failed: %s", error)
