@@ -17,8 +17,11 @@ BASH = shutil.which("bash") or "/bin/bash"
 
 
 def dry_run(target: str, venv: Path) -> str:
+    # Run as a top-level make: under `make test` the inherited MAKELEVEL/MAKEFLAGS would add
+    # "Entering directory" lines and pass the outer make's options down.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS", "MAKEOVERRIDES")}
     done = subprocess.run(
-        [MAKE, "-n", target, f"VENV={venv}"], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True
+        [MAKE, "-n", target, f"VENV={venv}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True
     )
     return done.stdout
 
