@@ -28,9 +28,11 @@ from redis import Redis
 
 from bench.report import Options
 from genq.local_redis import LocalRedis
-from genq.local_stack import MODEL, SERVER_MARKERS, LocalStack, Worker, base_env, port_of, rss_mb
+from genq.local_stack import LocalStack
+from genq.local_worker import MODEL, SERVER_MARKERS, Worker, port_of, rss_mb
 from genq.processes import spawn
 from genq.processes import stop as stop_process
+from genq.worker_env import base_env
 from jobcontract.connection import connect
 from jobcontract.settings import GenqSettings
 

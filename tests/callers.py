@@ -16,8 +16,8 @@ from typing import Any
 import httpx
 import redis
 
-from genq.local_stack import worker_env
 from genq.processes import spawn
+from genq.worker_env import worker_env
 from jobcontract.keys import Keys
 from jobcontract.settings import GenqSettings
 

@@ -1,5 +1,5 @@
 """Real genq workers for tests: `genq worker` subprocesses on the tests' own Redis, started through
-genq/local_stack.py (so they die with the test run, even a SIGKILLed one) and found and killed
+genq/local_worker.py (so they die with the test run, even a SIGKILLed one) and found and killed
 through their real process ids."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import psutil
 
-from genq.local_stack import SERVER_MARKERS
-from genq.local_stack import Worker as WorkerHandle
-from genq.local_stack import start_worker as _start_worker
+from genq.local_worker import SERVER_MARKERS
+from genq.local_worker import Worker as WorkerHandle
+from genq.local_worker import start_worker as _start_worker
 from jobcontract.settings import GenqSettings
 
 __all__ = ["SERVER_MARKERS", "WorkerHandle", "alive", "start_worker", "wait_until"]

@@ -25,8 +25,8 @@ import yaml
 
 from genq import processes
 from genq.local_redis import LocalRedis
-from genq.local_stack import worker_env
 from genq.processes import spawn
+from genq.worker_env import worker_env
 from jobcontract.settings import GenqSettings
 from producer.client import Client
 from tests.harness import start_worker, wait_until
