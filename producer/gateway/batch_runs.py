@@ -166,6 +166,7 @@ class BatchSupervisor:
                 stop=self.stopping,
                 owner=owner,
                 on_progress=self._keeper(record.input, record.tenant),
+                tenant=tenant,
             )
             try:
                 final = runner.run()
