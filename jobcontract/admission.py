@@ -83,6 +83,9 @@ def candidate_backends(route: ModelRoute, preferred: Backend | None) -> list[Bac
     return order
 
 
+DEFAULT_TENANT = "default"  # whose a job is when nobody says: a gateway without API keys, the Python client
+
+
 def build_message(
     job_id: str,
     request: GenerationRequest,
@@ -91,14 +94,18 @@ def build_message(
     *,
     attempts: Sequence[dict[str, Any]] = (),
     batch_id: str | None = None,
+    tenant: str | None = None,
 ) -> dramatiq.Message[Any]:
-    """The dramatiq message a worker's actor receives: one attempt's worth of the job."""
+    """The dramatiq message a worker's actor receives: one attempt's worth of the job. `tenant` (the
+    gateway's caller) only labels the worker's metrics; ownership checks read the job's record."""
     kwargs: dict[str, Any] = {
         "request": request.model_dump(mode="json", exclude_defaults=True),
         "attempts": list(attempts),
     }
     if batch_id is not None:
         kwargs["batch_id"] = batch_id
+    if tenant is not None:
+        kwargs["tenant"] = tenant
     return dramatiq.Message(
         queue_name=queue,
         actor_name=actor_name(lane),

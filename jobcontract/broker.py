@@ -29,7 +29,7 @@ from jobcontract.consumer import StreamMessage as StreamMessage
 from jobcontract.consumer import StreamsConsumer
 from jobcontract.keys import CONSUMER_GROUP, Keys
 from jobcontract.outage import OutagePolicy
-from jobcontract.protocol.entry import entry_fields
+from jobcontract.protocol.entry import DeadLetterCap, entry_fields
 from jobcontract.protocol.queue import Reclaim, Requeue
 
 __all__ = ["LeavePending", "StreamMessage", "StreamsBroker", "StreamsConsumer"]
@@ -52,12 +52,14 @@ class StreamsBroker(dramatiq.Broker):
         middleware: list[dramatiq.Middleware] | None = None,
         max_redeliveries: int = 5,
         outage_patience_s: float = 0.0,
+        dead_letter_cap: DeadLetterCap | None = None,
     ) -> None:
         super().__init__(middleware=middleware)
         self.client = client
         self.keys = keys
         self.consumer_name = consumer_name
         self.max_redeliveries = max_redeliveries
+        self.dead_letter_cap = dead_letter_cap or DeadLetterCap()  # every path filing one trims to it
         # Workers re-enqueue jobs they hold (retries, reroutes, due delayed jobs): wait out an outage.
         self.outage_patience_s = outage_patience_s
         self.outage = OutagePolicy(outage_patience_s)  # its consumers' requeue and settle too
@@ -123,7 +125,9 @@ class StreamsBroker(dramatiq.Broker):
         ids = list(entry_ids)
         if not ids:
             return 0
-        return protocol.run(self.client, Requeue(self.keys, queue_name, ids, self.max_redeliveries + 1))
+        return protocol.run(
+            self.client, Requeue(self.keys, queue_name, ids, self.max_redeliveries + 1, self.dead_letter_cap)
+        )
 
     def reclaim_dead_consumers(self) -> int:
         """Hand back every entry held by a consumer nobody vouches for any more; returns how many.
@@ -142,7 +146,8 @@ class StreamsBroker(dramatiq.Broker):
                 name = _text(consumer["name"])
                 if name == self.consumer_name:
                     continue
-                moved += protocol.run(self.client, Reclaim(self.keys, stream, name, self.max_redeliveries)) or 0
+                reclaim = Reclaim(self.keys, stream, name, self.max_redeliveries, self.dead_letter_cap)
+                moved += protocol.run(self.client, reclaim) or 0
         return moved
 
     # -- housekeeping for tests and tools ------------------------------------------------------------

@@ -17,10 +17,12 @@ import dramatiq
 import redis
 from dramatiq.errors import BrokerConnectionError
 
+from jobcontract import protocol
 from jobcontract.connection import MAX_BLOCK_MS, stream_reply
 from jobcontract.keys import CONSUMER_GROUP
 from jobcontract.outage import OUTAGE_ERRORS
-from jobcontract.protocol.entry import QueueEntry, dead_letter_fields
+from jobcontract.protocol.entry import QueueEntry
+from jobcontract.protocol.queue import Reject
 
 if TYPE_CHECKING:
     from jobcontract.broker import StreamsBroker
@@ -207,9 +209,11 @@ class StreamsConsumer(dramatiq.Consumer):
         a short Redis outage so a finished job is not handed to someone else for nothing."""
 
         def settle() -> None:
-            pipe = self.client.pipeline(transaction=True)
             if dead_reason is not None:
-                pipe.xadd(self.broker.keys.dead_letters, dead_letter_fields(raw, self.queue_name, dead_reason))
+                keys, cap = self.broker.keys, self.broker.dead_letter_cap
+                protocol.run(self.client, Reject(keys, self.queue_name, entry_id, raw, dead_reason, cap))
+                return
+            pipe = self.client.pipeline(transaction=True)
             pipe.xack(self.stream, CONSUMER_GROUP, entry_id)
             pipe.xdel(self.stream, entry_id)
             pipe.execute()

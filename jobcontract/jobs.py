@@ -85,6 +85,7 @@ class JobStore:
         default_timeout_s: float,
         batch_id: str | None = None,
         job_id: str | None = None,
+        tenant: str | None = None,
     ) -> Receipt:
         return self.submit_many(
             [request],
@@ -92,6 +93,7 @@ class JobStore:
             default_timeout_s=default_timeout_s,
             batch_id=batch_id,
             job_ids=[job_id or new_job_id()],
+            tenant=tenant,
         )[0]
 
     def submit_many(
@@ -102,6 +104,7 @@ class JobStore:
         default_timeout_s: float,
         batch_id: str | None = None,
         job_ids: Sequence[str] | None = None,
+        tenant: str | None = None,
     ) -> list[Receipt]:
         """Admit the whole list in one script, or none of it: QueueFull or IdempotencyConflict
         means nothing of the list was queued, so retrying the same list cannot duplicate a part of it
@@ -109,7 +112,7 @@ class JobStore:
         if not requests:
             return []
         ids = list(job_ids) if job_ids is not None else [new_job_id() for _ in requests]
-        submit = Submit(self.admission(default_timeout_s), requests, ids, route_for, batch_id)
+        submit = Submit(self.admission(default_timeout_s), requests, ids, route_for, batch_id, tenant)
         if not durability_of(self.client).waits:  # one EVALSHA: a pipeline would first ask SCRIPT EXISTS
             return run(self.client, submit)
         pipe = self.client.pipeline(transaction=False)

@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from jobcontract.limits import Limits
 from jobcontract.outage import OutagePolicy
+from jobcontract.protocol.entry import DEAD_LETTERS_MAX, DEAD_LETTERS_MAX_AGE_S, DeadLetterCap
 from jobcontract.routes import Routes
 from jobcontract.sentinel import is_sentinel_url, parse_sentinel_url, with_master_name
 
@@ -59,6 +60,21 @@ class GenqSettings(BaseSettings):
     max_tokens_cap: int = Field(default=4096, ge=1)
     max_prompt_chars: int = Field(default=200_000, ge=1)
     max_queued_jobs: int = Field(default=100_000, ge=1, description="Per queue; past it, submits are refused.")
+    dead_letters_max: int = Field(
+        default=DEAD_LETTERS_MAX,
+        ge=1,
+        description="Dead letters kept: each one filed trims the oldest past this count (XADD MAXLEN ~).",
+    )
+    dead_letters_max_age_s: float = Field(
+        default=DEAD_LETTERS_MAX_AGE_S,
+        ge=0,
+        description="Dead letters older than this are trimmed when another is filed (XTRIM MINID ~, Redis "
+        "6.2+); 0 keeps them until the count cap.",
+    )
+
+    @property
+    def dead_letter_cap(self) -> DeadLetterCap:
+        return DeadLetterCap(self.dead_letters_max, self.dead_letters_max_age_s)
 
     @property
     def outage_policy(self) -> OutagePolicy:

@@ -5,6 +5,12 @@ including errors raised before an endpoint runs (bad JSON, 413, 429). The route 
 matched route's path template (`/v1/genq/jobs/{job_id}`), never the raw path, so a job id never
 becomes a label; paths that match no route share the label `unmatched`.
 
+Requests and their latency also carry `tenant`: the caller's tenant as the API keys name it (a
+configured name, so the label set stays small; never the key), `default` on a gateway without keys,
+and `none` for a request refused before any key was accepted (a missing or unknown key, a body over
+the bound). The caller check writes the tenant into the request's scope (`state`) as it accepts a
+key, and this middleware reads it back once the response is sent.
+
 Mount it with `instrument(app)`: the middleware also answers `/metrics`. A gateway run with
 several uvicorn worker processes needs PROMETHEUS_MULTIPROC_DIR set (to an empty folder) before
 it starts; `/metrics` then serves the sum over the processes.
@@ -28,6 +34,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 # Fast refusals take microseconds; a non-streamed completion waits for the whole generation.
 REQUEST_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
 UNMATCHED = "unmatched"
+TENANT_STATE = "genq_tenant"  # the key in scope["state"] the caller check writes the tenant to
+NO_TENANT = "none"
 METRICS_PATH = "/metrics"
 
 
@@ -35,14 +43,14 @@ class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
         self.requests = Counter(
             "genq_gateway_requests_total",
-            "HTTP requests answered by the gateway, by route and status code.",
-            ("method", "route", "status"),
+            "HTTP requests answered by the gateway, by route, status code and tenant.",
+            ("method", "route", "status", "tenant"),
             registry=registry,
         )
         self.latency = Histogram(
             "genq_gateway_request_duration_seconds",
             "From a request's arrival to the last byte of its response (a stream's end, for SSE).",
-            ("method", "route"),
+            ("method", "route", "tenant"),
             buckets=REQUEST_BUCKETS,
             registry=registry,
         )
@@ -89,9 +97,11 @@ class GatewayMetricsMiddleware:
             await self.app(scope, receive, send_and_note)
         finally:
             in_progress.dec()
-            route = route_template(scope)
-            self.metrics.requests.labels(method=method, route=route, status=str(status)).inc()
-            self.metrics.latency.labels(method=method, route=route).observe(time.perf_counter() - started)
+            route, tenant = route_template(scope), tenant_of(scope)
+            self.metrics.requests.labels(method=method, route=route, status=str(status), tenant=tenant).inc()
+            self.metrics.latency.labels(method=method, route=route, tenant=tenant).observe(
+                time.perf_counter() - started
+            )
 
 
 def route_template(scope: Scope) -> str:
@@ -99,6 +109,13 @@ def route_template(scope: Scope) -> str:
     route = scope.get("route")
     path = getattr(route, "path", None) or getattr(route, "path_format", None)
     return str(path) if path else UNMATCHED
+
+
+def tenant_of(scope: Scope) -> str:
+    """The tenant the caller check accepted for this request, or `none`."""
+    state = scope.get("state")
+    tenant = state.get(TENANT_STATE) if isinstance(state, MutableMapping) else None
+    return str(tenant) if tenant else NO_TENANT
 
 
 def metrics_app(registry: CollectorRegistry = REGISTRY) -> ASGIApp:

@@ -18,6 +18,7 @@ from jobcontract.broker import StreamsBroker, StreamsConsumer
 from jobcontract.deadletters import DeadLetters, ReplayRefused
 from jobcontract.keys import CONSUMER_GROUP, Keys
 from jobcontract.models import Backend, GenerationResult, JobError, JobState, Timings
+from jobcontract.protocol.entry import DeadLetterCap
 from jobcontract.settings import GenqSettings
 from producer.client import Client
 
@@ -209,3 +210,50 @@ def test_the_genq_dlq_command(client: Client, broker: StreamsBroker, settings: G
     purged = genq(settings, "purge", "--all")
     assert json.loads(purged.stdout) == {"purged": 1}
     assert genq(settings, "list", "--json").stdout == ""
+
+
+# -- the cap --------------------------------------------------------------------------------------------
+def test_dead_letters_are_capped_by_count_on_every_path_that_files_one(redis_client: redis.Redis, keys: Keys) -> None:
+    """A poison flood cannot fill Redis: the janitor's path (Requeue) and the consumer's (Reject) both
+    trim the stream to its cap (`~`: Redis trims whole nodes of 100 entries)."""
+    cap = DeadLetterCap(max_len=10, max_age_s=0)
+    broker = StreamsBroker(redis_client, keys, consumer_name="w1", middleware=[], dead_letter_cap=cap)
+    broker.declare_queue(QUEUE)
+    redis_client.set(keys.alive("w1"), 1)
+    for n in range(250):
+        redis_client.xadd(keys.stream(QUEUE), {"m": f"poison {n}".encode(), "r": 0})
+    reply: Any = redis_client.xreadgroup(CONSUMER_GROUP, "w1", {keys.stream(QUEUE): ">"}, count=250)
+    ids = [i.decode() for _s, entries in reply for i, _f in entries]
+    broker.max_redeliveries = -1  # every entry handed back is poison
+    broker.requeue_entries(QUEUE, ids)
+    assert redis_client.xlen(keys.stream(QUEUE)) == 0
+    assert 10 <= redis_client.xlen(keys.dead_letters) <= 110
+    newest = redis_client.xrevrange(keys.dead_letters, count=1)[0][1]
+    assert newest[b"m"] == b"poison 249", "the cap dropped the newest instead of the oldest"
+
+    for _ in range(250):
+        redis_client.xadd(keys.stream(QUEUE), {"m": b"{garbage", "r": 0})
+    consumer = _consumer(broker)
+    for _ in range(260):
+        next(consumer)
+    assert redis_client.xlen(keys.stream(QUEUE)) == 0
+    assert 10 <= redis_client.xlen(keys.dead_letters) <= 110
+
+
+def test_dead_letters_older_than_the_age_cap_are_trimmed_when_another_is_filed(
+    redis_client: redis.Redis, keys: Keys
+) -> None:
+    for n in range(1, 301):  # filed in 1970, by entry id: long past any age cap
+        redis_client.xadd(keys.dead_letters, {"m": b"old", "queue": QUEUE, "reason": "r"}, id=f"{n}-0")
+    broker = StreamsBroker(
+        redis_client, keys, consumer_name="w1", middleware=[], dead_letter_cap=DeadLetterCap(1000, 3600)
+    )
+    broker.declare_queue(QUEUE)
+    redis_client.xadd(keys.stream(QUEUE), {"m": b"{garbage", "r": 0})
+    consumer = _consumer(broker)
+    for _ in range(3):
+        next(consumer)
+    left = redis_client.xrange(keys.dead_letters)
+    assert left[-1][1][b"m"] == b"{garbage"
+    assert len(left) <= 101, f"{len(left)} dead letters kept; those from 1970 were not trimmed by age"
+    assert GenqSettings().dead_letter_cap == DeadLetterCap(100_000, 30 * 24 * 3600)

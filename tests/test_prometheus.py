@@ -36,7 +36,13 @@ OPS = Path(__file__).resolve().parents[1] / "ops"
 PROMETHEUS_DIR = OPS / "prometheus"
 DASHBOARD = OPS / "grafana" / "dashboards" / "genq.json"
 # What Grafana substitutes before it sends a query.
-GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__range": "5m", "$__interval": "15s", "$model": ".+"}
+GRAFANA_VARIABLES = {
+    "$__rate_interval": "1m",
+    "$__range": "5m",
+    "$__interval": "15s",
+    "$model": ".+",
+    "$tenant": ".+",
+}
 # An alert is `<signal> <comparison> <threshold>`; the signal must return data, the whole must parse.
 ALERT_SHAPE = re.compile(r"^(?P<signal>.+?)\s*(?P<op>==|!=|>=|<=|>|<)\s*(?P<threshold>-?[0-9.]+(?:e-?[0-9]+)?)$", re.S)
 
@@ -211,6 +217,18 @@ def test_the_dashboard_model_variable_lists_the_model(stack: Prometheus) -> None
     assert metric is not None
     values = httpx.get(f"{stack.url}/api/v1/label/model/values", params={"match[]": metric.group(1)}).json()["data"]
     assert values == ["tiny"]
+
+
+def test_the_dashboard_tenant_variable_lists_the_tenants(stack: Prometheus) -> None:
+    """A gateway without API keys serves one tenant, `default`; the worker counts the Python client's
+    jobs under it too, so the panels filtered by the variable show them."""
+    variable = next(v for v in json.loads(DASHBOARD.read_text())["templating"]["list"] if v["name"] == "tenant")
+    metric = re.fullmatch(r"label_values\((\w+), tenant\)", variable["definition"])
+    assert metric is not None
+    values = httpx.get(f"{stack.url}/api/v1/label/tenant/values", params={"match[]": metric.group(1)}).json()["data"]
+    assert "default" in values and set(values) <= {"default", "none"}, values
+    jobs = stack.query('sum by (tenant) (genq_jobs_total{outcome="succeeded"})')
+    assert {r["metric"]["tenant"] for r in jobs} == {"default"}
 
 
 def test_every_alert_parses_and_its_signal_returns_data(stack: Prometheus) -> None:

@@ -150,6 +150,7 @@ def serve(
         consumer_name=consumer_name,
         middleware=[rerouting],
         outage_patience_s=settings.redis_outage_patience_s,
+        dead_letter_cap=settings.dead_letter_cap,
     )
     declare_actors(broker, runner, queues)
     worker = dramatiq.Worker(broker, worker_threads=settings.concurrency, worker_timeout=1000)

@@ -33,7 +33,7 @@ from jobcontract.protocol.liveness import LiveWorkers
 from jobcontract.protocol.operation import run
 from jobcontract.routes import ModelRoute
 from workers.circuit import CircuitBreaker
-from workers.metrics import WorkerMetrics
+from workers.metrics import WorkerMetrics, tenant_label
 from workers.policy import GiveUp, Reroute, RetryHere, decide
 from workers.runner import AttemptFailed
 
@@ -130,12 +130,14 @@ class Rerouting(dramatiq.Middleware):
             retry = message._message.copy(kwargs={**kwargs, "solo": decision.solo})
             broker.enqueue(retry, delay=delay_ms if delay_ms > 0 else None)
         elif isinstance(decision, Reroute):
-            self.metrics.observe_reroute(request.model, failed.backend.value, decision.backend.value)
+            tenant = tenant_label(message.kwargs.get("tenant"))
+            self.metrics.observe_reroute(request.model, failed.backend.value, decision.backend.value, tenant)
             target = queue_name(request.model, decision.backend, request.lane)
             broker.enqueue(message._message.copy(queue_name=target, kwargs=kwargs))
             log.info(
-                "job %s rerouted %s -> %s after %s",
+                "job %s (tenant %s) rerouted %s -> %s after %s",
                 message.message_id,
+                tenant,
                 failed.backend.value,
                 decision.backend.value,
                 failed.outcome.value,
@@ -173,15 +175,16 @@ class Rerouting(dramatiq.Middleware):
             attempts=attempts,
             metadata=request.metadata,
         )
+        tenant = tenant_label(message.kwargs.get("tenant"))
         if self.store.finish(result, message.kwargs.get("batch_id")):
             outcome = "dead_lettered" if decision.dead_letter else "failed"
             backend = last.backend.value if last else "none"
-            self.metrics.jobs.labels(model=request.model, backend=backend, outcome=outcome).inc()
+            self.metrics.jobs.labels(model=request.model, backend=backend, tenant=tenant, outcome=outcome).inc()
         if decision.dead_letter:
             message.fail()  # the consumer's nack files it under dead letters with this reason
             message.stuff_exception(RuntimeError(decision.reason))
         if last is not None and last.outcome is AttemptOutcome.INVALID:
-            log.warning("job %s refused by the server: %s", message.message_id, decision.reason)
+            log.warning("job %s (tenant %s) refused by the server: %s", message.message_id, tenant, decision.reason)
 
 
 def _elapsed_s(failure: AttemptFailed, attempt: Attempt) -> float:

@@ -31,7 +31,7 @@ from jobcontract.outage import ride_out
 from jobcontract.routes import BackendRoute
 from workers.backend_client import BackendError, Cancelled, Timeouts, complete
 from workers.cancellation import CancelWatch
-from workers.metrics import WorkerMetrics
+from workers.metrics import WorkerMetrics, tenant_label
 from workers.servers.supervisor import ServerSupervisor
 from workers.solo import POLL_S, GateClosed, SoloGate
 
@@ -82,8 +82,13 @@ class JobRunner:
         attempts: list[dict[str, Any]],
         batch_id: str | None = None,
         solo: bool = False,
+        tenant: str | None = None,
+        **_later: Any,
     ) -> None:
+        """One delivery of a job. `tenant` (set at admission by the gateway) labels its metrics; kwargs
+        this worker does not know yet are ignored, so a newer gateway's message still runs here."""
         parsed = GenerationRequest.model_validate(request)
+        tenant = tenant_label(tenant)
         queue = self.queue_for_lane[parsed.lane.value]
         # Listen before the job is marked running: a cancel sent once it runs is then never missed (one
         # sent before is seen by the start script), and it holds from the start, not from the request.
@@ -92,14 +97,14 @@ class JobRunner:
             started_mono = time.monotonic()
             if not isinstance(ticket, StartTicket):
                 if ticket is JobState.CANCELLED:
-                    self._finish_cancelled(job_id, parsed, attempts, batch_id, started=None)
+                    self._finish_cancelled(job_id, parsed, attempts, batch_id, tenant, started=None)
                 log.info("job %s not run: %s", job_id, "record expired" if ticket is None else ticket.value)
                 return
             with self._count_lock:
                 self.in_flight += 1
                 self.metrics.in_flight.set(self.in_flight)
             try:
-                self._attempt(job_id, parsed, attempts, batch_id, ticket, solo, started_mono, cancelled)
+                self._attempt(job_id, parsed, attempts, batch_id, tenant, ticket, solo, started_mono, cancelled)
             finally:
                 with self._count_lock:
                     self.in_flight -= 1
@@ -111,6 +116,7 @@ class JobRunner:
         request: GenerationRequest,
         history: list[dict[str, Any]],
         batch_id: str | None,
+        tenant: str,
         ticket: StartTicket,
         solo: bool,
         started_mono: float,
@@ -121,7 +127,7 @@ class JobRunner:
         started_at = utc_from_micros(ticket.started_us)
         enqueued_at = utc_from_micros(ticket.enqueued_us)
         deadline = started_mono + ticket.remaining_s
-        self.metrics.queue_wait.labels(**self._labels(request)).observe(
+        self.metrics.queue_wait.labels(**self._labels(request, tenant)).observe(
             max(0.0, (ticket.started_us - ticket.enqueued_us) / 1e6)
         )
 
@@ -145,6 +151,7 @@ class JobRunner:
                 request,
                 history,
                 batch_id,
+                tenant,
                 started=started_at,
                 enqueued_at=enqueued_at,
                 duration=time.monotonic() - started_mono,
@@ -162,7 +169,9 @@ class JobRunner:
                     raise fail(AttemptOutcome.TIMEOUT, f"deadline passed waiting for {self.server.spec.name}", False)
                 if waited == "not ready":
                     raise fail(AttemptOutcome.UNAVAILABLE, f"{self.server.spec.name} is not ready", True)
-                self._generate(job_id, request, history, batch_id, ticket, started_mono, deadline, cancelled, fail)
+                self._generate(
+                    job_id, request, history, batch_id, tenant, ticket, started_mono, deadline, cancelled, fail
+                )
         except GateClosed as closed:
             if closed.cancelled:
                 finish_cancelled()
@@ -190,6 +199,7 @@ class JobRunner:
         request: GenerationRequest,
         history: list[dict[str, Any]],
         batch_id: str | None,
+        tenant: str,
         ticket: StartTicket,
         started_mono: float,
         deadline: float,
@@ -248,7 +258,7 @@ class JobRunner:
             metadata=request.metadata,
         )
         if self.store.finish(result, batch_id):
-            self.metrics.observe_success(request, result, completion.token_gaps)
+            self.metrics.observe_success(request, result, completion.token_gaps, tenant)
         else:
             log.info("job %s had already finished elsewhere; this run's result is dropped", job_id)
 
@@ -258,6 +268,7 @@ class JobRunner:
         request: GenerationRequest,
         history: list[dict[str, Any]],
         batch_id: str | None,
+        tenant: str,
         *,
         started: datetime | None,
         enqueued_at: datetime | None = None,
@@ -287,7 +298,7 @@ class JobRunner:
             metadata=request.metadata,
         )
         if self.store.finish(result, batch_id):
-            self.metrics.jobs.labels(**self._labels(request), outcome="cancelled").inc()
+            self.metrics.jobs.labels(**self._labels(request, tenant), outcome="cancelled").inc()
 
     def _enqueued_at(self, job_id: str, now: datetime) -> datetime:
         """A job cancelled before it started has no ticket: its enqueue time is on its record."""
@@ -296,5 +307,5 @@ class JobRunner:
         except UnknownJob:
             return now
 
-    def _labels(self, request: GenerationRequest) -> dict[str, str]:
-        return {"model": request.model, "backend": self.backend.value}
+    def _labels(self, request: GenerationRequest, tenant: str) -> dict[str, str]:
+        return {"model": request.model, "backend": self.backend.value, "tenant": tenant}

@@ -56,7 +56,11 @@ class WorkerPool:
         self.pool_name = pool_name(settings.model, settings.backend)
         self.pool = self.keys.pool(self.pool_name)
         self.broker = StreamsBroker(
-            self.client, self.keys, consumer_name=f"supervisor:{settings.host}:{os.getpid()}", middleware=[]
+            self.client,
+            self.keys,
+            consumer_name=f"supervisor:{settings.host}:{os.getpid()}",
+            middleware=[],
+            dead_letter_cap=settings.dead_letter_cap,
         )
         self.rescuer = Rescuer(
             self.client,

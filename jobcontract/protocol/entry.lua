@@ -1,6 +1,8 @@
 -- The queue entry codec (jobcontract.protocol.entry on the Python side): field `m` holds the encoded
 -- dramatiq message, `r` how many times the entry was handed back after its worker died. A dead
--- letter holds `m`, the queue name and the reason it was given up.
+-- letter holds `m`, the queue name and the reason it was given up; each one added trims the stream
+-- to its cap (DeadLetterCap: at most `max_len` entries, none older than `max_age_ms` when set).
+-- #include now.lua
 local function add_entry(stream, message, redeliveries)
   return redis.call('XADD', stream, '*', 'm', message, 'r', tostring(redeliveries))
 end
@@ -12,6 +14,11 @@ local function read_entry(fields)
   end
   return message, redeliveries
 end
-local function add_dead_letter(dead, message, queue, reason)
-  return redis.call('XADD', dead, '*', 'm', message, 'queue', queue, 'reason', reason)
+local function add_dead_letter(dead, message, queue, reason, max_len, max_age_ms)
+  local id = redis.call('XADD', dead, 'MAXLEN', '~', max_len, '*', 'm', message, 'queue', queue, 'reason', reason)
+  if tonumber(max_age_ms) > 0 then
+    -- MINID needs Redis 6.2: on an older one the count cap alone holds (pcall: never fail the move).
+    redis.pcall('XTRIM', dead, 'MINID', '~', us(math.floor(now / 1000) - tonumber(max_age_ms)))
+  end
+  return id
 end

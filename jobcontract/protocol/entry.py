@@ -32,9 +32,25 @@ class QueueEntry:
         return cls(None if raw is None else _bytes(raw), int(redeliveries))
 
 
-def dead_letter_fields(message: bytes, queue: str, reason: str) -> dict[Any, Any]:
-    """The fields of a dead letter (XADD to `Keys.dead_letters`)."""
-    return {MESSAGE_FIELD: message, QUEUE_FIELD: queue, REASON_FIELD: reason}
+DEAD_LETTERS_MAX = 100_000
+DEAD_LETTERS_MAX_AGE_S = 30 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class DeadLetterCap:
+    """How many dead letters are kept, and for how long: every XADD to the dead-letter stream trims
+    it (MAXLEN ~, then MINID ~ when an age is set), so a poison flood cannot fill Redis. `~` lets
+    Redis trim whole stream nodes only, so the stream may hold up to about a hundred more."""
+
+    max_len: int = DEAD_LETTERS_MAX
+    max_age_s: float = DEAD_LETTERS_MAX_AGE_S  # 0: no age limit
+
+    def args(self) -> list[Any]:
+        """ARGV of add_dead_letter (entry.lua): the count cap, then the age cap in ms (0: none)."""
+        return [self.max_len, int(self.max_age_s * 1000)]
+
+
+DEFAULT_CAP = DeadLetterCap()
 
 
 @dataclass(frozen=True)

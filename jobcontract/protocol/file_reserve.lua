@@ -15,5 +15,6 @@ end
 if count >= tonumber(ARGV[3]) then return {'files', count, total} end
 if total + tonumber(ARGV[2]) > tonumber(ARGV[4]) then return {'bytes', count, total} end
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+if redis.call('TTL', KEYS[1]) < tonumber(ARGV[5]) then redis.call('EXPIRE', KEYS[1], ARGV[5]) end
 redis.call('SET', KEYS[3], '', 'EX', ARGV[5])
 return {'ok', count, total}

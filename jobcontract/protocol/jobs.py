@@ -26,6 +26,7 @@ class Submit(Operation[list[Receipt]]):
     job_ids: Sequence[str]
     route_for: Callable[[str], ModelRoute]
     batch_id: str | None = None
+    tenant: str | None = None  # carried in each message, for the worker's metrics
 
     def keys(self) -> list[str]:
         return self._layout[0]
@@ -49,7 +50,8 @@ class Submit(Operation[list[Receipt]]):
                 queue = queue_name(request.model, backend, request.lane)
                 pool = pool_name(request.model, backend)
                 keys += [names.stream(queue), names.pool(pool), names.circuit(pool)]
-                messages.append(build_message(job_id, request, queue, request.lane, batch_id=batch_id).encode())
+                message = build_message(job_id, request, queue, request.lane, batch_id=batch_id, tenant=self.tenant)
+                messages.append(message.encode())
                 queues.append(queue)
             args += [
                 job_id,

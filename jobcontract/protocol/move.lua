@@ -4,7 +4,7 @@
 -- its job is finished as failed so nobody waits on it.
 -- #include entry.lua
 -- #include fail_job.lua
-local function move(stream, group, id, max_redeliveries, dead)
+local function move(stream, group, id, max_redeliveries, dead, max_len, max_age_ms)
   local entries = redis.call('XRANGE', stream, id, id)
   local acked = redis.call('XACK', stream, group, id)
   redis.call('XDEL', stream, id)
@@ -14,7 +14,7 @@ local function move(stream, group, id, max_redeliveries, dead)
   if redeliveries >= max_redeliveries then
     local reason = 'handed back ' .. redeliveries .. ' times after its worker died'
     local queue = string.match(stream, ':q:(.*)$') or stream
-    add_dead_letter(dead, message, queue, reason)
+    add_dead_letter(dead, message, queue, reason, max_len, max_age_ms)
     fail_job(stream, message, 'worker_died', reason)
     return 0
   end

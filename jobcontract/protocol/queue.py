@@ -1,5 +1,5 @@
-"""State changes of queue entries: hand back (requeue), reclaim a dead consumer's, move to another
-queue (rescue), and replay a dead letter."""
+"""State changes of queue entries: hand back (requeue), reclaim a dead consumer's, reject one into
+dead letters, move to another queue (rescue), and replay a dead letter."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from jobcontract.keys import CONSUMER_GROUP, Keys
+from jobcontract.protocol.entry import DEFAULT_CAP, DeadLetterCap
 from jobcontract.protocol.operation import Operation, text
 
 
@@ -22,12 +23,13 @@ class Requeue(Operation[int]):
     queue: str
     entry_ids: Sequence[str]
     max_redeliveries: int
+    cap: DeadLetterCap = DEFAULT_CAP
 
     def keys(self) -> list[str]:
         return [self.names.stream(self.queue), self.names.dead_letters]
 
     def args(self) -> list[Any]:
-        return [CONSUMER_GROUP, self.max_redeliveries, *self.entry_ids]
+        return [CONSUMER_GROUP, self.max_redeliveries, *self.cap.args(), *self.entry_ids]
 
     def parse(self, reply: Any) -> int:
         return int(reply)
@@ -43,16 +45,41 @@ class Reclaim(Operation[int | None]):
     stream: str
     consumer: str
     max_redeliveries: int
+    cap: DeadLetterCap = DEFAULT_CAP
 
     def keys(self) -> list[str]:
         return [self.stream, self.names.alive(self.consumer), self.names.dead_letters]
 
     def args(self) -> list[Any]:
-        return [CONSUMER_GROUP, self.max_redeliveries, self.consumer]
+        return [CONSUMER_GROUP, self.max_redeliveries, self.consumer, *self.cap.args()]
 
     def parse(self, reply: Any) -> int | None:
         moved = int(reply)
         return None if moved < 0 else moved
+
+
+@dataclass(frozen=True)
+class Reject(Operation[None]):
+    """Settle an entry a consumer gives up (undecodable, or its job given up by the rerouting
+    middleware): file it under dead letters, trimmed to their cap, then ack and delete it."""
+
+    SCRIPT: ClassVar[str] = "reject.lua"
+
+    names: Keys
+    queue: str
+    entry_id: str
+    message: bytes
+    reason: str
+    cap: DeadLetterCap = DEFAULT_CAP
+
+    def keys(self) -> list[str]:
+        return [self.names.stream(self.queue), self.names.dead_letters]
+
+    def args(self) -> list[Any]:
+        return [CONSUMER_GROUP, self.entry_id, self.message, self.queue, self.reason, *self.cap.args()]
+
+    def parse(self, reply: Any) -> None:
+        return None
 
 
 @dataclass(frozen=True)

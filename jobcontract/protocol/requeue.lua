@@ -1,7 +1,8 @@
--- KEYS: stream, dead letters. ARGV: group, max redeliveries, then entry ids.
+-- KEYS: stream, dead letters. ARGV: group, max redeliveries, dead letters' max count and max age
+-- (ms, 0: none), then entry ids.
 -- #include move.lua
 local moved = 0
-for i = 3, #ARGV do
-  moved = moved + move(KEYS[1], ARGV[1], ARGV[i], tonumber(ARGV[2]), KEYS[2])
+for i = 5, #ARGV do
+  moved = moved + move(KEYS[1], ARGV[1], ARGV[i], tonumber(ARGV[2]), KEYS[2], ARGV[3], ARGV[4])
 end
 return moved

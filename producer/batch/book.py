@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 from jobcontract import protocol
 from jobcontract.keys import Keys
 from jobcontract.protocol.batch import BatchAdvance, BatchLease, BatchRecordJobs
+from jobcontract.protocol.index import IndexAdd
 
 BATCH_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 
@@ -103,9 +104,11 @@ class BatchBook:
         pipe = self.client.pipeline(transaction=True)
         pipe.hset(key, mapping=record)
         pipe.expire(key, self.ttl_s)
-        pipe.zadd(self.keys.batches, {batch_id: now})
+        indexes = [self.keys.batches]
         if fields.get("tenant"):
-            pipe.zadd(self.keys.tenant_batches(fields["tenant"]), {batch_id: now})
+            indexes.append(self.keys.tenant_batches(fields["tenant"]))
+        listed = IndexAdd(indexes, [now] * len(indexes), batch_id, self.ttl_s, self.keys.batch(""))
+        protocol.send(pipe, self.client, listed)
         if origin == "gateway":
             pipe.sadd(self.keys.active_batches, batch_id)
         pipe.execute()
@@ -143,7 +146,14 @@ class BatchBook:
         pipe = self.client.pipeline(transaction=False)
         pipe.hset(self.keys.batch(batch_id), mapping=mapping)
         pipe.expire(self.keys.batch(batch_id), self.ttl_s)
+        pipe.expire(self.keys.batches, self.ttl_s)  # listed as long as it lives (see keep_listed)
         pipe.execute()
+
+    def keep_listed(self, tenant: str | None) -> None:
+        """Keep a tenant's batch index as long as a batch of it that is still being written (an index's
+        TTL is set from now on every write, so this never shortens it)."""
+        if tenant:
+            self.client.expire(self.keys.tenant_batches(tenant), self.ttl_s)
 
     def record_submitted(self, batch_id: str, jobs: dict[str, str], through_line: int) -> int:
         """`jobs`: job id -> custom_id of the lines just submitted, through input line `through_line`.
@@ -204,7 +214,17 @@ class BatchBook:
         return records
 
     def active(self) -> list[str]:
-        return sorted(_text(m) for m in self.client.smembers(self.keys.active_batches))
+        """The unfinished gateway batches; an id whose record is gone (expired while no gateway ran it)
+        is dropped here, read every adoption round, so the set holds only batches that exist."""
+        ids = sorted(_text(m) for m in self.client.smembers(self.keys.active_batches))
+        pipe = self.client.pipeline(transaction=False)
+        for batch_id in ids:
+            pipe.exists(self.keys.batch(batch_id))
+        alive = pipe.execute() if ids else []
+        gone = [batch_id for batch_id, exists in zip(ids, alive, strict=True) if not exists]
+        if gone:
+            self.client.srem(self.keys.active_batches, *gone)
+        return [batch_id for batch_id in ids if batch_id not in gone]
 
 
 def parse_record(batch_id: str, raw: dict[Any, Any], finished: int, leased: bool) -> BatchRecord:

@@ -88,8 +88,10 @@ class BatchRunner:
         on_progress: ProgressCallback | None = None,
         on_finalize: Callable[[Counts], None] | None = None,
         stop: threading.Event | None = None,
+        tenant: str | None = None,
     ) -> None:
         self.store = store
+        self.tenant = tenant  # a gateway batch's: its jobs' messages carry it for the worker's metrics
         self.book = book
         self.settings = settings
         self.outage = batch_outage_policy(settings)
@@ -225,6 +227,7 @@ class BatchRunner:
                 default_timeout_s=self.settings.default_timeout_s,
                 batch_id=self.batch_id,
                 job_ids=[job_id for job_id, _ in pairs],
+                tenant=self.tenant,
             )
 
     def _collect(

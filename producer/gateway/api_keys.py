@@ -23,6 +23,8 @@ import limits
 from limits import RateLimitItem
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
+from jobcontract.admission import DEFAULT_TENANT as JOBS_DEFAULT_TENANT
+
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 UNLIMITED = "unlimited"
 SHORT_KEY_CHARS = 16
@@ -139,7 +141,7 @@ class ApiKey:
         return ";".join(str(item) for item in self.rate) or UNLIMITED
 
 
-DEFAULT_TENANT = "default"
+DEFAULT_TENANT = JOBS_DEFAULT_TENANT  # the worker's metrics label a job without a tenant the same
 
 
 @dataclass(frozen=True)

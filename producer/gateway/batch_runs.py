@@ -165,7 +165,8 @@ class BatchSupervisor:
                 on_finalize=finalize,
                 stop=self.stopping,
                 owner=owner,
-                on_progress=self._keeper(record.input),
+                on_progress=self._keeper(record.input, record.tenant),
+                tenant=tenant,
             )
             try:
                 final = runner.run()
@@ -181,14 +182,16 @@ class BatchSupervisor:
         finally:
             self.book.release_lease(batch_id, owner)
 
-    def _keeper(self, file_id: str) -> Callable[[Progress], None]:
-        """A progress callback (called on every pass of the runner) renewing the input's TTL."""
+    def _keeper(self, file_id: str, tenant: str | None) -> Callable[[Progress], None]:
+        """A progress callback (called on every pass of the runner) renewing the input's TTL and the
+        tenant's batch listing."""
         renewed = time.monotonic()
 
         def keep(_progress: Progress) -> None:
             nonlocal renewed
             if time.monotonic() - renewed >= KEEP_INPUT_EVERY_S:
                 self.files.touch(file_id)
+                self.book.keep_listed(tenant)
                 renewed = time.monotonic()
 
         return keep

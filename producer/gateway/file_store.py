@@ -2,7 +2,9 @@
 
 A file is a hash (name, purpose, creation time, `tenant`) and a content string, both with the result
 TTL. Each tenant has a listing index (ids by creation time), so its listing never reads another
-tenant's files, and a sorted set of its files' sizes, for its bounds on files and bytes. An upload
+tenant's files, and a sorted set of its files' sizes, for its bounds on files and bytes. Every index
+is written through IndexAdd (jobcontract.protocol.index): it prunes ids whose file is gone and
+carries the files' TTL, so it stays bounded even for a tenant that never lists. An upload
 first reserves its place (one Lua call: drop the ids whose file is gone, check both bounds, add the
 id and create the content key with its TTL), so concurrent uploads on several gateways never
 overshoot and even a gateway killed mid-upload leaves only a key that expires; an upload that fails
@@ -22,6 +24,7 @@ import redis
 from jobcontract import protocol
 from jobcontract.keys import Keys
 from jobcontract.protocol.gateway import FileReserve
+from jobcontract.protocol.index import IndexAdd
 from producer.batch.book import BatchStatus
 from producer.gateway.api_keys import Caller, FileBounds
 from producer.gateway.errors import ApiError
@@ -100,9 +103,9 @@ class FileStore:
         )
         pipe.expire(self.keys.file(file_id), self.ttl_s)
         pipe.expire(self.keys.file_content(file_id), self.ttl_s)
-        pipe.zadd(self.keys.files, {file_id: now})
-        pipe.zadd(self.keys.tenant_files(tenant), {file_id: now})
-        pipe.zadd(self.keys.tenant_file_bytes(tenant), {file_id: size})
+        indexes = [self.keys.files, self.keys.tenant_files(tenant), self.keys.tenant_file_bytes(tenant)]
+        listed = IndexAdd(indexes, [now, now, size], file_id, self.ttl_s, self.keys.file(""), ":content")
+        protocol.send(pipe, self.client, listed)
         pipe.execute()
 
     def forget(self, file_id: str, tenant: str) -> bool:
@@ -116,10 +119,15 @@ class FileStore:
         return bool(pipe.execute()[0])
 
     def touch(self, file_id: str) -> None:
-        """Keep a file for another full TTL from now (an input its batch still reads)."""
+        """Keep a file for another full TTL from now (an input its batch still reads), and the indexes
+        that list it as long (an index's TTL is set from now on every write, so this never shortens it)."""
+        tenant = self.owner(file_id)
+        kept = [self.keys.file(file_id), self.keys.file_content(file_id), self.keys.files]
+        if tenant is not None:
+            kept += [self.keys.tenant_files(tenant), self.keys.tenant_file_bytes(tenant)]
         pipe = self.client.pipeline(transaction=False)
-        pipe.expire(self.keys.file(file_id), self.ttl_s)
-        pipe.expire(self.keys.file_content(file_id), self.ttl_s)
+        for key in kept:
+            pipe.expire(key, self.ttl_s)
         pipe.execute()
 
     def get(self, file_id: str, caller: Caller) -> dict[str, Any]:

@@ -62,6 +62,7 @@ class Services:
                 self.settings.routes.get(request.model),
                 default_timeout_s=self.settings.default_timeout_s,
                 job_id=job_id,
+                tenant=caller.tenant,
             )
         except BaseException:
             if key is not None:
