@@ -59,6 +59,7 @@ class AsyncJobStore:
         default_timeout_s: float,
         batch_id: str | None = None,
         job_id: str | None = None,
+        owner: str | None = None,
     ) -> Receipt:
         receipts = await self.submit_many(
             [request],
@@ -66,6 +67,7 @@ class AsyncJobStore:
             default_timeout_s=default_timeout_s,
             batch_id=batch_id,
             job_ids=[job_id or new_job_id()],
+            owner=owner,
         )
         return receipts[0]
 
@@ -77,13 +79,15 @@ class AsyncJobStore:
         default_timeout_s: float,
         batch_id: str | None = None,
         job_ids: Sequence[str] | None = None,
+        owner: str | None = None,
     ) -> list[Receipt]:
-        """As JobStore.submit_many: the whole list in one script, or none of it."""
+        """As JobStore.submit_many: the whole list in one script, or none of it; `owner` names the
+        gateway tenant of the jobs in that same script (see jobcontract.protocol.jobs.Submit)."""
         if not requests:
             return []
         ids = list(job_ids) if job_ids is not None else [new_job_id() for _ in requests]
         admission = Admission(self.keys, self.max_queued, self.result_ttl_s, default_timeout_s)
-        submit = Submit(admission, requests, ids, route_for, batch_id)
+        submit = Submit(admission, requests, ids, route_for, batch_id, owner)
         if not durability_of(self.client).waits:  # one EVALSHA: a pipeline would first ask SCRIPT EXISTS
             return await run_async(self.client, submit)
         pipe = self.client.pipeline(transaction=False)

@@ -2,7 +2,7 @@
 script, keys, arguments and reply), and every caller executes the same one (see operation.py).
 
 Operations: Submit, Start, Finish (jobs.py); Requeue, Reclaim, RescueMove, Replay (queue.py); Vouch,
-LiveWorkers (liveness.py); QuotaReserve, FileReserve, ClaimJob (gateway.py); BatchAdvance,
+LiveWorkers (liveness.py); QuotaReserve, FileReserve (gateway.py); BatchAdvance,
 BatchLease, BatchRecordJobs, MarkWritten (batch.py). The broker's failing of a job it gives up
 (fail_job.lua) runs inside Requeue and Reclaim. Codecs: the queue entry (entry.py and entry.lua).
 """

@@ -17,7 +17,9 @@ from jobcontract.routes import ModelRoute
 
 @dataclass(frozen=True)
 class Submit(Operation[list[Receipt]]):
-    """Admit the whole list or none of it (see jobcontract.admission for why)."""
+    """Admit the whole list or none of it (see jobcontract.admission for why). `owner`: the gateway
+    tenant the jobs belong to, written in the same script, so a job is never seen without its owner
+    and the gateway needs no second round trip to name it (producer/gateway/tenants.py)."""
 
     SCRIPT: ClassVar[str] = "submit.lua"
 
@@ -26,6 +28,7 @@ class Submit(Operation[list[Receipt]]):
     job_ids: Sequence[str]
     route_for: Callable[[str], ModelRoute]
     batch_id: str | None = None
+    owner: str | None = None
 
     def keys(self) -> list[str]:
         return self._layout[0]
@@ -41,7 +44,7 @@ class Submit(Operation[list[Receipt]]):
         """Built once (each candidate's message is encoded): see submit.lua for the layout."""
         names, batch_id = self.admission.keys, self.batch_id
         keys: list[str] = [names.queues]
-        args: list[Any] = [self.admission.max_queued, self.admission.result_ttl_s]
+        args: list[Any] = [self.admission.max_queued, self.admission.result_ttl_s, self.owner or ""]
         for job_id, request in zip(self.job_ids, self.requests, strict=True):
             keys += [names.job(job_id), names.idempotency(request.idempotency_key or job_id)]
             messages, queues = [], []

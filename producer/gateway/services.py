@@ -62,6 +62,7 @@ class Services:
                 self.settings.routes.get(request.model),
                 default_timeout_s=self.settings.default_timeout_s,
                 job_id=job_id,
+                owner=caller.tenant,  # named in the admission itself: before anyone learns the id
             )
         except BaseException:
             if key is not None:
@@ -69,7 +70,6 @@ class Services:
             raise
         if key is not None and receipt.duplicate:  # the earlier job holds its own slot
             await self.quotas.jobs.release(key.name, job_id)
-        await self.owners.claim(receipt.job_id, caller)  # before anyone learns the id
         return receipt.job_id, receipt.duplicate
 
     def wait_s(self, request: GenerationRequest) -> float:
