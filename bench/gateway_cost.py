@@ -5,8 +5,9 @@ deltas).
 
     python -m bench.gateway_cost --label NAME [--jobs 200] [--rounds 3] [--extra-path DIR] [--keys]
 
-Rounds alternate a gateway block and a direct block so drift on a busy machine hits both alike; each
-round's figures are kept so the spread shows how noisy a figure is. `--extra-path` is put in front of
+In each round a short block of each path alone gives the command counts, then the two paths run
+interleaved job by job (so drift on a busy machine hits both alike) for the CPU and latency figures;
+each round's figures are kept so the spread shows how noisy a figure is. `--extra-path` is put in front of
 the gateway's PYTHONPATH (to try optional packages without installing them into a shared venv);
 `--keys` runs the gateway with an API key (the tenant path: quota slot and owner). Results are
 appended to bench/results/gateway_cost.json under the label.
@@ -17,7 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
+import subprocess
 import sys
 import time
 import uuid
@@ -87,6 +90,13 @@ def start_gateway(settings: GenqSettings, log_dir: Path, extra_path: str | None,
     raise RuntimeError("gateway did not start")
 
 
+def _spy(binary: str, pid: int, label: str) -> subprocess.Popen[bytes]:
+    """py-spy on the gateway, as collapsed stacks in bench/results/ (idle threads left out)."""
+    out = RESULTS.parent / f"gateway_cost-{label}.collapsed"
+    argv = [binary, "record", "--pid", str(pid), "--format", "raw", "--rate", "200", "-o", str(out), "--gil"]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def _free_port() -> int:
     import socket
 
@@ -103,6 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--extra-path")
     parser.add_argument("--keys", action="store_true")
     parser.add_argument("--backend", default="mlx")
+    parser.add_argument("--py-spy", help="py-spy binary: record the gateway during the rounds (collapsed stacks)")
     args = parser.parse_args(argv)
     rounds: list[dict[str, Any]] = []
     with LocalStack() as stack:
@@ -125,25 +136,46 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                 timed(via_gateway, prompts(20, "warm-g"))
                 timed(direct, prompts(20, "warm-d"))
+                spy = _spy(args.py_spy, process.pid, args.label) if args.py_spy else None
                 for r in range(args.rounds):
-                    cpu0, cmd0 = cpu_s(process.pid), commands(db)
-                    gateway_lat = timed(via_gateway, prompts(args.jobs, f"g{r}"))
-                    cpu1, cmd1 = cpu_s(process.pid), commands(db)
-                    own0 = time.process_time()
-                    direct_lat = timed(direct, prompts(args.jobs, f"d{r}"))
-                    own1, cmd2 = time.process_time(), commands(db)
+                    # Commands: a block of each alone, so the deltas are one path's.
+                    count = min(args.jobs, 50)
+                    cmd0 = commands(db)
+                    timed(via_gateway, prompts(count, f"cg{r}"))
+                    cmd1 = commands(db)
+                    timed(direct, prompts(count, f"cd{r}"))
+                    cmd2 = commands(db)
+                    # CPU and latency: the two paths interleaved job by job, so drift hits both alike.
+                    gateway_lat, direct_lat, own = [], [], 0.0
+                    cpu0 = cpu_s(process.pid)
+                    for i, (g, d) in enumerate(
+                        zip(prompts(args.jobs, f"g{r}"), prompts(args.jobs, f"d{r}"), strict=True)
+                    ):
+                        for path in ((g, None), (None, d)) if i % 2 else ((None, d), (g, None)):
+                            if path[0] is not None:
+                                gateway_lat += timed(via_gateway, [path[0]])
+                            else:
+                                own0 = time.process_time()
+                                direct_lat += timed(direct, [path[1] or ""])
+                                own += time.process_time() - own0
+                    cpu1 = cpu_s(process.pid)
+                    paired = [g - d for g, d in zip(gateway_lat, direct_lat, strict=True)]
                     rounds.append(
                         {
                             "gateway_cpu_ms_per_job": (cpu1 - cpu0) * 1000 / args.jobs,
-                            "client_cpu_ms_per_job": (own1 - own0) * 1000 / args.jobs,
+                            "client_cpu_ms_per_job": own * 1000 / args.jobs,
                             "gateway_p50_ms": statistics.median(gateway_lat) * 1000,
                             "direct_p50_ms": statistics.median(direct_lat) * 1000,
                             "added_p50_ms": (statistics.median(gateway_lat) - statistics.median(direct_lat)) * 1000,
-                            "gateway_commands_per_job": delta(cmd1, cmd0, args.jobs),
-                            "direct_commands_per_job": delta(cmd2, cmd1, args.jobs),
+                            "paired_added_p50_ms": statistics.median(paired) * 1000,
+                            "gateway_commands_per_job": delta(cmd1, cmd0, count),
+                            "direct_commands_per_job": delta(cmd2, cmd1, count),
                         }
                     )
                     print(json.dumps({"round": r, **{k: v for k, v in rounds[-1].items() if "commands" not in k}}))
+                if spy is not None:
+                    spy.send_signal(signal.SIGINT)
+                    spy.wait(timeout=60)
         finally:
             db.close()
             stop_process(process, timeout_s=10)
@@ -156,7 +188,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rounds": rounds,
         **{
             f"median_{k}": statistics.median(r[k] for r in rounds)
-            for k in ("gateway_cpu_ms_per_job", "client_cpu_ms_per_job", "added_p50_ms", "direct_p50_ms")
+            for k in (
+                "gateway_cpu_ms_per_job",
+                "client_cpu_ms_per_job",
+                "added_p50_ms",
+                "paired_added_p50_ms",
+                "direct_p50_ms",
+            )
         },
         "gateway_commands_per_job": rounds[-1]["gateway_commands_per_job"],
         "direct_commands_per_job": rounds[-1]["direct_commands_per_job"],
