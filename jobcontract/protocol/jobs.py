@@ -48,11 +48,13 @@ class Submit(Operation[list[Receipt]]):
         for job_id, request in zip(self.job_ids, self.requests, strict=True):
             keys += [names.job(job_id), names.idempotency(request.idempotency_key or job_id)]
             messages, queues = [], []
+            dumped = request.model_dump(mode="json", exclude_defaults=True)  # once, not once per candidate
             for backend in candidate_backends(self.route_for(request.model), request.backend):
                 queue = queue_name(request.model, backend, request.lane)
                 pool = pool_name(request.model, backend)
                 keys += [names.stream(queue), names.pool(pool), names.circuit(pool)]
-                messages.append(build_message(job_id, request, queue, request.lane, batch_id=batch_id).encode())
+                message = build_message(job_id, request, queue, request.lane, batch_id=batch_id, dumped=dumped)
+                messages.append(message.encode())
                 queues.append(queue)
             args += [
                 job_id,
