@@ -90,6 +90,12 @@ def start_gateway(settings: GenqSettings, log_dir: Path, extra_path: str | None,
     raise RuntimeError("gateway did not start")
 
 
+def _native(pid: int) -> list[str]:
+    """Which of the optional fast parsers the gateway process has loaded (from its memory map)."""
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    return [name for name in ("uvloop", "httptools", "hiredis", "orjson") if f"/{name}/" in maps]
+
+
 def _spy(binary: str, pid: int, label: str) -> subprocess.Popen[bytes]:
     """py-spy on the gateway, as collapsed stacks in bench/results/ (idle threads left out)."""
     out = RESULTS.parent / f"gateway_cost-{label}.collapsed"
@@ -176,6 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if spy is not None:
                     spy.send_signal(signal.SIGINT)
                     spy.wait(timeout=60)
+            native = _native(process.pid)
         finally:
             db.close()
             stop_process(process, timeout_s=10)
@@ -185,6 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "keys": args.keys,
         "extra_path": bool(args.extra_path),
         "load_1m": os.getloadavg()[0],
+        "gateway_loaded": native,
         "rounds": rounds,
         **{
             f"median_{k}": statistics.median(r[k] for r in rounds)
