@@ -4,13 +4,15 @@ latency it adds over the Python client's p50, and the Redis commands per job (IN
 deltas).
 
     python -m bench.gateway_cost --label NAME [--jobs 200] [--rounds 3] [--extra-path DIR] [--keys]
+    python -m bench.gateway_cost --summarize    # bench/results/gateway_cost.md from the JSON
 
 In each round a short block of each path alone gives the command counts, then the two paths run
 interleaved job by job (so drift on a busy machine hits both alike) for the CPU and latency figures;
 each round's figures are kept so the spread shows how noisy a figure is. `--extra-path` is put in front of
 the gateway's PYTHONPATH (to try optional packages without installing them into a shared venv);
 `--keys` runs the gateway with an API key (the tenant path: quota slot and owner). Results are
-appended to bench/results/gateway_cost.json under the label.
+appended to bench/results/gateway_cost.json under the label; `--summarize` pools the rounds of the
+labels that differ only in a `-N` suffix (repeated runs of one configuration) into a Markdown table.
 """
 
 from __future__ import annotations
@@ -111,9 +113,35 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def summarize() -> str:
+    """One row per configuration: medians and the spread (min-max) over all its rounds."""
+    runs: dict[str, dict[str, Any]] = json.loads(RESULTS.read_text())
+    pooled: dict[str, list[dict[str, Any]]] = {}
+    for label, run in runs.items():
+        base, _, suffix = label.rpartition("-")
+        pooled.setdefault(base if suffix.isdigit() else label, []).extend(run["rounds"])
+    figures = ("gateway_cpu_ms_per_job", "paired_added_p50_ms", "direct_p50_ms", "client_cpu_ms_per_job")
+    lines = [
+        "# Gateway cost per 4-token job (`python -m bench.gateway_cost`)",
+        "",
+        "Median over all rounds of the configuration, [min-max] of the rounds. CPU from /proc (utime+stime).",
+        "",
+        "| configuration | rounds | " + " | ".join(f.replace("_", " ") for f in figures) + " |",
+        "| --- | --- |" + " --- |" * len(figures),
+    ]
+    for name, rows in pooled.items():
+        cells = []
+        for f in figures:
+            values = [r[f] for r in rows if f in r]
+            cells.append(f"{statistics.median(values):.2f} [{min(values):.2f}-{max(values):.2f}]" if values else "-")
+        lines.append(f"| {name} | {len(rows)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.gateway_cost")
-    parser.add_argument("--label", required=True)
+    parser.add_argument("--summarize", action="store_true")
+    parser.add_argument("--label")
     parser.add_argument("--jobs", type=int, default=200, help="jobs per block")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--extra-path")
@@ -121,6 +149,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--backend", default="mlx")
     parser.add_argument("--py-spy", help="py-spy binary: record the gateway during the rounds (collapsed stacks)")
     args = parser.parse_args(argv)
+    if args.summarize:
+        RESULTS.with_suffix(".md").write_text(summarize())
+        return 0
+    if not args.label:
+        parser.error("--label is required")
     rounds: list[dict[str, Any]] = []
     with LocalStack() as stack:
         settings = stack.settings(namespace=f"gc{uuid.uuid4().hex[:8]}")
