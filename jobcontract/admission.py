@@ -95,11 +95,14 @@ def build_message(
     attempts: Sequence[dict[str, Any]] = (),
     batch_id: str | None = None,
     tenant: str | None = None,
+    dumped: dict[str, Any] | None = None,
 ) -> dramatiq.Message[Any]:
     """The dramatiq message a worker's actor receives: one attempt's worth of the job. `tenant` (the
-    gateway's caller) only labels the worker's metrics; ownership checks read the job's record."""
+    gateway's caller) labels the worker's metrics; ownership checks read the job's record. `dumped`:
+    the request as this function would dump it, when the caller already has it (one per candidate
+    queue of an admission: the same dict for each)."""
     kwargs: dict[str, Any] = {
-        "request": request.model_dump(mode="json", exclude_defaults=True),
+        "request": dumped if dumped is not None else request.model_dump(mode="json", exclude_defaults=True),
         "attempts": list(attempts),
     }
     if batch_id is not None:

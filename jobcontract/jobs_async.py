@@ -81,7 +81,8 @@ class AsyncJobStore:
         job_ids: Sequence[str] | None = None,
         tenant: str | None = None,
     ) -> list[Receipt]:
-        """As JobStore.submit_many: the whole list in one script, or none of it."""
+        """As JobStore.submit_many: the whole list in one script, or none of it; `tenant` names the
+        gateway tenant of the jobs in that same script (see jobcontract.protocol.jobs.Submit)."""
         if not requests:
             return []
         ids = list(job_ids) if job_ids is not None else [new_job_id() for _ in requests]

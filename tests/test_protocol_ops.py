@@ -23,7 +23,7 @@ from jobcontract.keys import CONSUMER_GROUP, Keys, QueueRef, parse_queue, pool_n
 from jobcontract.models import Backend, GenerationRequest, GenerationResult, JobState, Lane, Timings, utc_from_micros
 from jobcontract.protocol.batch import BatchAdvance, BatchLease, BatchRecordJobs, MarkWritten
 from jobcontract.protocol.entry import DeadLetterEntry, QueueEntry, entry_fields
-from jobcontract.protocol.gateway import ClaimJob, FileReserve, QuotaReserve
+from jobcontract.protocol.gateway import FileReserve, QuotaReserve
 from jobcontract.protocol.jobs import Finish, Start, StartTicket, Submit
 from jobcontract.protocol.liveness import LiveWorkers, Vouch
 from jobcontract.protocol.operation import PACKAGE
@@ -255,13 +255,28 @@ def test_file_reserve_checks_files_and_bytes(redis_client: redis.Redis, keys: Ke
     assert protocol.run(redis_client, FileReserve(keys, "t", "f2", 10, 2, 15, 60)).outcome == "ok"
 
 
-def test_claim_job_never_creates_nor_changes_an_owner(redis_client: redis.Redis, keys: Keys) -> None:
-    assert protocol.run(redis_client, ClaimJob(keys, "j1", "a")) is False
-    assert not redis_client.exists(keys.job("j1"))
-    submit(redis_client, keys, "j1")
-    assert protocol.run(redis_client, ClaimJob(keys, "j1", "a")) is True
-    assert protocol.run(redis_client, ClaimJob(keys, "j1", "b")) is False
+def submit_owned(client: redis.Redis, keys: Keys, job_id: str, *, owner: str | None, key: str | None = None) -> Any:
+    request = GenerationRequest(model="tiny", prompt="p", max_tokens=4, idempotency_key=key)
+    op = Submit(Admission(keys, 2, 60, 30.0), [request], [job_id], lambda _: ROUTE, tenant=owner)
+    return protocol.run(client, op)
+
+
+def test_admission_names_the_owner_and_never_changes_one(redis_client: redis.Redis, keys: Keys) -> None:
+    """The gateway's tenant is written by the admission itself (it was a second script, ClaimJob)."""
+    submit_owned(redis_client, keys, "j1", owner="a")
     assert redis_client.hget(keys.job("j1"), "tenant") == b"a"
+    [again] = submit_owned(redis_client, keys, "j1", owner="b")  # the same id again: the earlier job answers
+    assert again.job_id == "j1"
+    assert redis_client.hget(keys.job("j1"), "tenant") == b"a"  # an owner is never changed
+    submit_owned(redis_client, keys, "j2", owner=None, key="k")  # made outside the gateway: no owner
+    assert redis_client.hget(keys.job("j2"), "tenant") is None
+    [answered] = submit_owned(redis_client, keys, "j3", owner="c", key="k")  # answered by j2, which had none
+    assert (answered.job_id, answered.duplicate) == ("j2", True)
+    assert redis_client.hget(keys.job("j2"), "tenant") == b"c"
+    assert not redis_client.exists(keys.job("j3"))
+    with pytest.raises(QueueFull):  # a refusal writes nothing, the owner neither
+        submit_owned(redis_client, keys, "j4", owner="a")
+    assert not redis_client.exists(keys.job("j4"))
 
 
 def test_batch_operations(redis_client: redis.Redis, keys: Keys) -> None:

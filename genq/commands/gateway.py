@@ -59,5 +59,6 @@ def _gateway(args: argparse.Namespace) -> int:
         host=settings.gateway_host,
         port=settings.gateway_port,
         grace_s=settings.gateway_shutdown_grace_s,
+        access_log=settings.gateway_access_log,
     )
     return 0

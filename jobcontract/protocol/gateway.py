@@ -1,5 +1,5 @@
 """The gateway's own state changes: a slot of a key's allowance, a file's place in its tenant's
-bounds, a job's owner."""
+bounds. A job's owner is written by its admission (jobcontract.protocol.jobs.Submit's `owner`)."""
 
 from __future__ import annotations
 
@@ -62,23 +62,3 @@ class FileReserve(Operation[FileRoom]):
 
     def parse(self, reply: Any) -> FileRoom:
         return FileRoom(text(reply[0]), int(reply[1]), int(reply[2]))
-
-
-@dataclass(frozen=True)
-class ClaimJob(Operation[bool]):
-    """Name a job's tenant unless it has one (never creates a record, never changes an owner)."""
-
-    SCRIPT: ClassVar[str] = "tenant_claim.lua"
-
-    names: Keys
-    job_id: str
-    tenant: str
-
-    def keys(self) -> list[str]:
-        return [self.names.job(self.job_id)]
-
-    def args(self) -> list[Any]:
-        return [self.tenant]
-
-    def parse(self, reply: Any) -> bool:
-        return bool(reply)

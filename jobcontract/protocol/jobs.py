@@ -17,7 +17,9 @@ from jobcontract.routes import ModelRoute
 
 @dataclass(frozen=True)
 class Submit(Operation[list[Receipt]]):
-    """Admit the whole list or none of it (see jobcontract.admission for why)."""
+    """Admit the whole list or none of it (see jobcontract.admission for why). `tenant`: the gateway
+    tenant the jobs belong to, written in the same script, so a job is never seen without its owner
+    and the gateway needs no second round trip to name it."""
 
     SCRIPT: ClassVar[str] = "submit.lua"
 
@@ -26,7 +28,7 @@ class Submit(Operation[list[Receipt]]):
     job_ids: Sequence[str]
     route_for: Callable[[str], ModelRoute]
     batch_id: str | None = None
-    tenant: str | None = None  # carried in each message, for the worker's metrics
+    tenant: str | None = None  # the jobs' owner, written by the script, and carried in each message for metrics
 
     def keys(self) -> list[str]:
         return self._layout[0]
@@ -42,15 +44,18 @@ class Submit(Operation[list[Receipt]]):
         """Built once (each candidate's message is encoded): see submit.lua for the layout."""
         names, batch_id = self.admission.keys, self.batch_id
         keys: list[str] = [names.queues]
-        args: list[Any] = [self.admission.max_queued, self.admission.result_ttl_s]
+        args: list[Any] = [self.admission.max_queued, self.admission.result_ttl_s, self.tenant or ""]
         for job_id, request in zip(self.job_ids, self.requests, strict=True):
             keys += [names.job(job_id), names.idempotency(request.idempotency_key or job_id)]
             messages, queues = [], []
+            dumped = request.model_dump(mode="json", exclude_defaults=True)  # once, not once per candidate
             for backend in candidate_backends(self.route_for(request.model), request.backend):
                 queue = queue_name(request.model, backend, request.lane)
                 pool = pool_name(request.model, backend)
                 keys += [names.stream(queue), names.pool(pool), names.circuit(pool)]
-                message = build_message(job_id, request, queue, request.lane, batch_id=batch_id, tenant=self.tenant)
+                message = build_message(
+                    job_id, request, queue, request.lane, batch_id=batch_id, tenant=self.tenant, dumped=dumped
+                )
                 messages.append(message.encode())
                 queues.append(queue)
             args += [

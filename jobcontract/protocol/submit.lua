@@ -1,16 +1,19 @@
 -- KEYS: the set of known queues (so a queue nobody serves yet is still seen by rescuers and
 --       metrics), then per request: job, idempotency, and (stream, pool, circuit) per candidate.
--- ARGV: max_queued, ttl_s, then per request: job_id, timeout_us, model, lane, batch_id,
---       use_idempotency, fingerprint, candidates n, n messages, n queue names.
+-- ARGV: max_queued, ttl_s, owner (the gateway tenant the jobs belong to, or ''), then per request:
+--       job_id, timeout_us, model, lane, batch_id, use_idempotency, fingerprint, candidates n,
+--       n messages, n queue names.
 -- Answers {status, job_id, queue} per request ('queued' or 'existing'), or one refusal for the
 -- whole list, written before anything is: {'full', index, queue} or {'conflict', index, job_id}.
+-- With an owner, a new job is written with its `tenant`, and an earlier job that answers a request
+-- and has none gets it (HSETNX: an owner is never changed), so no job is ever seen without its owner.
 -- The layout is built by jobcontract.protocol.jobs.Submit; see jobcontract.admission for why.
 -- #include now.lua
 -- #include live.lua
 -- #include entry.lua
-local max_queued, ttl = tonumber(ARGV[1]), ARGV[2]
+local max_queued, ttl, tenant = tonumber(ARGV[1]), ARGV[2], ARGV[3]
 local plans, planned, planned_key, added = {}, {}, {}, {}
-local k, a, index = 2, 3, 0
+local k, a, index = 2, 4, 0
 while a <= #ARGV do
   index = index + 1
   local job_key, idem_key = KEYS[k], KEYS[k + 1]
@@ -25,7 +28,7 @@ while a <= #ARGV do
     local fields = known and {known.fingerprint, known.queue}
       or redis.call('HMGET', owner_key, 'fingerprint', 'queue')
     if fields[1] and fields[1] ~= fingerprint then return {{'conflict', tostring(index), owner}} end
-    plans[index] = {status = 'existing', job_id = owner, queue = fields[2] or ''}
+    plans[index] = {status = 'existing', job_id = owner, queue = fields[2] or '', job_key = owner_key}
   else
     local chosen, fallback = nil, nil
     for i = 0, n - 1 do
@@ -55,10 +58,13 @@ for i, plan in ipairs(plans) do
                'queue', plan.queue, 'enqueued_us', us(now), 'deadline_us', us(now + plan.timeout_us),
                'starts', '0', 'fingerprint', plan.fingerprint)
     if plan.batch ~= '' then redis.call('HSET', plan.job_key, 'batch', plan.batch) end
+    if tenant ~= '' then redis.call('HSET', plan.job_key, 'tenant', tenant) end
     redis.call('EXPIRE', plan.job_key, ttl)
     add_entry(plan.stream, plan.message, 0)
     redis.call('SADD', KEYS[1], plan.queue)
     if plan.idem_key then redis.call('SET', plan.idem_key, plan.job_id, 'EX', ttl) end
+  elseif tenant ~= '' and redis.call('EXISTS', plan.job_key) == 1 then  -- one that expired stays gone
+    redis.call('HSETNX', plan.job_key, 'tenant', tenant)
   end
   replies[i] = {plan.status, plan.job_id, plan.queue}
 end

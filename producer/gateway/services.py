@@ -62,7 +62,7 @@ class Services:
                 self.settings.routes.get(request.model),
                 default_timeout_s=self.settings.default_timeout_s,
                 job_id=job_id,
-                tenant=caller.tenant,
+                tenant=caller.tenant,  # the owner, named in the admission itself: before anyone learns the id
             )
         except BaseException:
             if key is not None:
@@ -70,13 +70,14 @@ class Services:
             raise
         if key is not None and receipt.duplicate:  # the earlier job holds its own slot
             await self.quotas.jobs.release(key.name, job_id)
-        await self.owners.claim(receipt.job_id, caller)  # before anyone learns the id
         return receipt.job_id, receipt.duplicate
 
     def wait_s(self, request: GenerationRequest) -> float:
         return (request.timeout_s or self.settings.default_timeout_s) + 5.0
 
 
-def services(request: Request) -> Services:
+async def services(request: Request) -> Services:
+    """Async so FastAPI calls it on the loop: a plain function would be sent to the thread pool on
+    every request (a thread hop per request, a measurable part of the gateway's CPU per job)."""
     found: Services = request.app.state.services
     return found

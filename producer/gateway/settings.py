@@ -44,6 +44,11 @@ class GatewaySettings(GenqSettings):
         ge=0,
         description="On SIGTERM: waiters are answered 503 at once, other requests get this long, then are cut off.",
     )
+    gateway_access_log: bool = Field(
+        default=False,
+        description="uvicorn's line per request (off: it cost a measurable share of the CPU per job; the "
+        "Prometheus metrics count requests).",
+    )
     gateway_redis_patience_s: float = Field(
         default=3.0,
         ge=0,

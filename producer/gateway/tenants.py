@@ -1,11 +1,13 @@
 """Whose a job is, and idempotency keys per tenant.
 
 A job queued through the gateway carries its tenant in its record (`tenant` in the job hash), written
-right after admission and before its id is given to anyone, so every read by id can check it. A job
-of a gateway batch has no `tenant` of its own: it is its batch's. A job made outside the gateway
-(the Python client, `genq batch run`) belongs to no tenant, and only callers who see all (an admin
-key, or a gateway without keys) see it. Another tenant's job answers exactly as an id that does not
-exist: the same UnknownJob, so no answer tells whether an id exists.
+by the admission script itself (jobcontract.protocol.jobs.Submit's `owner`), so a job never exists
+without its owner and every read by id can check it; an earlier job an idempotency key answers with
+gets the tenant if it had none, never another one. A job of a gateway batch has no `tenant` of its
+own: it is its batch's. A job made outside the gateway (the Python client, `genq batch run`) belongs
+to no tenant, and only callers who see all (an admin key, or a gateway without keys) see it. Another
+tenant's job answers exactly as an id that does not exist: the same UnknownJob, so no answer tells
+whether an id exists.
 
 An Idempotency-Key is the tenant's own: it reaches the store as `@TENANT:` and the SHA-256 of the key
 (`@` cannot start a batch id, so it never meets a batch line's `BATCH:CUSTOM_ID` key, and the digest
@@ -19,10 +21,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from jobcontract import protocol
 from jobcontract.jobs import UnknownJob
 from jobcontract.keys import Keys
-from jobcontract.protocol.gateway import ClaimJob
 from producer.gateway.api_keys import Caller
 
 
@@ -37,9 +37,6 @@ class JobOwners:
     def __init__(self, client: aioredis.Redis, keys: Keys) -> None:
         self.client = client
         self.keys = keys
-
-    async def claim(self, job_id: str, caller: Caller) -> None:
-        await protocol.run_async(self.client, ClaimJob(self.keys, job_id, caller.tenant))
 
     async def check(self, job_id: str, caller: Caller) -> None:
         """UnknownJob unless the job is the caller's (or the caller sees all and the job exists)."""
