@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from producer.batch.runner import Progress
+    from producer.batch.progress import Progress
     from producer.batch.validation import Validation
 
 

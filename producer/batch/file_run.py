@@ -10,7 +10,8 @@ from jobcontract.jobs import JobStore
 from jobcontract.settings import GenqSettings
 from producer.batch.book import BatchBook, BatchRecord, BatchStatus
 from producer.batch.lease import LEASE_TTL_S
-from producer.batch.runner import BatchRunner, ProgressCallback, batch_outage_policy
+from producer.batch.progress import ProgressCallback
+from producer.batch.runner import BatchRunner, batch_outage_policy
 from producer.batch.sinks import FileSink
 from producer.batch.sources import file_source
 from producer.batch.validation import BatchInvalid, Validation, validate

@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from jobcontract.connection import stream_reply
 from jobcontract.durability import NotReplicated
@@ -29,6 +29,7 @@ from producer.batch.book import BatchBook, BatchRecord, BatchStatus
 from producer.batch.finished import mark_written, to_write
 from producer.batch.lease import LEASE_TTL_S, BatchBusy, died_here
 from producer.batch.lines import CUSTOM_ID, BatchLine, InvalidLine, checked_lines, invalid_line, output_line
+from producer.batch.progress import ProgressCallback, measure
 from producer.batch.sinks import Checkpoint, Counts, Sink
 from producer.batch.sources import LineSource
 from producer.client_base import ReachingRedis
@@ -47,25 +48,6 @@ def batch_outage_policy(settings: GenqSettings) -> OutagePolicy:
 class InputChanged(RuntimeError):
     """The input ended before every line counted at validation was queued: it shrank or vanished
     while the batch ran, so the batch cannot be completed honestly."""
-
-
-@dataclass(frozen=True)
-class Progress:
-    batch_id: str
-    status: BatchStatus
-    total: int
-    submitted: int
-    counts: Counts
-    elapsed_s: float
-    tokens_per_s: float
-    eta_s: float | None
-
-    @property
-    def in_flight(self) -> int:
-        return max(0, self.submitted - self.counts.written)
-
-
-ProgressCallback = Callable[[Progress], None]
 
 
 class BatchRunner:
@@ -272,24 +254,8 @@ class BatchRunner:
         return updated, len(entries)
 
     def _report(self, status: BatchStatus, submitted: int, counts: Counts, start: Counts, started: float) -> None:
-        if self.on_progress is None:
-            return
-        elapsed = time.monotonic() - started
-        done_now = counts.written - start.written
-        rate = done_now / elapsed if elapsed > 0 else 0.0
-        remaining = self.total - counts.written
-        self.on_progress(
-            Progress(
-                batch_id=self.batch_id,
-                status=status,
-                total=self.total,
-                submitted=submitted,
-                counts=counts,
-                elapsed_s=elapsed,
-                tokens_per_s=(counts.tokens - start.tokens) / elapsed if elapsed > 0 else 0.0,
-                eta_s=remaining / rate if rate > 0 else None,
-            )
-        )
+        if self.on_progress is not None:
+            self.on_progress(measure(self.batch_id, status, self.total, submitted, counts, start, started))
 
 
 def _count(counts: Counts, result: GenerationResult | None) -> None:

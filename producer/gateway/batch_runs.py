@@ -14,7 +14,8 @@ from jobcontract.keys import Keys
 from producer.batch.book import BatchBook, BatchStatus
 from producer.batch.control import cancel_jobs
 from producer.batch.lease import LEASE_TTL_S, BatchBusy
-from producer.batch.runner import BatchRunner, InputChanged, Progress
+from producer.batch.progress import Progress
+from producer.batch.runner import BatchRunner, InputChanged
 from producer.batch.sinks import Counts, RedisSink
 from producer.batch.sources import InputGone, LineSource, redis_source
 from producer.batch.validation import validate
