@@ -236,7 +236,8 @@ def test_counters_and_histograms_match_what_happened(pools: Pools) -> None:
             ),
             90,
         ), pools.mlx.log()
-        succeeded = client.results(client.submit_many([ask(n) for n in range(1, 9)]), timeout=90)
+        # Streamed, so they have first tokens and inter-token gaps (plain jobs record neither).
+        succeeded = client.results(client.submit_many([ask(n, stream=True) for n in range(1, 9)]), timeout=90)
         # A deadline that has passed before any worker can start it: the job fails, nothing runs.
         failed = client.generate(ask(9, timeout_s=1e-6), timeout=60)
 
