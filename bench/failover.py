@@ -115,7 +115,7 @@ def run(options: Options) -> Report:
             try:
                 measured = []
                 for prompt in prompts(samples, "failover"):
-                    circuit.record_success(Backend.MLX)  # closed again: this job meets the frozen server
+                    circuit.close(Backend.MLX)  # closed again: this job meets the frozen server
                     measured.append(_breakdown(job(prompt)))
                     time.sleep(0.05)
             finally:
