@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import redis
 
@@ -135,3 +136,13 @@ def test_a_frozen_server_is_noticed_and_the_job_of_each_kind_retried(
     assert result.attempts[0].outcome in (AttemptOutcome.SERVER_CRASHED, AttemptOutcome.TIMEOUT), result.attempts
     assert result.attempts[-1].outcome is AttemptOutcome.SUCCEEDED
     assert wait_until(lambda: len(worker.server_pids()) == 1 and server not in worker.server_pids(), 60)
+
+
+def test_llama_server_threads_wait_passively(worker: WorkerHandle, backend: str) -> None:
+    """llama-server's OpenMP threads spin between requests unless told to sleep (specs.py)."""
+    [server] = worker.server_pids()
+    environ = psutil.Process(server).environ()
+    if backend == "llamacpp":
+        assert environ.get("OMP_WAIT_POLICY") == "passive"
+    else:
+        assert "OMP_WAIT_POLICY" not in environ
