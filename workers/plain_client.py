@@ -8,7 +8,8 @@ What streaming gave for free is kept another way:
   and a restart by the supervisor closes the connection (a crash); both are retried or rerouted.
   The attempt's own bound (`plain_budget_s`, capped by the deadline) is the backstop;
 - cancellation: the socket is polled (`select`) every POLL_S, so a cancelled job closes its request
-  within that time instead of waiting for the answer;
+  within that time instead of waiting for the answer (the server only notices when it writes the
+  answer: llama-server finishes that generation in its slot, a streamed request stops sooner);
 - a connection the server keeps alive (llama-server answers plain completions in HTTP/1.1) is
   reused by the next job of the same thread; mlx_lm.server (HTTP/1.0) closes it every time.
 """
