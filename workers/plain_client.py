@@ -80,28 +80,27 @@ def post_json(
     parts = urlsplit(url)
     address = (parts.hostname or "127.0.0.1", parts.port or 80)
     body = json.dumps(payload).encode()
-    for reused in (True, False):
-        conn = _connections.by_address.pop(address, None) if reused else None
-        if reused and conn is None:
-            continue
-        if conn is None:
-            conn = http.client.HTTPConnection(*address, timeout=connect_timeout_s)
-        try:
-            answer = _exchange(
-                conn, parts.path, body, until=until, cancelled=cancelled, deadline=deadline, stalled=stalled
-            )
-        except (ConnectionError, http.client.RemoteDisconnected, http.client.BadStatusLine, OSError) as error:
-            conn.close()
-            if reused and not isinstance(error, TimeoutError):
-                continue  # the server dropped the idle connection: ask again on a new one
-            if isinstance(error, ConnectionRefusedError):
-                raise PlainFailure(AttemptOutcome.UNAVAILABLE, f"{error!r}", retryable=True) from error
-            raise PlainFailure(AttemptOutcome.CONNECTION_ERROR, f"{error!r}", retryable=True) from error
-        except BaseException:
-            conn.close()
-            raise
-        return answer
-    raise AssertionError("unreachable")
+    conn = _kept(address) or http.client.HTTPConnection(*address, timeout=connect_timeout_s)
+    try:
+        return _exchange(conn, parts.path, body, until=until, cancelled=cancelled, deadline=deadline, stalled=stalled)
+    except (OSError, http.client.HTTPException) as error:  # refused, reset, cut short (IncompleteRead)
+        conn.close()
+        if isinstance(error, ConnectionRefusedError):  # nobody listening: the server is down, not hurt by this job
+            raise PlainFailure(AttemptOutcome.UNAVAILABLE, f"{error!r}", retryable=True) from error
+        raise PlainFailure(AttemptOutcome.CONNECTION_ERROR, f"{error!r}", retryable=True) from error
+    except BaseException:
+        conn.close()
+        raise
+
+
+def _kept(address: tuple[str, int]) -> http.client.HTTPConnection | None:
+    """This thread's kept-alive connection, unless the server has closed it while it was idle (an
+    idle socket that reads as ready has only its end-of-file to say)."""
+    conn = _connections.by_address.pop(address, None)
+    if conn is not None and (conn.sock is None or select.select([conn.sock], [], [], 0)[0]):
+        conn.close()
+        return None
+    return conn
 
 
 def _exchange(
