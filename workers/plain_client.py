@@ -142,8 +142,8 @@ def _exchange(
 
 
 def _keep(conn: http.client.HTTPConnection) -> None:
-    address = (conn.host, conn.port)
-    old = _connections.by_address.pop(address, None)
-    if old is not None:
+    """Keep it for this thread's next request; one kept at a time, so the connection to a server
+    since restarted on another port is closed, not leaked."""
+    for old in _connections.by_address.values():
         old.close()
-    _connections.by_address[address] = conn
+    _connections.by_address = {(conn.host, conn.port): conn}
