@@ -98,8 +98,9 @@ def run(options: Options) -> Report:
         with Client(settings) as client:
 
             def job(prompt: str, backend: Backend | None = None) -> GenerationResult:
+                # Streamed: the failover is measured to the first token, which only a streamed job has.
                 request = GenerationRequest(
-                    model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0.0, backend=backend
+                    model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0.0, backend=backend, stream=True
                 )
                 return client.generate(request, timeout=120)
 
@@ -115,7 +116,7 @@ def run(options: Options) -> Report:
             try:
                 measured = []
                 for prompt in prompts(samples, "failover"):
-                    circuit.record_success(Backend.MLX)  # closed again: this job meets the frozen server
+                    circuit.close(Backend.MLX)  # closed again: this job meets the frozen server
                     measured.append(_breakdown(job(prompt)))
                     time.sleep(0.05)
             finally:

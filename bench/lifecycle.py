@@ -168,7 +168,7 @@ def _steady_state(lab: Lab, worker: WorkerProc, settings: Any, later_n: int, cra
         circuit = CircuitBreaker(lab.client(), Keys(settings.namespace), "tiny")
         serving_again, server_back = [], []
         for prompt in prompts(crashes, "crash"):
-            circuit.record_success(Backend.MLX)
+            circuit.close(Backend.MLX)
             [server] = worker.server_pids()
             back: list[float] = []
             watcher = threading.Thread(target=_watch_restart, args=(worker, server, back), daemon=True)

@@ -118,7 +118,7 @@ def run(options: Options) -> Report:
         rows.append(_row(f"- queued to started on the worker ({mode})", g["queue_wait"]))
         rows.append(_row(f"- finished to result in the caller's hand ({mode})", g["finish"]))
         rows.append(_row(f"genq end to end ({mode})", g["e2e"]))
-        rows.append(_row(f"worker's backend call, streamed ({mode})", g["backend_call"]))
+        rows.append(_row(f"worker's backend call, plain completion ({mode})", g["backend_call"]))
         rows.append(_row(f"direct call, same server ({mode})", g["direct"]))
         rows.append(_row(f"plain dramatiq no-op end to end ({mode})", plain[mode]["e2e"]))
     report.table(f"Latency in ms, {max_tokens}-token jobs", ["what", "n", "p50", "p95", "p99", "max"], rows)

@@ -40,7 +40,7 @@ def run(options: Options) -> Report:
         "temperature": 0.0,
         "worker": {"processes": 1, "concurrency": max(levels)},
         "direct_client": "httpx, one POST /v1/completions per prompt to the worker's own server: plain, and "
-        "streamed with usage (as a genq worker asks for it)",
+        "streamed with usage (as a genq worker asks for it for a streamed job; an unstreamed job is plain)",
         "genq_client": "producer.Client.generate (submit, then block on the job's event stream) per prompt",
     }
     with Lab(options, NAME) as lab:

@@ -143,14 +143,21 @@ class StreamsConsumer(dramatiq.Consumer):
         """Take entries pending on this consumer's name that it never received. A read whose reply was
         lost (Redis restarted after running it, or redis-py re-sent it) delivered them to this name,
         and while this process lives no janitor hands them to anyone else: without this they wait
-        forever."""
+        forever.
+
+        What this consumer held when the read began is not an orphan even if it is no longer held:
+        a worker thread may ack it between the reply and this look (it was pending when read), and
+        taking it then would start a job that has just finished. Only this thread receives entries,
+        so nothing is received between the snapshot and the read."""
         self.next_orphan_check = time.monotonic() + ORPHAN_CHECK_S
+        with self.lock:
+            held_at_read = set(self.held)
         reply = self.client.xreadgroup(CONSUMER_GROUP, self.broker.consumer_name, {self.stream: "0"}, count=1000)
         for _stream, entries in stream_reply(reply):
             for raw_id, fields in entries:
                 entry_id = _text(raw_id)
                 with self.lock:
-                    if entry_id in self.held:
+                    if entry_id in self.held or entry_id in held_at_read:
                         continue
                 if not fields:  # deleted while pending: nothing is left to run
                     self.client.xack(self.stream, CONSUMER_GROUP, entry_id)

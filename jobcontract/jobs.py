@@ -153,7 +153,7 @@ class JobStore:
         while wait.pending:
             reply = stream_reply(self.client.xread(wait.streams(), block=wait.block_ms(), count=RESULTS_PER_READ))
             for job_id in wait.take(reply):
-                done[job_id] = self._ended(job_id)
+                done[job_id] = wait.carried(job_id) or self._ended(job_id)
             if not reply:
                 self._fail_unknown(wait.pending.values())
         return done

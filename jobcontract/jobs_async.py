@@ -108,7 +108,7 @@ class AsyncJobStore:
         while wait.pending:
             reply = stream_reply(await self.client.xread(wait.streams(), block=wait.block_ms(), count=RESULTS_PER_READ))
             for job_id in wait.take(reply):
-                done[job_id] = await self._ended(job_id)
+                done[job_id] = wait.carried(job_id) or await self._ended(job_id)
             if not reply:
                 await self._fail_unknown(wait.pending.values())
         return done

@@ -43,9 +43,14 @@ class Deadline:
 
 
 class ResultWait:
-    """Waiting for several jobs' `done` events, each on its own event stream."""
+    """Waiting for several jobs' `done` events, each on its own event stream.
+
+    A `done` event carries the job's result (finish.lua, fail_job.lua), so a waiter needs no
+    second round trip for it; `carried` is None for an event written without one (a record from
+    before this), and the caller then reads the job's record as before."""
 
     def __init__(self, keys: Keys, job_ids: Iterable[str], timeout_s: float | None) -> None:
+        self.carried_results: dict[str, bytes] = {}
         self.pending = {keys.events(j): j for j in job_ids}
         self.cursors = dict.fromkeys(self.pending, "0-0")
         self.deadline = Deadline(timeout_s, "job(s) not finished")
@@ -65,9 +70,17 @@ class ResultWait:
             for entry_id, fields in entries:
                 self.cursors[key] = text(entry_id)
                 if fields.get(b"type") == b"done":
-                    ended.append(self.pending.pop(key))
+                    job_id = self.pending.pop(key)
+                    raw = fields.get(b"result")
+                    if raw is not None:
+                        self.carried_results[job_id] = raw
+                    ended.append(job_id)
                     break
         return ended
+
+    def carried(self, job_id: str) -> GenerationResult | None:
+        raw = self.carried_results.pop(job_id, None)
+        return None if raw is None else GenerationResult.model_validate_json(raw)
 
 
 class TokenRead:

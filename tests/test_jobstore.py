@@ -77,8 +77,10 @@ def test_admission_prefers_a_pool_that_has_live_workers(client: Client, keys: Ke
 
 def test_a_waiter_wakes_when_the_result_is_written(client: Client) -> None:
     job_id = client.submit({"model": "tiny", "prompt": "x"})
-    threading.Timer(0.2, lambda: client.store.finish(finished(client.store, job_id, "done!"))).start()
+    writer = threading.Timer(0.2, lambda: client.store.finish(finished(client.store, job_id, "done!")))
+    writer.start()
     result = client.result(job_id, timeout=10)
+    writer.join()  # the waiter wakes on the done event, before the writer has read its reply
     assert result.text == "done!"
     assert result.state is JobState.SUCCEEDED
 

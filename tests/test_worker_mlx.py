@@ -32,7 +32,8 @@ def ask(n: int, **extra: object) -> GenerationRequest:
 
 def test_a_result_and_its_timings_come_back(mlx_worker: WorkerHandle, settings: GenqSettings) -> None:
     with Client(settings) as client:
-        result = client.generate(ask(1), timeout=60)
+        # Streamed: only a streamed job has a first token to time (a plain one records none).
+        result = client.generate(ask(1, stream=True), timeout=60)
     assert result.state is JobState.SUCCEEDED, result.error
     assert result.backend is Backend.MLX
     assert result.text

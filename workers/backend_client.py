@@ -1,8 +1,10 @@
-"""One streamed completion against an OpenAI-compatible backend server, timed token by token.
+"""One completion against an OpenAI-compatible backend server: streamed when someone streams the
+job, plain (one whole answer, see workers/plain_client.py) when nobody does.
 
 Streaming is what lets a worker see the first token (time to first token), notice a server that
-froze mid-answer (the gap between tokens), and abort a cancelled job between two tokens.
-Every read has its own timeout: nothing else can interrupt a blocking socket read.
+froze mid-answer (the gap between tokens), and abort a cancelled job between two tokens; it costs
+~0.25 ms of worker CPU per token, so only jobs whose tokens someone reads pay for it.
+Every streamed read has its own timeout: nothing else can interrupt a blocking socket read.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 import httpx
 
 from jobcontract.models import AttemptOutcome, GenerationRequest
+from workers.plain_client import PlainCancelled, PlainFailure, plain_budget_s, post_json
 from workers.servers.specs import ServerSpec
 
 
@@ -49,15 +52,15 @@ class Timeouts:
     deadline: float  # monotonic instant past which the job is out of time
 
 
-def build_payload(request: GenerationRequest, spec: ServerSpec) -> tuple[str, dict[str, Any]]:
+def build_payload(request: GenerationRequest, spec: ServerSpec, *, stream: bool = True) -> tuple[str, dict[str, Any]]:
     payload: dict[str, Any] = {
         **spec.request_defaults,
         "max_tokens": request.max_tokens,
         "temperature": request.temperature,
         "top_p": request.top_p,
-        "stream": True,
+        "stream": stream,
     }
-    if spec.sends_usage_when_streaming:
+    if stream and spec.sends_usage_when_streaming:
         payload["stream_options"] = {"include_usage": True}
     if spec.request_model is not None:
         payload["model"] = spec.request_model
@@ -81,7 +84,12 @@ def complete(
     *,
     on_text: Callable[[int, str], None] | None = None,
     cancelled: threading.Event | None = None,
+    plain: bool = False,
+    stalled: Callable[[], bool] | None = None,
 ) -> Completion:
+    """Streamed (per-token `on_text`, first token and gaps timed) unless `plain`."""
+    if plain:
+        return complete_plain(base_url, request, spec, timeouts, cancelled=cancelled, stalled=stalled)
     path, payload = build_payload(request, spec)
     started = time.monotonic()
     read_timeout = max(0.001, min(max(timeouts.first_token_s, timeouts.between_tokens_s), timeouts.deadline - started))
@@ -156,6 +164,61 @@ def complete(
     )
 
 
+def complete_plain(
+    base_url: str,
+    request: GenerationRequest,
+    spec: ServerSpec,
+    timeouts: Timeouts,
+    *,
+    cancelled: threading.Event | None = None,
+    stalled: Callable[[], bool] | None = None,
+) -> Completion:
+    """The whole answer in one response, bounded by first-token timeout + per-token budget x
+    max_tokens, capped by the deadline. No first token is seen, so none is reported."""
+    path, payload = build_payload(request, spec, stream=False)
+    started = time.monotonic()
+    budget = plain_budget_s(timeouts.first_token_s, timeouts.between_tokens_s, request.max_tokens)
+    until = min(started + budget, timeouts.deadline)
+    try:
+        answer = post_json(
+            base_url + path,
+            payload,
+            connect_timeout_s=max(0.001, min(2.0, until - started)),
+            until=until,
+            cancelled=cancelled,
+            deadline=timeouts.deadline,
+            stalled=stalled,
+        )
+    except PlainCancelled as cancel:
+        raise Cancelled() from cancel
+    except PlainFailure as failure:
+        raise BackendError(failure.outcome, f"{spec.name}: {failure}", retryable=failure.retryable) from failure
+    finished_at = time.monotonic()
+    body = answer.body.decode("utf-8", errors="replace")
+    if answer.status != 200:
+        raise _status_error(answer.status, body[:500])
+    try:
+        data = json.loads(body)
+        choice = data["choices"][0]
+    except (ValueError, KeyError, IndexError, TypeError) as error:
+        # mlx_lm.server answers in HTTP/1.0 without a length: a server killed mid-answer looks like
+        # a short body. Only a whole JSON answer with a finish_reason is a result.
+        raise BackendError(
+            AttemptOutcome.CONNECTION_ERROR, f"{spec.name} sent an incomplete answer: {body[:200]!r}", retryable=True
+        ) from error
+    text = _choice_text(choice)
+    usage = data.get("usage") or {}
+    completion_tokens = int(usage.get("completion_tokens") or 0)
+    return Completion(
+        text=text,
+        finish_reason="stop" if choice.get("finish_reason") == "stop" else "length",
+        prompt_tokens=int(usage.get("prompt_tokens") or 0),
+        completion_tokens=min(completion_tokens, request.max_tokens),
+        first_token_at=None,
+        finished_at=finished_at,
+    )
+
+
 def _empty_stream(
     client: httpx.Client, url: str, payload: dict[str, Any], spec: ServerSpec, timeout: httpx.Timeout
 ) -> BackendError:
@@ -200,8 +263,10 @@ def _choice_text(choice: dict[str, Any]) -> str:
 
 
 def _http_error(response: httpx.Response) -> BackendError:
-    body = response.text[:500]
-    status = response.status_code
+    return _status_error(response.status_code, response.text[:500])
+
+
+def _status_error(status: int, body: str) -> BackendError:
     if status == 429 or status >= 500 or (status == 404 and "generation thread died" in body):
         return BackendError(AttemptOutcome.SERVER_ERROR, f"server answered {status}: {body}", retryable=True)
     return BackendError(AttemptOutcome.INVALID, f"server refused the request ({status}): {body}", retryable=False)

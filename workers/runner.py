@@ -2,6 +2,13 @@
 
 A failed attempt raises AttemptFailed carrying what happened; what to do next (retry here,
 reroute to the next backend, give up) is the rerouting middleware's decision, not this code's.
+
+Two kinds of job (docs/metrics-and-ops.md): a job someone streams gets a streamed completion, its
+tokens published as they come, its first token and inter-token gaps timed. A job nobody streams
+gets one plain completion (a third of the worker CPU): bounded by first-token timeout + token
+timeout x max_tokens capped by the deadline, watched through the server's liveness probe (a server
+silent longer than the larger timeout fails the attempt), cancelled by closing the request; its
+result has no first token time (none is faked) and it feeds no first-token or inter-token metric.
 """
 
 from __future__ import annotations
@@ -223,6 +230,8 @@ class JobRunner:
                 timeouts,
                 on_text=publish,
                 cancelled=cancelled,
+                plain=not request.stream,
+                stalled=lambda: self.server.silent_s() > max(timeouts.first_token_s, timeouts.between_tokens_s),
             )
         except BackendError as error:
             outcome = error.outcome

@@ -21,8 +21,9 @@ local function fail_job(stream, message, error_type, reason)
   if f[4] then result['timings']['started_at'] = tonumber(f[4]) / 1e6 end
   if f[5] then result['backend'] = f[5] end
   local ttl = redis.call('TTL', job)
-  redis.call('HSET', job, 'state', 'failed', 'result', cjson.encode(result), 'finished_us', us(now))
-  redis.call('XADD', job .. ':events', '*', 'type', 'done', 'state', 'failed')
+  local encoded = cjson.encode(result)
+  redis.call('HSET', job, 'state', 'failed', 'result', encoded, 'finished_us', us(now))
+  redis.call('XADD', job .. ':events', '*', 'type', 'done', 'state', 'failed', 'result', encoded)
   if ttl > 0 then redis.call('EXPIRE', job .. ':events', ttl) end
   if f[6] then
     local done = namespace .. ':batch:' .. f[6] .. ':done'

@@ -5,7 +5,8 @@ local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'succeeded' or state == 'failed' or state == 'cancelled' then return 0 end
 redis.call('HSET', KEYS[1], 'state', ARGV[1], 'result', ARGV[2], 'finished_us', us(now))
 redis.call('EXPIRE', KEYS[1], ARGV[3])
-redis.call('XADD', KEYS[2], '*', 'type', 'done', 'state', ARGV[1])
+-- The result rides in the done event too: a waiter reads it there, with no HGET after.
+redis.call('XADD', KEYS[2], '*', 'type', 'done', 'state', ARGV[1], 'result', ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 if ARGV[5] == '1' then
   redis.call('XADD', KEYS[3], '*', 'job', ARGV[4], 'state', ARGV[1])

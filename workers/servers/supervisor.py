@@ -77,6 +77,7 @@ class ServerSupervisor:
         self._monitor: threading.Thread | None = None
         self._log_file: IO[bytes] | None = None
         self._probe = httpx.Client(timeout=httpx.Timeout(hang_timeout_s, connect=1.0))
+        self._answered_at = time.monotonic()
 
     @property
     def base_url(self) -> str:
@@ -102,6 +103,11 @@ class ServerSupervisor:
             return True
         except subprocess.TimeoutExpired:
             return not self.ready.is_set()
+
+    def silent_s(self) -> float:
+        """Seconds since the server last answered a probe: what a plain (non-streamed) completion,
+        which sees no tokens, watches to tell a frozen server from a slow answer."""
+        return time.monotonic() - self._answered_at
 
     def wait_ready(self, timeout_s: float) -> bool:
         if self.process is not None and self.process.poll() is not None:
@@ -174,7 +180,10 @@ class ServerSupervisor:
             response = self._probe.get(self.base_url + (path or self.spec.readiness_path))
         except httpx.HTTPError:
             return False
-        return response.status_code == 200 and bool(response.content)
+        answered = response.status_code == 200 and bool(response.content)
+        if answered:
+            self._answered_at = time.monotonic()
+        return answered
 
     def _watch(self) -> None:
         backoff = 0.0
