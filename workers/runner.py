@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 
 from jobcontract import results
-from jobcontract.jobs import JobStore, StartTicket, UnknownJob
+from jobcontract.jobs import JobStore, StartTicket
 from jobcontract.models import (
     Attempt,
     AttemptOutcome,
@@ -34,8 +34,9 @@ from jobcontract.models import (
     Usage,
     utc_from_micros,
 )
-from jobcontract.outage import ride_out
 from jobcontract.routes import BackendRoute
+from workers.attempts import AttemptFailed as AttemptFailed  # where the middleware looks
+from workers.attempts import cancelled_result
 from workers.backend_client import BackendError, Cancelled, Timeouts, complete
 from workers.cancellation import CancelWatch
 from workers.metrics import WorkerMetrics, tenant_label
@@ -43,17 +44,6 @@ from workers.servers.supervisor import ServerSupervisor
 from workers.solo import POLL_S, GateClosed, SoloGate
 
 log = logging.getLogger(__name__)
-
-
-class AttemptFailed(Exception):
-    """An attempt that did not produce a result; `attempt` is recorded in the job's history."""
-
-    def __init__(self, attempt: Attempt, *, retryable: bool, deadline_us: int, enqueued_us: int) -> None:
-        super().__init__(attempt.error or attempt.outcome.value)
-        self.attempt = attempt
-        self.retryable = retryable
-        self.deadline_us = deadline_us
-        self.enqueued_us = enqueued_us
 
 
 class JobRunner:
@@ -283,38 +273,27 @@ class JobRunner:
         enqueued_at: datetime | None = None,
         duration: float = 0.0,
     ) -> None:
-        now = self.store.now()
-        attempts = [Attempt.model_validate(a) for a in history]
+        attempt = None
         if started is not None:
-            attempts.append(
-                Attempt(
-                    backend=self.backend,
-                    worker=self.worker_name,
-                    outcome=AttemptOutcome.CANCELLED,
-                    started_at=started,
-                    duration_s=duration,
-                )
+            attempt = Attempt(
+                backend=self.backend,
+                worker=self.worker_name,
+                outcome=AttemptOutcome.CANCELLED,
+                started_at=started,
+                duration_s=duration,
             )
-        result = results.cancelled(
+        result = cancelled_result(
+            self.store,
             job_id,
-            request.model,
-            enqueued_at=enqueued_at or self._enqueued_at(job_id, now),
-            started_at=started,
-            finished_at=now,
+            request,
+            history,
+            attempt,
             backend=self.backend,
             worker=self.worker_name,
-            attempts=attempts,
-            metadata=request.metadata,
+            enqueued_at=enqueued_at,
         )
         if self.store.finish(result, batch_id):
             self.metrics.jobs.labels(**self._labels(request, tenant), outcome="cancelled").inc()
-
-    def _enqueued_at(self, job_id: str, now: datetime) -> datetime:
-        """A job cancelled before it started has no ticket: its enqueue time is on its record."""
-        try:
-            return ride_out(lambda: self.store.status(job_id), self.store.outage_patience_s).enqueued_at
-        except UnknownJob:
-            return now
 
     def _labels(self, request: GenerationRequest, tenant: str) -> dict[str, str]:
         return {"model": request.model, "backend": self.backend.value, "tenant": tenant}
