@@ -185,7 +185,11 @@ def _traffic(settings: GenqSettings, gateway_url: str) -> None:
     """A few waves of jobs and requests, a second apart, so rates span several scrapes."""
     with Client(settings) as client, httpx.Client(base_url=gateway_url) as http:
         for wave in range(4):
-            jobs = [{"model": "tiny", "prompt": f"wave {wave} job {n}", "max_tokens": 8} for n in range(4)]
+            # Half streamed: only a streamed job feeds the time-to-first-token and inter-token panels.
+            jobs = [
+                {"model": "tiny", "prompt": f"wave {wave} job {n}", "max_tokens": 8, "stream": n % 2 == 0}
+                for n in range(4)
+            ]
             results = client.results(client.submit_many(jobs), timeout=60)
             assert all(r.ok for r in results), [r.error for r in results]
             completion = http.post("/v1/completions", json={"model": "tiny", "prompt": f"wave {wave}", "max_tokens": 4})
