@@ -29,6 +29,7 @@ from typing import Any
 import dramatiq
 
 from jobcontract import scripts
+from jobcontract.keys import DEFAULT_TENANT as DEFAULT_TENANT  # whose a job is when nobody says
 from jobcontract.keys import Keys, actor_name
 from jobcontract.models import Backend, GenerationRequest, Lane
 from jobcontract.routes import ModelRoute
@@ -81,9 +82,6 @@ def candidate_backends(route: ModelRoute, preferred: Backend | None) -> list[Bac
         order.remove(preferred)
         order.insert(0, preferred)
     return order
-
-
-DEFAULT_TENANT = "default"  # whose a job is when nobody says: a gateway without API keys, the Python client
 
 
 def build_message(

@@ -8,6 +8,11 @@ sits in the group's pending list until acked; and a consumer's entries are hande
 when its liveness key (a TTL kept fresh by its owner, timed by Redis alone) is gone. Actors and
 middleware do not notice the difference: this is a dramatiq.Broker like any other.
 
+A queue is several streams ("lanes"): its own, which holds the default tenant's entries, and one per
+tenant that submitted to it (jobcontract.keys.Keys.lane), listed in the queue's lane set. Which lane
+a consumer takes from next is the scheduler's (jobcontract.scheduling); everything else here works on
+every lane of a queue alike.
+
 Handing entries back (Requeue, Reclaim: a poison entry goes to dead letters and its job is failed)
 are operations of jobcontract.protocol; the consumer is jobcontract.consumer.
 """
@@ -15,7 +20,7 @@ are operations of jobcontract.protocol; the consumer is jobcontract.consumer.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import dramatiq
@@ -29,8 +34,9 @@ from jobcontract.consumer import StreamMessage as StreamMessage
 from jobcontract.consumer import StreamsConsumer
 from jobcontract.keys import CONSUMER_GROUP, Keys
 from jobcontract.outage import OutagePolicy
-from jobcontract.protocol.entry import DeadLetterCap, entry_fields
-from jobcontract.protocol.queue import Reclaim, Requeue
+from jobcontract.protocol.entry import DeadLetterCap
+from jobcontract.protocol.queue import Enqueue, Reclaim, Requeue
+from jobcontract.scheduling import TakePlan, plan
 
 __all__ = ["LeavePending", "StreamMessage", "StreamsBroker", "StreamsConsumer"]
 
@@ -53,6 +59,7 @@ class StreamsBroker(dramatiq.Broker):
         max_redeliveries: int = 5,
         outage_patience_s: float = 0.0,
         dead_letter_cap: DeadLetterCap | None = None,
+        planner: Callable[[str], TakePlan] = plan,
     ) -> None:
         super().__init__(middleware=middleware)
         self.client = client
@@ -64,6 +71,7 @@ class StreamsBroker(dramatiq.Broker):
         self.outage_patience_s = outage_patience_s
         self.outage = OutagePolicy(outage_patience_s)  # its consumers' requeue and settle too
         self.queues: set[str] = set()
+        self.planner = planner  # queue -> where its consumer takes from next (jobcontract.scheduling)
 
     # -- declaring -------------------------------------------------------------------------------------
     def declare_queue(self, queue_name: str) -> None:
@@ -100,16 +108,9 @@ class StreamsBroker(dramatiq.Broker):
             queue_name = dq_name(queue_name)
             message = message.copy(queue_name=queue_name, options={"eta": current_millis() + delay})
         self.emit_before("enqueue", message, delay)
-        encoded = message.encode()
-
-        def add() -> None:
-            pipe = self.client.pipeline(transaction=False)
-            pipe.sadd(self.keys.queues, queue_name)  # a rerouted job's queue may be new to rescuers
-            pipe.xadd(self.keys.stream(queue_name), entry_fields(encoded))
-            pipe.execute()
-
+        add = Enqueue(self.keys, queue_name, message.encode(), tenant=message.kwargs.get("tenant"))
         try:
-            self.outage.ride_out(add)
+            self.outage.ride_out(lambda: protocol.run(self.client, add))
         except redis.RedisError as error:
             raise BrokerConnectionError(str(error)) from error
         self.emit_after("enqueue", message, delay)
@@ -121,13 +122,20 @@ class StreamsBroker(dramatiq.Broker):
             raise QueueNotFound(queue_name)
         return StreamsConsumer(self, queue_name, prefetch=prefetch, timeout_ms=timeout)
 
-    def requeue_entries(self, queue_name: str, entry_ids: Iterable[str]) -> int:
+    def requeue_entries(self, queue_name: str, entry_ids: Iterable[str], *, tenant: str | None = None) -> int:
+        """Hand entries of `tenant`'s lane of a queue back to it."""
         ids = list(entry_ids)
         if not ids:
             return 0
-        return protocol.run(
-            self.client, Requeue(self.keys, queue_name, ids, self.max_redeliveries + 1, self.dead_letter_cap)
-        )
+        requeue = Requeue(self.keys, queue_name, ids, self.max_redeliveries + 1, self.dead_letter_cap, tenant=tenant)
+        return protocol.run(self.client, requeue)
+
+    def lane_tenants(self, queue_name: str) -> list[str | None]:
+        """The tenants with a lane in a queue: None (the queue's own stream) first."""
+        return [None, *sorted(_text(t) for t in self.client.smembers(self.keys.lanes(queue_name)))]
+
+    def lane_streams(self, queue_name: str) -> list[str]:
+        return [self.keys.lane(queue_name, tenant) for tenant in self.lane_tenants(queue_name)]
 
     def reclaim_dead_consumers(self) -> int:
         """Hand back every entry held by a consumer nobody vouches for any more; returns how many.
@@ -136,24 +144,26 @@ class StreamsBroker(dramatiq.Broker):
         """
         moved = 0
         for raw in self.client.smembers(self.keys.queues):
-            queue = raw.decode() if isinstance(raw, bytes) else str(raw)
-            stream = self.keys.stream(queue)
-            try:
-                consumers = self.client.xinfo_consumers(stream, CONSUMER_GROUP)
-            except redis.ResponseError:
-                continue  # the stream or its group is gone
-            for consumer in consumers:
-                name = _text(consumer["name"])
-                if name == self.consumer_name:
-                    continue
-                reclaim = Reclaim(self.keys, stream, name, self.max_redeliveries, self.dead_letter_cap)
-                moved += protocol.run(self.client, reclaim) or 0
+            queue = _text(raw)
+            for tenant in self.lane_tenants(queue):
+                try:
+                    consumers = self.client.xinfo_consumers(self.keys.lane(queue, tenant), CONSUMER_GROUP)
+                except redis.ResponseError:
+                    continue  # the stream or its group is gone
+                for consumer in consumers:
+                    name = _text(consumer["name"])
+                    if name == self.consumer_name:
+                        continue
+                    reclaim = Reclaim(
+                        self.keys, queue, name, self.max_redeliveries, self.dead_letter_cap, tenant=tenant
+                    )
+                    moved += protocol.run(self.client, reclaim) or 0
         return moved
 
     # -- housekeeping for tests and tools ------------------------------------------------------------
     def flush(self, queue_name: str) -> None:
         for name in (queue_name, dq_name(queue_name)):
-            self.client.delete(self.keys.stream(name))
+            self.client.delete(*self.lane_streams(name), self.keys.lanes(name), self.keys.fair_tags(name))
             self.ensure_group(name)
 
     def flush_all(self) -> None:
@@ -163,8 +173,7 @@ class StreamsBroker(dramatiq.Broker):
     def join(self, queue_name: str, *, timeout: int | None = None) -> None:
         """Wait until the queue and its delay queue hold no entry (acked entries are deleted)."""
         deadline = None if timeout is None else time.monotonic() + timeout / 1000
-        streams = [self.keys.stream(queue_name), self.keys.stream(dq_name(queue_name))]
-        while any(self.client.xlen(s) for s in streams):
+        while any(self.client.xlen(s) for q in (queue_name, dq_name(queue_name)) for s in self.lane_streams(q)):
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"queue {queue_name!r} still has work after {timeout} ms")
             time.sleep(0.01)

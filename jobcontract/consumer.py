@@ -1,7 +1,10 @@
 """The consuming side of jobcontract.broker: one queue read for one worker process.
 
-Delivered entries stay pending in the group until settled (acked and deleted, or filed under dead
-letters), handed back (Requeue) or left pending for the orphan check; see the broker's docstring.
+A queue is several streams: its own (the default tenant's lane) and one lane per tenant. What to
+take next is the scheduler's (jobcontract.scheduling: a plan, then the Take operation in Redis);
+the consumer blocks on every lane only when the take found nothing. Delivered entries stay pending
+in their lane's group until settled (acked and deleted, or filed under dead letters), handed back
+(Requeue) or left pending for the orphan check; see the broker's docstring.
 """
 
 from __future__ import annotations
@@ -19,17 +22,21 @@ from dramatiq.errors import BrokerConnectionError
 
 from jobcontract import protocol
 from jobcontract.connection import MAX_BLOCK_MS, stream_reply
-from jobcontract.keys import CONSUMER_GROUP
+from jobcontract.keys import CONSUMER_GROUP, TENANT_LANE_INFIX
 from jobcontract.outage import OUTAGE_ERRORS
 from jobcontract.protocol.entry import QueueEntry
 from jobcontract.protocol.queue import Reject
+from jobcontract.protocol.take import Take
 
 if TYPE_CHECKING:
     from jobcontract.broker import StreamsBroker
 
 log = logging.getLogger(__name__)
 
-DELAY_QUEUE_BLOCK_MS = 100
+# A delay queue's consumer holding a delayed message wakes when its eta is due, and at least this often.
+DELAY_QUEUE_MIN_BLOCK_MS = 10
+# How long a consumer whose plan has only age-bounded tiers (nothing to block on) sleeps between takes.
+POLL_MS = 250
 # How often a consumer looks for entries pending on its name that it never received.
 ORPHAN_CHECK_S = 10.0
 # How soon an entry left pending (its job's next step could not be settled) is taken back.
@@ -44,20 +51,34 @@ class LeavePending(Exception):
 
 
 class StreamMessage(dramatiq.MessageProxy):
-    """A delivered message and the stream entry it came from, which is what gets acked."""
+    """A delivered message and the stream entry it came from (its lane and id), which is what gets
+    acked; `tenant` is the lane's (None: the queue's own stream)."""
 
-    def __init__(self, message: dramatiq.Message[Any], entry_id: str, redeliveries: int) -> None:
+    def __init__(
+        self,
+        message: dramatiq.Message[Any],
+        entry_id: str,
+        redeliveries: int,
+        *,
+        stream: str = "",
+        tenant: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.entry_id = entry_id
         self.redeliveries = redeliveries
+        self.stream = stream
+        self.tenant = tenant
 
 
 class StreamsConsumer(dramatiq.Consumer):
-    """Reads one queue for one worker process, holding at most `prefetch` unacked entries.
+    """Reads one queue (all its lanes) for one worker process, holding at most `prefetch` unacked entries.
 
     dramatiq acks from worker threads, so the in-flight count is guarded by a lock and a freed
     slot wakes a consumer that was waiting for room. `held` names the entries taken and not yet
-    settled, so entries pending on this consumer's name that it never received can be told apart.
+    settled (by lane and id), so entries pending on this consumer's name that it never received can
+    be told apart. A delay queue's consumer remembers the etas of what it holds, so it sleeps until
+    the next one is due (dramatiq releases a delayed message only when a read returns) rather than
+    polling.
     """
 
     def __init__(self, broker: StreamsBroker, queue_name: str, *, prefetch: int, timeout_ms: int) -> None:
@@ -65,13 +86,14 @@ class StreamsConsumer(dramatiq.Consumer):
         self.client = broker.client
         self.queue_name = queue_name
         self.stream = broker.keys.stream(queue_name)
+        self.streams = [self.stream]  # every lane, as the last take saw them
         self.prefetch = max(1, prefetch)
-        # A delay queue's consumer must come back often: dramatiq releases a delayed message (a
-        # retry's backoff) only when the read returns, so a long block would stretch a 50 ms backoff to a second.
-        self.timeout_ms = min(timeout_ms, DELAY_QUEUE_BLOCK_MS if queue_name.endswith(".DQ") else MAX_BLOCK_MS)
+        self.timeout_ms = min(timeout_ms, MAX_BLOCK_MS)
+        self.delayed = queue_name.endswith(".DQ")
+        self.etas: dict[tuple[str, str], int] = {}  # a delay queue's held entries -> eta (ms)
         self.buffer: deque[StreamMessage] = deque()
         self.in_flight = 0
-        self.held: set[str] = set()
+        self.held: set[tuple[str, str]] = set()
         self.lock = threading.Lock()
         self.slot_freed = threading.Event()
         self.reconnect_delay = 0.0
@@ -88,19 +110,31 @@ class StreamsConsumer(dramatiq.Consumer):
             if room <= 0:
                 self.slot_freed.clear()
         if room <= 0:
-            self.slot_freed.wait(self.timeout_ms / 1000)
+            self.slot_freed.wait(self._block_ms() / 1000)
             return None
         try:
             if time.monotonic() >= self.next_orphan_check:
                 self._adopt_orphans()
+            plan = self.broker.planner(self.queue_name)
+            taken = protocol.run(self.client, Take(self.broker.keys, self.broker.consumer_name, room, plan))
+            self.reconnect_delay = 0.0
+            if taken.streams:
+                self.streams = taken.streams
+            for entry in taken.entries:
+                self._take(entry.stream, entry.entry_id, entry.fields)
+            if self.buffer:
+                return self.buffer.popleft()
+            if not taken.streams:  # only age-bounded tiers: look again soon
+                time.sleep(min(self._block_ms(), POLL_MS) / 1000)
+                return None
+            # Nothing waits: block on every lane until something comes (one entry a lane at most).
             reply = self.client.xreadgroup(
                 CONSUMER_GROUP,
                 self.broker.consumer_name,
-                {self.stream: ">"},
-                count=room,
-                block=self.timeout_ms,
+                {stream: ">" for stream in taken.streams},
+                count=1,
+                block=self._block_ms(),
             )
-            self.reconnect_delay = 0.0
         except OUTAGE_ERRORS as error:  # before ResponseError: a demoted master's READONLY is one
             self._ride_out_read(error)
             return None
@@ -110,10 +144,27 @@ class StreamsConsumer(dramatiq.Consumer):
             log.warning("group for %s vanished (Redis restarted without persistence?); recreating", self.stream)
             self.broker.ensure_group(self.queue_name)
             return None
-        for _stream, entries in stream_reply(reply):
+        for stream, entries in stream_reply(reply):
             for entry_id, fields in entries:
-                self._take(_text(entry_id), fields)
+                self._take(_text(stream), _text(entry_id), fields)
         return self.buffer.popleft() if self.buffer else None
+
+    def _block_ms(self) -> int:
+        """How long a read may block: a delay queue's consumer wakes when the first message it holds
+        is due, so a 50 ms retry backoff is not stretched to a whole block."""
+        if not self.delayed:
+            return self.timeout_ms
+        with self.lock:
+            first = min(self.etas.values(), default=None)
+        if first is None:
+            return self.timeout_ms
+        due_in = first - int(time.time() * 1000)
+        return max(DELAY_QUEUE_MIN_BLOCK_MS, min(self.timeout_ms, due_in))
+
+    def tenant_of(self, stream: str) -> str | None:
+        """The tenant whose lane a stream of this queue is (None: the queue's own stream)."""
+        prefix = self.stream + TENANT_LANE_INFIX
+        return stream[len(prefix) :] if stream.startswith(prefix) else None
 
     def _ride_out_read(self, error: Exception) -> None:
         """Ride out a Redis restart or failover here rather than letting dramatiq restart the consumer."""
@@ -124,20 +175,22 @@ class StreamsConsumer(dramatiq.Consumer):
         )
         time.sleep(self.reconnect_delay)
 
-    def _take(self, entry_id: str, fields: dict[bytes, bytes]) -> None:
+    def _take(self, stream: str, entry_id: str, fields: dict[bytes, bytes]) -> None:
         entry = QueueEntry.read(fields)
         raw = entry.message or b""
+        tenant = self.tenant_of(stream)
         try:
             message = dramatiq.Message.decode(raw)
         except Exception as error:  # a malformed entry must not wedge the queue
-            log.error("undecodable entry %s on %s moved to dead letters: %s", entry_id, self.stream, error)
-            self._settle(entry_id, dead_reason=f"undecodable message: {error}", raw=raw)
+            log.error("undecodable entry %s on %s moved to dead letters: %s", entry_id, stream, error)
+            self._settle(stream, tenant, entry_id, dead_reason=f"undecodable message: {error}", raw=raw)
             return
-        redeliveries = entry.redeliveries
         with self.lock:
             self.in_flight += 1
-            self.held.add(entry_id)
-        self.buffer.append(StreamMessage(message, entry_id, redeliveries))
+            self.held.add((stream, entry_id))
+            if self.delayed:
+                self.etas[(stream, entry_id)] = int(message.options.get("eta", 0))
+        self.buffer.append(StreamMessage(message, entry_id, entry.redeliveries, stream=stream, tenant=tenant))
 
     def _adopt_orphans(self) -> None:
         """Take entries pending on this consumer's name that it never received. A read whose reply was
@@ -152,77 +205,98 @@ class StreamsConsumer(dramatiq.Consumer):
         self.next_orphan_check = time.monotonic() + ORPHAN_CHECK_S
         with self.lock:
             held_at_read = set(self.held)
-        reply = self.client.xreadgroup(CONSUMER_GROUP, self.broker.consumer_name, {self.stream: "0"}, count=1000)
-        for _stream, entries in stream_reply(reply):
+        streams = self.broker.lane_streams(self.queue_name)
+        reply = self.client.xreadgroup(
+            CONSUMER_GROUP, self.broker.consumer_name, {stream: "0" for stream in streams}, count=1000
+        )
+        for raw_stream, entries in stream_reply(reply):
+            stream = _text(raw_stream)
             for raw_id, fields in entries:
                 entry_id = _text(raw_id)
                 with self.lock:
-                    if entry_id in self.held or entry_id in held_at_read:
+                    if (stream, entry_id) in self.held or (stream, entry_id) in held_at_read:
                         continue
                 if not fields:  # deleted while pending: nothing is left to run
-                    self.client.xack(self.stream, CONSUMER_GROUP, entry_id)
+                    self.client.xack(stream, CONSUMER_GROUP, entry_id)
                     continue
-                log.warning("entry %s of %s was delivered here but never received; taking it", entry_id, self.stream)
-                self._take(entry_id, fields)
+                log.warning("entry %s of %s was delivered here but never received; taking it", entry_id, stream)
+                self._take(stream, entry_id, fields)
 
     def ack(self, message: dramatiq.MessageProxy) -> None:
         if isinstance(getattr(message, "_exception", None), LeavePending):
-            self._leave_pending(_entry_id(message))
+            self._leave_pending(_held(message))
             return
         if isinstance(getattr(message, "_exception", None), OUTAGE_ERRORS):
             # The run broke off because Redis was away, not because of the job: it runs again.
             self.requeue([message])
             return
-        self._settle(_entry_id(message))
-        self._release(_entry_id(message))
+        delivered = _held(message)
+        self._settle(delivered.stream, delivered.tenant, delivered.entry_id)
+        self._release(delivered)
 
     def nack(self, message: dramatiq.MessageProxy) -> None:
         exception = getattr(message, "_exception", None)
         reason = repr(exception) if exception is not None else "rejected"
-        self._settle(_entry_id(message), dead_reason=reason, raw=message._message.encode())
-        self._release(_entry_id(message))
+        delivered = _held(message)
+        self._settle(
+            delivered.stream, delivered.tenant, delivered.entry_id, dead_reason=reason, raw=message._message.encode()
+        )
+        self._release(delivered)
 
     def requeue(self, messages: Iterable[dramatiq.MessageProxy]) -> None:
-        ids = [_entry_id(m) for m in messages]
-        if ids:
+        by_tenant: dict[str | None, list[StreamMessage]] = {}
+        for message in messages:
+            delivered = _held(message)
+            by_tenant.setdefault(delivered.tenant, []).append(delivered)
+        for tenant, held in by_tenant.items():
+            ids = [m.entry_id for m in held]
+
+            def hand_back(ids: list[str] = ids, tenant: str | None = tenant) -> None:
+                self.broker.requeue_entries(self.queue_name, ids, tenant=tenant)
+
             try:
-                self.broker.outage.ride_out(lambda: self.broker.requeue_entries(self.queue_name, ids))
+                self.broker.outage.ride_out(hand_back)
             except OUTAGE_ERRORS as error:  # dramatiq retries a BrokerConnectionError until Redis is back
                 raise BrokerConnectionError(str(error)) from error
-            for entry_id in ids:
-                self._release(entry_id)
+            for delivered in held:
+                self._release(delivered)
 
     def close(self) -> None:
         if self.buffer:
             self.requeue(list(self.buffer))
             self.buffer.clear()
 
-    def _leave_pending(self, entry_id: str) -> None:
+    def _leave_pending(self, delivered: StreamMessage) -> None:
         """Forget the entry here without touching Redis, and look for it again soon: an entry pending
         on this name that this consumer does not hold is what the orphan check takes back."""
-        log.warning("entry %s of %s left pending; it will be delivered again", entry_id, self.stream)
-        self._release(entry_id)
+        log.warning("entry %s of %s left pending; it will be delivered again", delivered.entry_id, delivered.stream)
+        self._release(delivered)
         self.next_orphan_check = min(self.next_orphan_check, time.monotonic() + LEFT_PENDING_RETRY_S)
 
-    def _release(self, entry_id: str) -> None:
+    def _release(self, delivered: StreamMessage) -> None:
         """Called only once the entry is settled in Redis, so it never looks orphaned in between."""
+        held = (delivered.stream, delivered.entry_id)
         with self.lock:
             self.in_flight = max(0, self.in_flight - 1)
-            self.held.discard(entry_id)
+            self.held.discard(held)
+            self.etas.pop(held, None)
         self.slot_freed.set()
 
-    def _settle(self, entry_id: str, *, dead_reason: str | None = None, raw: bytes = b"") -> None:
+    def _settle(
+        self, stream: str, tenant: str | None, entry_id: str, *, dead_reason: str | None = None, raw: bytes = b""
+    ) -> None:
         """Ack and delete an entry (and file it under dead letters when rejected), retrying through
         a short Redis outage so a finished job is not handed to someone else for nothing."""
 
         def settle() -> None:
             if dead_reason is not None:
                 keys, cap = self.broker.keys, self.broker.dead_letter_cap
-                protocol.run(self.client, Reject(keys, self.queue_name, entry_id, raw, dead_reason, cap))
+                reject = Reject(keys, self.queue_name, entry_id, raw, dead_reason, cap, tenant=tenant)
+                protocol.run(self.client, reject)
                 return
             pipe = self.client.pipeline(transaction=True)
-            pipe.xack(self.stream, CONSUMER_GROUP, entry_id)
-            pipe.xdel(self.stream, entry_id)
+            pipe.xack(stream, CONSUMER_GROUP, entry_id)
+            pipe.xdel(stream, entry_id)
             pipe.execute()
 
         try:
@@ -231,9 +305,9 @@ class StreamsConsumer(dramatiq.Consumer):
             raise BrokerConnectionError(str(error)) from error
 
 
-def _entry_id(message: dramatiq.MessageProxy) -> str:
+def _held(message: dramatiq.MessageProxy) -> StreamMessage:
     assert isinstance(message, StreamMessage), "a StreamsConsumer only settles its own messages"
-    return message.entry_id
+    return message
 
 
 def _text(value: Any) -> str:

@@ -146,6 +146,7 @@ class DeadLetters:
             timeout_us=timeout_us,
             ttl_s=self.result_ttl_s,
             batch_id=batch_id,
+            tenant=message.kwargs.get("tenant"),
         )
         outcome, state = astuple(protocol.run(self.client, replay))
         if outcome == "gone":

@@ -7,6 +7,12 @@ from dataclasses import dataclass
 from jobcontract.models import Backend, Lane
 
 CONSUMER_GROUP = "genq"
+# A tenant's own lane of a queue is the queue's stream with this and the tenant's name after it
+# (tenant names never hold ':'); the Lua side is told the prefix, never builds it (see Keys.lane).
+TENANT_LANE_INFIX = ":tenant:"
+# Whose a job is when nobody says (a gateway without API keys, the Python client): its entries
+# stay on the queue's own stream, so a deployment without tenants has exactly one stream a queue.
+DEFAULT_TENANT = "default"
 
 
 def queue_name(model: str, backend: Backend, lane: Lane) -> str:
@@ -65,6 +71,30 @@ class Keys:
     def stream(self, queue: str) -> str:
         """The Redis stream behind a dramatiq queue."""
         return f"{self.namespace}:q:{queue}"
+
+    def lane(self, queue: str, tenant: str | None = None) -> str:
+        """The stream a tenant's entries of a queue wait in: the queue's own stream for the default
+        tenant, `{stream}:tenant:{tenant}` for any other. Per-tenant lanes are what lets a worker
+        serve tenants in turn (jobcontract.protocol.take) instead of first come first served."""
+        if not tenant or tenant == DEFAULT_TENANT:
+            return self.stream(queue)
+        return self.stream(queue) + TENANT_LANE_INFIX + tenant
+
+    def lanes(self, queue: str) -> str:
+        """A set: the tenants that have a lane of their own in a queue. Bounded by the configured
+        tenants (each is an API key's); written by every script that adds to a tenant's lane."""
+        return self.stream(queue) + ":tenants"
+
+    def fair_tags(self, queue: str) -> str:
+        """A hash: tenant -> the virtual time its next entry of a queue starts at (start-time fair
+        queueing), and `~` -> the queue's virtual time. One field per tenant that ever had a lane."""
+        return self.stream(queue) + ":fair"
+
+    @property
+    def tenant_shares(self) -> str:
+        """A hash: tenant -> its weight in fair share (the API key configuration's `share`), written
+        by the gateway when it starts; a tenant not in it weighs 1."""
+        return f"{self.namespace}:tenant_shares"
 
     def job(self, job_id: str) -> str:
         """A hash: state, queue, model, timings, and the result once there is one; `tenant` when the

@@ -173,7 +173,7 @@ def test_reclaim_waits_for_the_liveness_key_then_hands_back(redis_client: redis.
     submit(redis_client, keys, "j1")
     redis_client.set(keys.alive("w1"), 1)
     deliver(redis_client, keys, MLX_QUEUE, "w1")
-    reclaim = Reclaim(keys, keys.stream(MLX_QUEUE), "w1", max_redeliveries=5)
+    reclaim = Reclaim(keys, MLX_QUEUE, "w1", max_redeliveries=5)
     assert protocol.run(redis_client, reclaim) is None
     redis_client.delete(keys.alive("w1"))
     assert protocol.run(redis_client, reclaim) == 1
@@ -274,6 +274,7 @@ def test_admission_names_the_owner_and_never_changes_one(redis_client: redis.Red
     assert (answered.job_id, answered.duplicate) == ("j2", True)
     assert redis_client.hget(keys.job("j2"), "tenant") == b"c"
     assert not redis_client.exists(keys.job("j3"))
+    submit_owned(redis_client, keys, "j5", owner="a")  # a's lane holds its bound (2) now
     with pytest.raises(QueueFull):  # a refusal writes nothing, the owner neither
         submit_owned(redis_client, keys, "j4", owner="a")
     assert not redis_client.exists(keys.job("j4"))

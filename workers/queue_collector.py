@@ -3,11 +3,12 @@
 Queue depth and the age of the oldest waiting job per queue (model, backend, lane) are what an
 autoscaler needs, and none of the backends exports them; live workers per pool, open circuits
 and dead letters say what is failing. They live in Redis, so one `genq metrics` process reads
-them when Prometheus scrapes (two round trips whatever the number of queues) instead of every
-worker exporting the same numbers.
+them when Prometheus scrapes (three round trips whatever the number of queues and tenants) instead
+of every worker exporting the same numbers.
 
-Reading the layout of jobcontract.keys: acked entries are deleted from a queue's stream, so the
-entries still there are either delivered to a worker and not yet acked (the group's pending
+Reading the layout of jobcontract.keys: a queue is its own stream plus one lane per tenant (each
+counted, then summed; waiting jobs are also reported per tenant). Acked entries are deleted from a
+stream, so the entries still there are either delivered to a worker and not yet acked (the group's pending
 count) or waiting; the first waiting entry follows the group's last-delivered id, and its id
 holds the Redis-clock millisecond it was added.
 """
@@ -25,7 +26,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from jobcontract import protocol
-from jobcontract.keys import CONSUMER_GROUP, Keys, parse_queue, pool_name
+from jobcontract.keys import CONSUMER_GROUP, DEFAULT_TENANT, Keys, parse_queue, pool_name
 from jobcontract.models import Backend, Lane
 from jobcontract.protocol.liveness import LiveWorkers
 
@@ -59,6 +60,7 @@ class QueueState:
     delivered: int  # delivered to a worker (running or prefetched), not yet acked
     delayed: int  # retries waiting out their backoff in the delay queue
     oldest_age_s: float  # how long the first waiting entry has waited; 0 when none waits
+    waiting_by_tenant: tuple[tuple[str, int], ...] = ()  # waiting, per tenant lane (default: the queue's own)
 
 
 @dataclass(frozen=True)
@@ -108,53 +110,72 @@ class QueueCollector(Collector):
         queues = self._queue_names()
         pools = sorted({(q.model, q.backend) for q in queues} | set(self.expected_pools))
 
+        lane_sets = self.client.pipeline(transaction=False)
+        for queue in queues:
+            lane_sets.smembers(self.keys.lanes(queue.name))
+            lane_sets.smembers(self.keys.lanes(dq_name(queue.name)))
+        sets = iter(lane_sets.execute(raise_on_error=False))
+        lanes = {q: ([None, *_names(_ok(next(sets), []))], [None, *_names(_ok(next(sets), []))]) for q in queues}
+
         first = self.client.pipeline(transaction=False)
         first.time()
         first.xlen(self.keys.dead_letters)
         for queue in queues:
-            stream = self.keys.stream(queue.name)
-            first.xlen(stream)
-            first.xinfo_groups(stream)
-            first.xlen(self.keys.stream(dq_name(queue.name)))
+            tenants, delayed_tenants = lanes[queue]
+            for tenant in tenants:
+                stream = self.keys.lane(queue.name, tenant)
+                first.xlen(stream)
+                first.xinfo_groups(stream)
+            for tenant in delayed_tenants:
+                first.xlen(self.keys.lane(dq_name(queue.name), tenant))
         for model, backend in pools:
             first.exists(self.keys.circuit(pool_name(model, backend)))
         replies = iter(first.execute(raise_on_error=False))
         seconds, micros = _ok(next(replies), (0, 0))
         now_us = int(seconds) * 1_000_000 + int(micros)
         dead_letters = int(_ok(next(replies), 0))
-        counts = []
+        counts: list[_LaneCount] = []
+        delayed: dict[QueueName, int] = {}
         for queue in queues:
-            length, groups, delayed = int(_ok(next(replies), 0)), _ok(next(replies), []), int(_ok(next(replies), 0))
-            group = next((g for g in groups if _text(g.get("name")) == CONSUMER_GROUP), None)
-            pending = int(group["pending"]) if group else 0
-            last_delivered = _text(group["last-delivered-id"]) if group else "0-0"
-            counts.append((queue, length, pending, delayed, last_delivered))
+            tenants, delayed_tenants = lanes[queue]
+            for tenant in tenants:
+                length, groups = int(_ok(next(replies), 0)), _ok(next(replies), [])
+                group = next((g for g in groups if _text(g.get("name")) == CONSUMER_GROUP), None)
+                pending = int(group["pending"]) if group else 0
+                last_delivered = _text(group["last-delivered-id"]) if group else "0-0"
+                counts.append(_LaneCount(queue, tenant, length, pending, last_delivered))
+            delayed[queue] = sum(int(_ok(next(replies), 0)) for _ in delayed_tenants)
         circuits = [bool(_ok(next(replies), 0)) for _ in pools]
 
         second = self.client.pipeline(transaction=False)
         protocol.send(second, self.client, LiveWorkers(self.keys, pools))
-        waiting_queues = [c for c in counts if c[1] - c[2] > 0]
-        for queue, _length, _pending, _delayed, last_delivered in waiting_queues:
-            second.xrange(self.keys.stream(queue.name), min=_after(last_delivered), max="+", count=1)
+        waiting_lanes = [c for c in counts if c.length - c.pending > 0]
+        for lane in waiting_lanes:
+            stream = self.keys.lane(lane.queue.name, lane.tenant)
+            second.xrange(stream, min=_after(lane.last_delivered), max="+", count=1)
         replies = iter(second.execute(raise_on_error=False))
         workers = [int(n) for n in _ok(next(replies), [0] * len(pools))]
         oldest_ms: dict[QueueName, int] = {}
-        for queue, *_ in waiting_queues:
+        for lane in waiting_lanes:
             entries = _ok(next(replies), [])
             if entries:
-                oldest_ms[queue] = int(_text(entries[0][0]).split("-")[0])
+                first_ms = int(_text(entries[0][0]).split("-")[0])
+                oldest_ms[lane.queue] = min(first_ms, oldest_ms.get(lane.queue, first_ms))
 
         now_ms = now_us // 1000
         return ClusterSnapshot(
             queues=[
                 QueueState(
                     queue=queue,
-                    waiting=max(0, length - pending),
-                    delivered=pending,
-                    delayed=delayed,
+                    waiting=sum(c.waiting for c in counts if c.queue == queue),
+                    delivered=sum(c.pending for c in counts if c.queue == queue),
+                    delayed=delayed[queue],
                     oldest_age_s=max(0.0, (now_ms - oldest_ms[queue]) / 1000) if queue in oldest_ms else 0.0,
+                    waiting_by_tenant=tuple(
+                        (c.tenant or DEFAULT_TENANT, c.waiting) for c in counts if c.queue == queue
+                    ),
                 )
-                for queue, length, pending, delayed, _ in counts
+                for queue in queues
             ],
             pools=[
                 PoolState(model=model, backend=backend, workers=n, circuit_open=open_)
@@ -181,8 +202,15 @@ class QueueCollector(Collector):
             "How long the oldest waiting job of a queue has waited there (0 when none waits).",
             labels=QUEUE,
         )
+        by_tenant = GaugeMetricFamily(
+            "genq_queue_tenant_waiting_jobs",
+            "Jobs waiting in a queue, per tenant (each tenant has its own lane, served in turn).",
+            labels=(*QUEUE, "tenant"),
+        )
         for state in snapshot.queues:
             labels = [state.queue.model, state.queue.backend.value, state.queue.lane.value]
+            for tenant, waiting in state.waiting_by_tenant:
+                by_tenant.add_metric([*labels, tenant], waiting)
             jobs.add_metric([*labels, "waiting"], state.waiting)
             jobs.add_metric([*labels, "delivered"], state.delivered)
             jobs.add_metric([*labels, "delayed"], state.delayed)
@@ -198,7 +226,24 @@ class QueueCollector(Collector):
             circuit.add_metric([pool.model, pool.backend.value], 1 if pool.circuit_open else 0)
         dead = GaugeMetricFamily("genq_dead_letters", "Jobs in the dead-letter stream, waiting for replay or purge.")
         dead.add_metric([], snapshot.dead_letters)
-        yield from (jobs, age, workers, circuit, dead)
+        yield from (jobs, by_tenant, age, workers, circuit, dead)
+
+
+@dataclass(frozen=True)
+class _LaneCount:
+    queue: QueueName
+    tenant: str | None
+    length: int
+    pending: int
+    last_delivered: str
+
+    @property
+    def waiting(self) -> int:
+        return max(0, self.length - self.pending)
+
+
+def _names(members: Iterable[Any]) -> list[str]:
+    return sorted(_text(m) for m in members)
 
 
 def _after(entry_id: str) -> str:

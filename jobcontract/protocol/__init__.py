@@ -1,7 +1,8 @@
 """The job protocol in one place: every Redis state change is a named operation here (its `.lua`
 script, keys, arguments and reply), and every caller executes the same one (see operation.py).
 
-Operations: Submit, Start, Finish (jobs.py); Requeue, Reclaim, Reject, RescueMove, Replay (queue.py); Vouch,
+Operations: Submit, Start, Finish (jobs.py); Requeue, Reclaim, Reject, RescueMove, Replay, Enqueue (queue.py);
+Take (take.py: the scheduler's pick of the next entries, see jobcontract.scheduling); Vouch,
 LiveWorkers (liveness.py); QuotaReserve, FileReserve (gateway.py); BatchAdvance,
 BatchLease, BatchRecordJobs, MarkWritten (batch.py). The broker's failing of a job it gives up
 (fail_job.lua) runs inside Requeue and Reclaim; every dead letter is filed by add_dead_letter

@@ -6,6 +6,18 @@
 local function add_entry(stream, message, redeliveries)
   return redis.call('XADD', stream, '*', 'm', message, 'r', tostring(redeliveries))
 end
+-- The consumer group every queue stream has: jobcontract.keys.CONSUMER_GROUP (a test checks they agree).
+local GROUP = 'genq'
+-- A tenant's lane of a queue (jobcontract.keys.Keys.lane) is made with its group before its first
+-- entry and its tenant is added to the queue's lane set, so consumers find it and can read it at
+-- once. `tenant` '' is the default tenant, whose lane is the queue's own stream: nothing to register.
+local function add_lane_entry(stream, lanes, tenant, message, redeliveries)
+  if tenant ~= '' then
+    if redis.call('EXISTS', stream) == 0 then redis.call('XGROUP', 'CREATE', stream, GROUP, '0', 'MKSTREAM') end
+    redis.call('SADD', lanes, tenant)
+  end
+  return add_entry(stream, message, redeliveries)
+end
 local function read_entry(fields)
   local message, redeliveries = nil, 0
   for i = 1, #fields, 2 do

@@ -12,6 +12,7 @@ from jobcontract.admission import request_fingerprint as request_fingerprint
 from jobcontract.keys import Keys, pool_name, queue_name
 from jobcontract.models import Backend, GenerationRequest, GenerationResult, JobState
 from jobcontract.protocol.operation import Operation, text
+from jobcontract.protocol.queue import lane_tenant
 from jobcontract.routes import ModelRoute
 
 
@@ -44,7 +45,8 @@ class Submit(Operation[list[Receipt]]):
         """Built once (each candidate's message is encoded): see submit.lua for the layout."""
         names, batch_id = self.admission.keys, self.batch_id
         keys: list[str] = [names.queues]
-        args: list[Any] = [self.admission.max_queued, self.admission.result_ttl_s, self.tenant or ""]
+        owner, lane_owner = self.tenant or "", lane_tenant(self.tenant)
+        args: list[Any] = [self.admission.max_queued, self.admission.result_ttl_s, owner, lane_owner]
         for job_id, request in zip(self.job_ids, self.requests, strict=True):
             keys += [names.job(job_id), names.idempotency(request.idempotency_key or job_id)]
             messages, queues = [], []
@@ -52,7 +54,7 @@ class Submit(Operation[list[Receipt]]):
             for backend in candidate_backends(self.route_for(request.model), request.backend):
                 queue = queue_name(request.model, backend, request.lane)
                 pool = pool_name(request.model, backend)
-                keys += [names.stream(queue), names.pool(pool), names.circuit(pool)]
+                keys += [names.lane(queue, self.tenant), names.pool(pool), names.circuit(pool), names.lanes(queue)]
                 message = build_message(
                     job_id, request, queue, request.lane, batch_id=batch_id, tenant=self.tenant, dumped=dumped
                 )

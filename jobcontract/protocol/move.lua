@@ -1,10 +1,10 @@
--- Hands an entry back to its stream as a new entry. XACK answers 1 only for an entry still pending,
--- so when several janitors race for the same entry exactly one moves it. An entry handed back more
--- than `max_redeliveries` times (a poison job that kills whoever runs it) goes to dead letters, and
--- its job is finished as failed so nobody waits on it.
+-- Hands an entry back to its stream (a queue's or a tenant's lane of it) as a new entry. XACK answers 1
+-- only for an entry still pending, so when several janitors race for the same entry exactly one moves
+-- it. An entry handed back more than `max_redeliveries` times (a poison job that kills whoever runs
+-- it) goes to dead letters under its queue's name, and its job is finished as failed so nobody waits on it.
 -- #include entry.lua
 -- #include fail_job.lua
-local function move(stream, group, id, max_redeliveries, dead, max_len, max_age_ms)
+local function move(stream, queue, group, id, max_redeliveries, dead, max_len, max_age_ms)
   local entries = redis.call('XRANGE', stream, id, id)
   local acked = redis.call('XACK', stream, group, id)
   redis.call('XDEL', stream, id)
@@ -13,7 +13,6 @@ local function move(stream, group, id, max_redeliveries, dead, max_len, max_age_
   if message == nil then return 0 end
   if redeliveries >= max_redeliveries then
     local reason = 'handed back ' .. redeliveries .. ' times after its worker died'
-    local queue = string.match(stream, ':q:(.*)$') or stream
     add_dead_letter(dead, message, queue, reason, max_len, max_age_ms)
     fail_job(stream, message, 'worker_died', reason)
     return 0

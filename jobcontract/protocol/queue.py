@@ -7,15 +7,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from jobcontract.keys import CONSUMER_GROUP, Keys
+from jobcontract.keys import CONSUMER_GROUP, DEFAULT_TENANT, Keys
 from jobcontract.protocol.entry import DEFAULT_CAP, DeadLetterCap
 from jobcontract.protocol.operation import Operation, text
 
 
 @dataclass(frozen=True)
 class Requeue(Operation[int]):
-    """Hand entries back to their stream as new entries (a poison one goes to dead letters, its job
-    failed); answers how many went back."""
+    """Hand entries back to their stream (the queue's, or `tenant`'s lane of it) as new entries (a
+    poison one goes to dead letters, its job failed); answers how many went back."""
 
     SCRIPT: ClassVar[str] = "requeue.lua"
 
@@ -24,12 +24,13 @@ class Requeue(Operation[int]):
     entry_ids: Sequence[str]
     max_redeliveries: int
     cap: DeadLetterCap = DEFAULT_CAP
+    tenant: str | None = None
 
     def keys(self) -> list[str]:
-        return [self.names.stream(self.queue), self.names.dead_letters]
+        return [self.names.lane(self.queue, self.tenant), self.names.dead_letters]
 
     def args(self) -> list[Any]:
-        return [CONSUMER_GROUP, self.max_redeliveries, *self.cap.args(), *self.entry_ids]
+        return [CONSUMER_GROUP, self.max_redeliveries, *self.cap.args(), self.queue, *self.entry_ids]
 
     def parse(self, reply: Any) -> int:
         return int(reply)
@@ -37,21 +38,23 @@ class Requeue(Operation[int]):
 
 @dataclass(frozen=True)
 class Reclaim(Operation[int | None]):
-    """Hand back every entry pending on a consumer nobody vouches for; None while one does."""
+    """Hand back every entry pending on a consumer nobody vouches for in one stream of a queue (its
+    own, or `tenant`'s lane of it); None while one does."""
 
     SCRIPT: ClassVar[str] = "reclaim.lua"
 
     names: Keys
-    stream: str
+    queue: str
     consumer: str
     max_redeliveries: int
     cap: DeadLetterCap = DEFAULT_CAP
+    tenant: str | None = None
 
     def keys(self) -> list[str]:
-        return [self.stream, self.names.alive(self.consumer), self.names.dead_letters]
+        return [self.names.lane(self.queue, self.tenant), self.names.alive(self.consumer), self.names.dead_letters]
 
     def args(self) -> list[Any]:
-        return [CONSUMER_GROUP, self.max_redeliveries, self.consumer, *self.cap.args()]
+        return [CONSUMER_GROUP, self.max_redeliveries, self.consumer, *self.cap.args(), self.queue]
 
     def parse(self, reply: Any) -> int | None:
         moved = int(reply)
@@ -71,9 +74,10 @@ class Reject(Operation[None]):
     message: bytes
     reason: str
     cap: DeadLetterCap = DEFAULT_CAP
+    tenant: str | None = None  # the entry was in this tenant's lane of the queue
 
     def keys(self) -> list[str]:
-        return [self.names.stream(self.queue), self.names.dead_letters]
+        return [self.names.lane(self.queue, self.tenant), self.names.dead_letters]
 
     def args(self) -> list[Any]:
         return [CONSUMER_GROUP, self.entry_id, self.message, self.queue, self.reason, *self.cap.args()]
@@ -93,12 +97,14 @@ class RescueMove(Operation[bool]):
     destination: str
     entry_id: str
     message: bytes  # the message addressed to `destination`
+    tenant: str | None = None  # whose entry it is: it moves from that tenant's lane to the same lane
 
     def keys(self) -> list[str]:
-        return [self.names.stream(self.source), self.names.stream(self.destination)]
+        source, destination = self.names.lane(self.source, self.tenant), self.names.lane(self.destination, self.tenant)
+        return [source, destination, self.names.lanes(self.destination)]
 
     def args(self) -> list[Any]:
-        return [CONSUMER_GROUP, self.entry_id, self.message]
+        return [CONSUMER_GROUP, self.entry_id, self.message, lane_tenant(self.tenant)]
 
     def parse(self, reply: Any) -> bool:
         return bool(int(reply))
@@ -126,6 +132,7 @@ class Replay(Operation[ReplayOutcome]):
     timeout_us: int
     ttl_s: int
     batch_id: str | None
+    tenant: str | None = None  # whose job it is: it goes back to that tenant's lane
 
     def keys(self) -> list[str]:
         job = self.names.job(self.job_id)
@@ -133,9 +140,10 @@ class Replay(Operation[ReplayOutcome]):
             self.names.dead_letters,
             job,
             self.names.events(self.job_id),
-            self.names.stream(self.queue),
+            self.names.lane(self.queue, self.tenant),
             self.names.queues,
             self.names.batch(self.batch_id) if self.batch_id else job,
+            self.names.lanes(self.queue),
         ]
 
     def args(self) -> list[Any]:
@@ -148,8 +156,36 @@ class Replay(Operation[ReplayOutcome]):
             self.timeout_us,
             self.ttl_s,
             "1" if self.batch_id else "0",
+            lane_tenant(self.tenant),
         ]
 
     def parse(self, reply: Any) -> ReplayOutcome:
         outcome, state = (text(v) for v in reply)
         return ReplayOutcome(outcome, state)
+
+
+def lane_tenant(tenant: str | None) -> str:
+    """A tenant as the scripts that register lanes take it: '' for the default tenant, whose lane is
+    the queue's own stream (see Keys.lane)."""
+    return "" if not tenant or tenant == DEFAULT_TENANT else tenant
+
+
+@dataclass(frozen=True)
+class Enqueue(Operation[str]):
+    """Add a message to `tenant`'s lane of a queue (see enqueue.lua); answers the entry id."""
+
+    SCRIPT: ClassVar[str] = "enqueue.lua"
+
+    names: Keys
+    queue: str
+    message: bytes
+    tenant: str | None = None
+
+    def keys(self) -> list[str]:
+        return [self.names.queues, self.names.lane(self.queue, self.tenant), self.names.lanes(self.queue)]
+
+    def args(self) -> list[Any]:
+        return [self.queue, self.message, lane_tenant(self.tenant)]
+
+    def parse(self, reply: Any) -> str:
+        return text(reply)

@@ -1,4 +1,4 @@
--- KEYS: stream, dead letters. ARGV: group, entry id, message, queue, reason, dead letters' max count
+-- KEYS: stream (the queue's, or a tenant's lane of it), dead letters. ARGV: group, entry id, message, queue, reason, dead letters' max count
 -- and max age (ms, 0: none). Files the entry under dead letters (trimmed to their cap), then acks
 -- and deletes it: what the consumer's settle did in one MULTI, now with the trimming.
 -- #include entry.lua

@@ -1,6 +1,8 @@
 -- KEYS: the set of known queues (so a queue nobody serves yet is still seen by rescuers and
---       metrics), then per request: job, idempotency, and (stream, pool, circuit) per candidate.
--- ARGV: max_queued, ttl_s, owner (the gateway tenant the jobs belong to, or ''), then per request:
+--       metrics), then per request: job, idempotency, and (the owner's lane of the queue, pool,
+--       circuit, the queue's lane set) per candidate.
+-- ARGV: max_queued, ttl_s, owner (the gateway tenant the jobs belong to, or ''), the owner as its
+--       lane names it ('' for the default tenant, whose lane is the queue's own stream), then per request:
 --       job_id, timeout_us, model, lane, batch_id, use_idempotency, fingerprint, candidates n,
 --       n messages, n queue names.
 -- Answers {status, job_id, queue} per request ('queued' or 'existing'), or one refusal for the
@@ -11,9 +13,9 @@
 -- #include now.lua
 -- #include live.lua
 -- #include entry.lua
-local max_queued, ttl, tenant = tonumber(ARGV[1]), ARGV[2], ARGV[3]
+local max_queued, ttl, tenant, lane_tenant = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
 local plans, planned, planned_key, added = {}, {}, {}, {}
-local k, a, index = 2, 4, 0
+local k, a, index = 2, 5, 0
 while a <= #ARGV do
   index = index + 1
   local job_key, idem_key = KEYS[k], KEYS[k + 1]
@@ -32,24 +34,24 @@ while a <= #ARGV do
   else
     local chosen, fallback = nil, nil
     for i = 0, n - 1 do
-      local live = live_workers(KEYS[k + 3 + 3 * i]) > 0
-      if live and redis.call('EXISTS', KEYS[k + 4 + 3 * i]) == 0 then chosen = i break end
+      local live = live_workers(KEYS[k + 3 + 4 * i]) > 0
+      if live and redis.call('EXISTS', KEYS[k + 4 + 4 * i]) == 0 then chosen = i break end
       if live and fallback == nil then fallback = i end
     end
     chosen = chosen or fallback or 0
-    local stream, queue = KEYS[k + 2 + 3 * chosen], ARGV[a + 8 + n + chosen]
+    local stream, lanes, queue = KEYS[k + 2 + 4 * chosen], KEYS[k + 5 + 4 * chosen], ARGV[a + 8 + n + chosen]
     added[stream] = (added[stream] or 0) + 1
     if redis.call('XLEN', stream) + added[stream] > max_queued then
       return {{'full', tostring(index), queue}}
     end
     local plan = {status = 'queued', job_id = job_id, queue = queue, fingerprint = fingerprint,
-                  job_key = job_key, idem_key = use_idem and idem_key, stream = stream,
+                  job_key = job_key, idem_key = use_idem and idem_key, stream = stream, lanes = lanes,
                   message = ARGV[a + 8 + chosen], timeout_us = tonumber(ARGV[a + 1]),
                   model = ARGV[a + 2], lane = ARGV[a + 3], batch = ARGV[a + 4]}
     plans[index], planned[job_key] = plan, plan
     if use_idem then planned_key[idem_key] = job_id end
   end
-  k, a = k + 2 + 3 * n, a + 8 + 2 * n
+  k, a = k + 2 + 4 * n, a + 8 + 2 * n
 end
 local replies = {}
 for i, plan in ipairs(plans) do
@@ -60,7 +62,7 @@ for i, plan in ipairs(plans) do
     if plan.batch ~= '' then redis.call('HSET', plan.job_key, 'batch', plan.batch) end
     if tenant ~= '' then redis.call('HSET', plan.job_key, 'tenant', tenant) end
     redis.call('EXPIRE', plan.job_key, ttl)
-    add_entry(plan.stream, plan.message, 0)
+    add_lane_entry(plan.stream, plan.lanes, lane_tenant, plan.message, 0)
     redis.call('SADD', KEYS[1], plan.queue)
     if plan.idem_key then redis.call('SET', plan.idem_key, plan.job_id, 'EX', ttl) end
   elseif tenant ~= '' and redis.call('EXISTS', plan.job_key) == 1 then  -- one that expired stays gone

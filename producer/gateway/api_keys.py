@@ -53,6 +53,13 @@ class ApiKeyEntry(BaseModel):
         default=None, pattern=NAME, description="whose work this key sees and makes; default: the key's name"
     )
     admin: bool = Field(default=False, description="sees every tenant's jobs, files and batches (operators)")
+    share: float | None = Field(
+        default=None,
+        gt=0,
+        le=1000,
+        description="its tenant's weight in fair share between tenants (default 1): a tenant with share 2 "
+        "gets two turns to another's one when both have jobs waiting",
+    )
     max_files: int | None = Field(default=None, ge=1, description="files its tenant may hold, checked on upload")
     max_file_bytes: int | None = Field(default=None, ge=1, description="bytes its tenant's files may hold")
     max_upload_bytes: int | None = Field(default=None, ge=1, description="bytes of one upload")
@@ -131,6 +138,7 @@ class ApiKey:
     tenant: str = ""  # "" is the key's own name
     admin: bool = False
     files: FileBounds = DEFAULT_FILE_BOUNDS
+    share: float | None = None  # None: the tenant's share is set by another of its keys, or is 1
 
     def __post_init__(self) -> None:
         if not self.tenant:
@@ -184,6 +192,7 @@ class KeyRing:
         if len({k.digest for k in keys}) < len(keys):
             raise ValueError("the same API key is configured twice")
         self.keys = tuple(keys)
+        self.shares = _shares(self.keys)
 
     @classmethod
     def from_entries(
@@ -208,6 +217,7 @@ class KeyRing:
                     max_batches=entry.max_batches if entry.max_batches is not None else max_batches,
                     tenant=entry.tenant or name,
                     admin=entry.admin,
+                    share=entry.share,
                     files=FileBounds(
                         max_files=entry.max_files or files.max_files,
                         max_bytes=entry.max_file_bytes or files.max_bytes,
@@ -231,3 +241,15 @@ class KeyRing:
             if hmac.compare_digest(digest, key.digest):
                 found = key
         return found
+
+
+def _shares(keys: Sequence[ApiKey]) -> dict[str, float]:
+    """Each tenant's weight in fair share; two keys of one tenant may not name different ones."""
+    shares: dict[str, float] = {}
+    for key in keys:
+        if key.share is None:
+            continue
+        known = shares.setdefault(key.tenant, key.share)
+        if known != key.share:
+            raise ValueError(f"tenant {key.tenant!r} is given two shares ({known} and {key.share}) by its keys")
+    return shares

@@ -19,6 +19,7 @@ from producer.gateway.quotas import Quotas
 from producer.gateway.security import authenticate
 from producer.gateway.services import Services
 from producer.gateway.settings import GatewaySettings
+from producer.gateway.tenants import publish_shares
 from producer.gateway_metrics import instrument
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ def create_app(settings: GatewaySettings | None = None, *, registry: CollectorRe
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = Client(settings)
+        publish_shares(client.redis, client.store.keys, settings.key_ring.shares)
         async_redis = connect_async(settings.redis_url, patience_s=settings.gateway_redis_patience_s)
         file_store = FileStore(client.redis, client.store.keys, ttl_s=settings.result_ttl_s)
         supervisor = BatchSupervisor(client, file_store, max_lines=settings.gateway_max_batch_lines)

@@ -17,13 +17,18 @@ keeps it within the 256 characters a key may have), so two tenants using the sam
 from __future__ import annotations
 
 import hashlib
+import logging
+from collections.abc import Mapping
 from typing import Any
 
+import redis
 import redis.asyncio as aioredis
 
 from jobcontract.jobs import UnknownJob
 from jobcontract.keys import Keys
 from producer.gateway.api_keys import Caller
+
+log = logging.getLogger(__name__)
 
 
 def scoped_key(caller: Caller, key: str | None) -> str | None:
@@ -31,6 +36,20 @@ def scoped_key(caller: Caller, key: str | None) -> str | None:
     if key is None or caller.key is None:
         return key
     return f"@{caller.tenant}:{hashlib.sha256(key.encode()).hexdigest()}"
+
+
+def publish_shares(client: redis.Redis, keys: Keys, shares: Mapping[str, float]) -> None:
+    """Tell the workers' scheduler each tenant's share (jobcontract.scheduling). A tenant no longer
+    given one weighs 1 again. A gateway that starts while Redis is away serves with the shares
+    Redis already holds (equal ones on a fresh Redis); fair share is a preference, never a refusal."""
+    try:
+        pipe = client.pipeline(transaction=True)
+        pipe.delete(keys.tenant_shares)
+        if shares:
+            pipe.hset(keys.tenant_shares, mapping={tenant: str(share) for tenant, share in shares.items()})
+        pipe.execute()
+    except redis.RedisError as error:
+        log.warning("could not publish the tenants' shares (%s); the scheduler keeps the ones it has", error)
 
 
 class JobOwners:
