@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-BENCHMARKS = ("throughput", "overhead", "failover", "lifecycle", "scale")
+BENCHMARKS = ("throughput", "overhead", "failover", "lifecycle", "scale", "fairshare")
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +124,10 @@ def test_scale_reports_producer_memory_redis_per_job_and_processes(bench_run: tu
     assert [level["processes"] for level in results["throughput"]] == [1, 2]
     assert all(level["jobs_per_s"] > 0 for level in results["throughput"])
     assert results["throughput"][1]["processes_that_served"] == 2
+
+
+def test_fairshare_reports_each_tenant_alone_and_together(bench_run: tuple[Path, Any]) -> None:
+    results = load(bench_run[0], "fairshare")["results"]
+    for run in ("fair", "fcfs"):
+        assert set(results[run]) == {"A", "B"} and all(finite(v) and v > 0 for v in results[run].values())
+    assert finite(results["b_alone"]["B"]) and finite(results["a_alone"]["A"])
