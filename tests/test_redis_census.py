@@ -41,6 +41,11 @@ BOUNDED: dict[str, str] = {
     "and an entry is deleted once settled",
     r"q:[^:]+\.(interactive|batch)\.DQ": "a delay queue: at most one entry per admitted job waiting to retry, "
     "deleted when due",
+    r"q:[^:]+\.(interactive|batch)(\.DQ)?:tenant:[A-Za-z0-9._-]+": "a tenant's lane of a queue: bounded like "
+    "the queue's stream (per lane), one per configured tenant",
+    r"q:[^:]+\.(interactive|batch)(\.DQ)?:tenants": "a queue's lane set: one member per configured tenant",
+    r"q:[^:]+\.(interactive|batch)(\.DQ)?:fair": "a queue's fair-share account: one field per configured tenant",
+    r"tenant_shares": "the tenants' shares: one field per configured tenant, rewritten when a gateway starts",
     r"queues": "the set of queue names: the routes' models x backends x lanes",
     r"pool:[^:]+": "a pool's workers: entries past their vouch are pruned on every vouch",
     r"dead": "dead letters: XADD MAXLEN ~ GENQ_DEAD_LETTERS_MAX (and MINID by GENQ_DEAD_LETTERS_MAX_AGE_S)",

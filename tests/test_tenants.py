@@ -400,7 +400,9 @@ def test_a_file_in_use_by_a_batch_cannot_be_deleted_and_stays_alive_while_it_run
 ) -> None:
     sdk = as_caller(plain_gateway, "x")
     keys = Keys(settings.namespace)
-    path = write_jsonl(tmp_path / "in.jsonl", [batch_line(f"r{i}", max_tokens=3000) for i in range(2)])
+    # Long enough to still run when its TTL is checked, on a fast machine too (two lines finished in
+    # under 30 s here, and a finished batch renews nothing); it is cancelled below.
+    path = write_jsonl(tmp_path / "in.jsonl", [batch_line(f"r{i}", max_tokens=3000) for i in range(200)])
     file_id = upload(plain_gateway, "x", path)
     batch = sdk.batches.create(input_file_id=file_id, endpoint="/v1/completions", completion_window="24h")
     wait_for(lambda: sdk.batches.retrieve(batch.id).status == "in_progress", 60)
