@@ -108,9 +108,21 @@ class GenerationRequest(BaseModel):
         return sum(len(m.content) for m in self.messages or ())
 
 
+class PromptTokensDetails(BaseModel):
+    """OpenAI's shape, so `usage` reads the same in genq's result, the gateway and batch output."""
+
+    cached_tokens: int = Field(
+        default=0,
+        ge=0,
+        description="Prompt tokens the server took from its prompt cache instead of computing them "
+        "(0 when the backend reports none).",
+    )
+
+
 class Usage(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
     @computed_field  # type: ignore[prop-decorator]
     @property

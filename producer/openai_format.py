@@ -134,11 +134,13 @@ def validation_message(error: ValidationError) -> tuple[str, str | None]:
 # -- responses -------------------------------------------------------------------------------------
 
 
-def usage(result: GenerationResult) -> dict[str, int]:
+def usage(result: GenerationResult) -> dict[str, Any]:
+    """OpenAI's usage object; `prompt_tokens_details.cached_tokens` as OpenAI reports it (0 on a miss)."""
     return {
         "prompt_tokens": result.usage.prompt_tokens,
         "completion_tokens": result.usage.completion_tokens,
         "total_tokens": result.usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": result.usage.prompt_tokens_details.cached_tokens},
     }
 
 
