@@ -31,6 +31,7 @@ import dramatiq
 from jobcontract import scripts
 from jobcontract.keys import Keys, actor_name
 from jobcontract.models import Backend, GenerationRequest, Lane
+from jobcontract.prefix import PREFIX_OPTION
 from jobcontract.routes import ModelRoute
 
 # What EVAL runs for an admission (jobcontract/protocol/submit.lua, includes expanded); the operation
@@ -96,11 +97,15 @@ def build_message(
     batch_id: str | None = None,
     tenant: str | None = None,
     dumped: dict[str, Any] | None = None,
+    prefix: str | None = None,
 ) -> dramatiq.Message[Any]:
     """The dramatiq message a worker's actor receives: one attempt's worth of the job. `tenant` (the
     gateway's caller) labels the worker's metrics; ownership checks read the job's record. `dumped`:
     the request as this function would dump it, when the caller already has it (one per candidate
-    queue of an admission: the same dict for each)."""
+    queue of an admission: the same dict for each). `prefix`: the request's prefix fingerprint
+    (jobcontract.prefix), in the message's options under PREFIX_OPTION, where placement reads it
+    without parsing the request; options survive retries, reroutes, rescues and replays (each copies
+    or rebuilds the message with its options)."""
     kwargs: dict[str, Any] = {
         "request": dumped if dumped is not None else request.model_dump(mode="json", exclude_defaults=True),
         "attempts": list(attempts),
@@ -114,7 +119,7 @@ def build_message(
         actor_name=actor_name(lane),
         args=(job_id,),
         kwargs=kwargs,
-        options={},
+        options={} if prefix is None else {PREFIX_OPTION: prefix},
         message_id=job_id,
     )
 
