@@ -68,10 +68,16 @@ class Receipt:
     duplicate: bool  # an idempotency key matched an earlier job (another id): this is that job
 
 
+# Request fields that only steer admission and placement: no part of the ask (so not of its
+# fingerprint), and not sent to workers, which have no use for them (so a worker from before one was
+# added still runs the job).
+PLACEMENT_ONLY = frozenset({"prompt_cache_key"})
+
+
 def request_fingerprint(request: GenerationRequest) -> str:
-    """sha256 of the request's canonical JSON without its idempotency key: equal for the same ask,
-    however it was spelled (defaults included, keys sorted)."""
-    body = request.model_dump(mode="json", exclude={"idempotency_key"})
+    """sha256 of the request's canonical JSON without its idempotency key (nor PLACEMENT_ONLY
+    fields): equal for the same ask, however it was spelled (defaults included, keys sorted)."""
+    body = request.model_dump(mode="json", exclude={"idempotency_key", *PLACEMENT_ONLY})
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -82,6 +88,11 @@ def candidate_backends(route: ModelRoute, preferred: Backend | None) -> list[Bac
         order.remove(preferred)
         order.insert(0, preferred)
     return order
+
+
+def message_request(request: GenerationRequest) -> dict[str, Any]:
+    """The request as a job's message carries it to a worker: non-default fields, none PLACEMENT_ONLY."""
+    return request.model_dump(mode="json", exclude_defaults=True, exclude=set(PLACEMENT_ONLY))
 
 
 DEFAULT_TENANT = "default"  # whose a job is when nobody says: a gateway without API keys, the Python client
@@ -107,7 +118,7 @@ def build_message(
     without parsing the request; options survive retries, reroutes, rescues and replays (each copies
     or rebuilds the message with its options)."""
     kwargs: dict[str, Any] = {
-        "request": dumped if dumped is not None else request.model_dump(mode="json", exclude_defaults=True),
+        "request": dumped if dumped is not None else message_request(request),
         "attempts": list(attempts),
     }
     if batch_id is not None:

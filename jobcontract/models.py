@@ -86,6 +86,13 @@ class GenerationRequest(BaseModel):
     backend: Backend | None = Field(default=None, description="Preferred backend, within the model's route.")
     lane: Lane = Lane.INTERACTIVE
     stream: bool = Field(default=False, description="Publish tokens as they are generated.")
+    prompt_cache_key: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        description="Jobs given one key are placed together, where their prompt prefix is likely cached (OpenAI's "
+        "prompt_cache_key); without a key the leading part of the prompt decides (jobcontract.prefix).",
+    )
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -27,9 +27,13 @@ prefill again anyway (a fraction of a 256-token answer's decode time), and disti
 rarely agree on their first thousand characters. Characters, not tokens: admission has no tokenizer,
 and characters are stable across hosts and backends. 0 turns the fingerprint off (no hint at all).
 
+A caller who knows which jobs share a prefix says so with `prompt_cache_key` (OpenAI's parameter
+of the same name and purpose): the key is hashed instead of the text, so jobs with one key are
+placed together whatever their leading characters, and with fingerprints off too.
+
 The hash: BLAKE2b, 8 bytes, as 16 hex digits: stable across processes and Python versions (unlike
 hash()), 64 bits so thousands of prefixes never collide in practice, short in every queue entry.
-The kind (prompt or chat) is hashed too, so a prompt never shares a fingerprint with a chat.
+The kind (prompt, chat or key) is hashed too, so a prompt never shares a fingerprint with a chat.
 """
 
 from __future__ import annotations
@@ -67,14 +71,21 @@ def render(message: ChatMessage) -> str:
 
 
 def prefix_fingerprint(request: GenerationRequest, chars: int = PREFIX_CHARS) -> str | None:
-    """16 hex digits naming the request's leading `chars` characters; None when `chars` is 0."""
+    """16 hex digits naming the request's leading `chars` characters, or its `prompt_cache_key` when
+    the caller gave one (the caller knows which jobs share a prefix better than any cut-off does;
+    OpenAI's API takes the same key for the same purpose). None when `chars` is 0 and no key is given."""
+    if request.prompt_cache_key is not None:
+        return _digest("key", request.prompt_cache_key)
     if chars <= 0:
         return None
-    kind = "prompt" if request.prompt is not None else "chat"
+    return _digest("prompt" if request.prompt is not None else "chat", leading_text(request, chars))
+
+
+def _digest(kind: str, text: str) -> str:
     digest = hashlib.blake2b(digest_size=8, person=b"genq-prefix")
     digest.update(kind.encode())
     digest.update(b"\0")
-    digest.update(leading_text(request, chars).encode("utf-8", errors="surrogatepass"))
+    digest.update(text.encode("utf-8", errors="surrogatepass"))
     return digest.hexdigest()
 
 

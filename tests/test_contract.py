@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from jobcontract.admission import build_message
+from jobcontract.admission import build_message, request_fingerprint
 from jobcontract.limits import Limits
 from jobcontract.models import (
     Backend,
@@ -176,3 +176,17 @@ def test_a_result_carries_its_cached_prompt_tokens_and_one_stored_without_them_s
     assert stored["usage"]["prompt_tokens_details"] == {"cached_tokens": 724}
     del stored["usage"]["prompt_tokens_details"]  # a result written before cached tokens were reported
     assert GenerationResult.model_validate(stored).usage.prompt_tokens_details.cached_tokens == 0
+
+
+def test_a_prompt_cache_key_names_the_prefix_and_is_neither_part_of_the_ask_nor_sent_to_workers() -> None:
+    keyed = GenerationRequest(model="tiny", prompt="Short rubric A. Review: good.", prompt_cache_key="rubric-a")
+    other = GenerationRequest(model="tiny", prompt="Totally different text.", prompt_cache_key="rubric-a")
+    assert prefix_fingerprint(keyed) == prefix_fingerprint(other) == prefix_fingerprint(keyed, 0)
+    assert prefix_fingerprint(keyed) != prefix_fingerprint(keyed.model_copy(update={"prompt_cache_key": "rubric-b"}))
+    assert prefix_fingerprint(keyed) != prefix_fingerprint(keyed.model_copy(update={"prompt_cache_key": None}))
+    # The same ask with or without a key is the same ask (its idempotency fingerprint), and a worker
+    # gets the request without it: the fingerprint in the message's options carries its effect.
+    assert request_fingerprint(keyed) == request_fingerprint(keyed.model_copy(update={"prompt_cache_key": None}))
+    message = build_message("j", keyed, "tiny.mlx.interactive", Lane.INTERACTIVE)
+    assert "prompt_cache_key" not in message.kwargs["request"]
+    assert GenerationRequest.model_validate(message.kwargs["request"]).prompt == keyed.prompt

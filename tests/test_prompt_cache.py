@@ -17,10 +17,13 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import ValidationError
 
-from jobcontract.models import GenerationResult
+from jobcontract.models import GenerationRequest, GenerationResult
+from jobcontract.prefix import prefix_fingerprint
 from jobcontract.settings import GenqSettings
 from producer.client import Client
+from producer.openai_format import COMPLETIONS_URL, parse_body, to_request
 from tests.callers import batch_line, genq_env, read_jsonl, write_jsonl
 from tests.harness import WorkerHandle, start_worker, wait_until
 from tests.metrics_helpers import free_port, gateway_app, scrape, serving, value
@@ -81,6 +84,11 @@ def test_a_shared_prefix_is_reported_cached_in_the_result_the_gateway_and_the_me
     usage = completion.json()["usage"]
     assert usage["prompt_tokens"] // 2 < usage["prompt_tokens_details"]["cached_tokens"] < usage["prompt_tokens"]
 
+    # A caller's prompt_cache_key (OpenAI's parameter) is accepted and names the prefix.
+    keyed = stack.gateway.post("/v1/completions", json={**ask("Solid."), "prompt_cache_key": "reviews-v1"})
+    assert keyed.status_code == 200, keyed.text
+    keyed_usage = keyed.json()["usage"]
+
     chat_usage = []
     for review in ("Love it.", "Hate it."):
         chat = {
@@ -105,6 +113,7 @@ def test_a_shared_prefix_is_reported_cached_in_the_result_the_gateway_and_the_me
     expected = (
         sum(cached(r) for r in (first, second, streamed))
         + usage["prompt_tokens_details"]["cached_tokens"]
+        + keyed_usage["prompt_tokens_details"]["cached_tokens"]
         + sum(u["prompt_tokens_details"]["cached_tokens"] for u in chat_usage)
         + usage_chunk["usage"]["prompt_tokens_details"]["cached_tokens"]
     )
@@ -115,6 +124,18 @@ def test_a_shared_prefix_is_reported_cached_in_the_result_the_gateway_and_the_me
     assert wait_until(lambda: counted() == expected, 10), (counted(), expected)
     samples = scrape(stack.metrics_url)
     assert 0 < value(samples, "genq_prompt_cached_tokens_total") < value(samples, "genq_prompt_tokens_total")
+
+
+def test_an_openai_body_passes_its_prompt_cache_key_to_the_fingerprint() -> None:
+    bodies = [
+        parse_body(COMPLETIONS_URL, {"model": "tiny", "prompt": text, "prompt_cache_key": "rubric-7"})
+        for text in ("one prompt", "another prompt")
+    ]
+    requests = [GenerationRequest.model_validate(to_request(b)) for b in bodies]
+    assert [r.prompt_cache_key for r in requests] == ["rubric-7", "rubric-7"]
+    assert prefix_fingerprint(requests[0]) == prefix_fingerprint(requests[1])
+    with pytest.raises(ValidationError):
+        parse_body(COMPLETIONS_URL, {"model": "tiny", "prompt": "x", "prompt_cache_key": ""})
 
 
 def test_batch_output_lines_carry_the_cached_prompt_tokens(stack: Stack, tmp_path: Path) -> None:

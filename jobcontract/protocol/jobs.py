@@ -7,7 +7,14 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, ClassVar
 
-from jobcontract.admission import Admission, Receipt, build_message, candidate_backends, parse_receipts
+from jobcontract.admission import (
+    Admission,
+    Receipt,
+    build_message,
+    candidate_backends,
+    message_request,
+    parse_receipts,
+)
 from jobcontract.admission import request_fingerprint as request_fingerprint
 from jobcontract.keys import Keys, pool_name, queue_name
 from jobcontract.models import Backend, GenerationRequest, GenerationResult, JobState
@@ -49,7 +56,7 @@ class Submit(Operation[list[Receipt]]):
         for job_id, request in zip(self.job_ids, self.requests, strict=True):
             keys += [names.job(job_id), names.idempotency(request.idempotency_key or job_id)]
             messages, queues = [], []
-            dumped = request.model_dump(mode="json", exclude_defaults=True)  # once, not once per candidate
+            dumped = message_request(request)  # once, not once per candidate
             route = self.route_for(request.model)
             prefix = prefix_fingerprint(request, route.prefix_chars)
             for backend in candidate_backends(route, request.backend):
