@@ -54,7 +54,7 @@ class ModelRoute(BaseModel):
         ge=0,
         le=1_000_000,
         description="Leading characters of a prompt (or of a chat's canonical rendering) that name its prefix "
-        "for cache-aware placement (jobcontract.prefix); 0: no fingerprint.",
+        "for cache-aware placement (jobcontract.prefix); 0: none, unless a request names a prompt_cache_key.",
     )
 
     @model_validator(mode="after")

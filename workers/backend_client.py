@@ -236,11 +236,11 @@ def complete_plain(
 
 def cached_prompt_tokens(usage: dict[str, Any], timings: dict[str, Any], prompt_tokens: int) -> int:
     """The prompt tokens a server took from its prompt cache, wherever it says so:
-    - `usage.prompt_tokens_details.cached_tokens` (OpenAI's field): mlx_lm.server, plain and in the
-      streamed usage chunk (absent when it reused nothing it could count), and llama-server since
-      late 2025 (on its OpenAI endpoints, plain and in the last streamed chunk);
-    - `timings.cache_n`: llama-server's own count of the same, in every answer's `timings`, also
-      from versions that predate the OpenAI field;
+    - `usage.prompt_tokens_details.cached_tokens` (OpenAI's field): mlx_lm.server 0.32 (plain, and
+      in the streamed usage chunk), and llama-server as built here from llama-cpp-python 0.3.36's
+      sources (on its OpenAI endpoints, plain and in the last streamed chunk); 0 on a miss;
+    - `timings.cache_n`: llama-server's own count of the same, in every answer's `timings`, for
+      builds that have it without the OpenAI field;
     - never llama-server's `tokens_cached` (its native /completion only): the tokens held in the
       slot after the answer, generated ones included, not what this prompt reused;
     - llama_cpp.server reuses its one context's common prefix but reports none of it: 0.
