@@ -27,6 +27,7 @@ from producer.openai_format import COMPLETIONS_URL, parse_body, to_request
 from tests.callers import batch_line, genq_env, read_jsonl, write_jsonl
 from tests.harness import WorkerHandle, start_worker, wait_until
 from tests.metrics_helpers import free_port, gateway_app, scrape, serving, value
+from workers.backend_client import cached_prompt_tokens
 
 REPO = Path(__file__).resolve().parents[1]
 # About 300 tokens of the tiny model's byte-level vocabulary: well inside its 512-token context.
@@ -136,6 +137,19 @@ def test_an_openai_body_passes_its_prompt_cache_key_to_the_fingerprint() -> None
     assert prefix_fingerprint(requests[0]) == prefix_fingerprint(requests[1])
     with pytest.raises(ValidationError):
         parse_body(COMPLETIONS_URL, {"model": "tiny", "prompt": "x", "prompt_cache_key": ""})
+
+
+def test_cached_tokens_are_read_wherever_each_server_reports_them() -> None:
+    """The shapes the servers answer in (see workers.backend_client.cached_prompt_tokens); the real
+    servers' current answers are checked by the tests above."""
+    openai = {"prompt_tokens": 339, "prompt_tokens_details": {"cached_tokens": 336}}
+    assert cached_prompt_tokens(openai, {}, 339) == 336
+    # A llama-server build with timings but without the OpenAI field.
+    assert cached_prompt_tokens({"prompt_tokens": 339}, {"cache_n": 336, "prompt_n": 3}, 339) == 336
+    # llama_cpp.server: nothing said, nothing counted; never more than the prompt.
+    assert cached_prompt_tokens({"prompt_tokens": 339}, {}, 339) == 0
+    assert cached_prompt_tokens({"prompt_tokens_details": {"cached_tokens": 900}}, {}, 339) == 339
+    assert cached_prompt_tokens({"prompt_tokens_details": {"cached_tokens": "?"}}, {}, 339) == 0
 
 
 def test_batch_output_lines_carry_the_cached_prompt_tokens(stack: Stack, tmp_path: Path) -> None:
