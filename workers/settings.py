@@ -33,7 +33,7 @@ class WorkerSettings(GenqSettings):
         default=None,
         ge=0,
         description="mlx_lm.server --prompt-cache-bytes: a cap on the KV its prompt cache holds (0: no cap); "
-        "default a quarter of the host's memory over the worker's processes (specs.default_prompt_cache_bytes).",
+        "default half the host's memory over the worker's processes (specs.default_prompt_cache_bytes).",
     )
     server_start_timeout_s: float = Field(default=180.0, gt=0)
     server_hang_timeout_s: float = Field(

@@ -54,16 +54,18 @@ def default_prompt_cache_size(concurrency: int) -> int:
 
 def default_prompt_cache_bytes(processes: int) -> int:
     """mlx_lm.server caps its prompt cache at `--prompt-cache-bytes` of KV (its own default: no cap,
-    only the count): a quarter of the host's memory, shared by the worker's processes (each runs a
-    server). A cache entry is the KV of a whole prompt: about 128 KB a token on an 8B model, so
-    256 MB for a 2,000-token instruction, and 2 x 16 entries of those would be 8 GB on a 16 GB Mac.
-    mlx counts the running requests' KV against the cap and trims only the kept entries, so the cap
-    can cost cache hits, never a request."""
+    only the count): half the host's memory, shared by the worker's processes (each runs a server).
+    Every kept entry is the whole KV of one request, not shared with entries of the same prefix:
+    about 128 KB a token on an 8B model, so 290 MB for a 2,000-token instruction and its answer, and
+    2 x 16 of those would be 9 GB on a 16 GB Mac. mlx counts the running requests' KV against the cap
+    too (and trims only the kept entries, so the cap costs cache hits, never a request): 16 running
+    2,000-token requests of that model hold 4.6 GB, so a quarter of a 16 GB Mac would keep nothing
+    in the very case the cache is for; half keeps about ten entries beside them."""
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         memory = 16 * 1024**3
-    return max(64 * 1024**2, memory // 4 // max(1, processes))
+    return max(64 * 1024**2, memory // 2 // max(1, processes))
 
 
 def mlx_spec(
