@@ -32,6 +32,7 @@ from jobcontract import scripts
 from jobcontract.keys import DEFAULT_TENANT as DEFAULT_TENANT  # whose a job is when nobody says
 from jobcontract.keys import Keys, actor_name
 from jobcontract.models import Backend, GenerationRequest, Lane
+from jobcontract.prefix import PREFIX_OPTION
 from jobcontract.routes import ModelRoute
 
 # What EVAL runs for an admission (jobcontract/protocol/submit.lua, includes expanded); the operation
@@ -68,10 +69,16 @@ class Receipt:
     duplicate: bool  # an idempotency key matched an earlier job (another id): this is that job
 
 
+# Request fields that only steer admission and placement: no part of the ask (so not of its
+# fingerprint), and not sent to workers, which have no use for them (so a worker from before one was
+# added still runs the job).
+PLACEMENT_ONLY = frozenset({"prompt_cache_key"})
+
+
 def request_fingerprint(request: GenerationRequest) -> str:
-    """sha256 of the request's canonical JSON without its idempotency key: equal for the same ask,
-    however it was spelled (defaults included, keys sorted)."""
-    body = request.model_dump(mode="json", exclude={"idempotency_key"})
+    """sha256 of the request's canonical JSON without its idempotency key (nor PLACEMENT_ONLY
+    fields): equal for the same ask, however it was spelled (defaults included, keys sorted)."""
+    body = request.model_dump(mode="json", exclude={"idempotency_key", *PLACEMENT_ONLY})
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -84,6 +91,11 @@ def candidate_backends(route: ModelRoute, preferred: Backend | None) -> list[Bac
     return order
 
 
+def message_request(request: GenerationRequest) -> dict[str, Any]:
+    """The request as a job's message carries it to a worker: non-default fields, none PLACEMENT_ONLY."""
+    return request.model_dump(mode="json", exclude_defaults=True, exclude=set(PLACEMENT_ONLY))
+
+
 def build_message(
     job_id: str,
     request: GenerationRequest,
@@ -94,13 +106,17 @@ def build_message(
     batch_id: str | None = None,
     tenant: str | None = None,
     dumped: dict[str, Any] | None = None,
+    prefix: str | None = None,
 ) -> dramatiq.Message[Any]:
     """The dramatiq message a worker's actor receives: one attempt's worth of the job. `tenant` (the
     gateway's caller) labels the worker's metrics; ownership checks read the job's record. `dumped`:
     the request as this function would dump it, when the caller already has it (one per candidate
-    queue of an admission: the same dict for each)."""
+    queue of an admission: the same dict for each). `prefix`: the request's prefix fingerprint
+    (jobcontract.prefix), in the message's options under PREFIX_OPTION, where placement reads it
+    without parsing the request; options survive retries, reroutes, rescues and replays (each copies
+    or rebuilds the message with its options)."""
     kwargs: dict[str, Any] = {
-        "request": dumped if dumped is not None else request.model_dump(mode="json", exclude_defaults=True),
+        "request": dumped if dumped is not None else message_request(request),
         "attempts": list(attempts),
     }
     if batch_id is not None:
@@ -112,7 +128,7 @@ def build_message(
         actor_name=actor_name(lane),
         args=(job_id,),
         kwargs=kwargs,
-        options={},
+        options={} if prefix is None else {PREFIX_OPTION: prefix},
         message_id=job_id,
     )
 

@@ -86,6 +86,13 @@ class GenerationRequest(BaseModel):
     backend: Backend | None = Field(default=None, description="Preferred backend, within the model's route.")
     lane: Lane = Lane.INTERACTIVE
     stream: bool = Field(default=False, description="Publish tokens as they are generated.")
+    prompt_cache_key: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        description="Jobs given one key are placed together, where their prompt prefix is likely cached (OpenAI's "
+        "prompt_cache_key); without a key the leading part of the prompt decides (jobcontract.prefix).",
+    )
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -108,9 +115,21 @@ class GenerationRequest(BaseModel):
         return sum(len(m.content) for m in self.messages or ())
 
 
+class PromptTokensDetails(BaseModel):
+    """OpenAI's shape, so `usage` reads the same in genq's result, the gateway and batch output."""
+
+    cached_tokens: int = Field(
+        default=0,
+        ge=0,
+        description="Prompt tokens the server took from its prompt cache instead of computing them "
+        "(0 when the backend reports none).",
+    )
+
+
 class Usage(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
     @computed_field  # type: ignore[prop-decorator]
     @property

@@ -13,6 +13,7 @@ from typing import Self
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from jobcontract.models import Backend, ModelName
+from jobcontract.prefix import PREFIX_CHARS
 
 
 def backend_for_path(path: str) -> Backend:
@@ -48,6 +49,13 @@ class ModelRoute(BaseModel):
 
     name: ModelName
     backends: list[BackendRoute] = Field(min_length=1)
+    prefix_chars: int = Field(
+        default=PREFIX_CHARS,
+        ge=0,
+        le=1_000_000,
+        description="Leading characters of a prompt (or of a chat's canonical rendering) that name its prefix "
+        "for cache-aware placement (jobcontract.prefix); 0: none, unless a request names a prompt_cache_key.",
+    )
 
     @model_validator(mode="after")
     def _one_route_per_backend(self) -> Self:

@@ -41,6 +41,12 @@ class _Body(BaseModel):
     n: Literal[1] = Field(default=1, description="genq generates one choice per request.")
     user: str | None = Field(default=None, max_length=256, description="Accepted and ignored.")
     metadata: dict[str, str] | None = Field(default=None, description="Returned with the genq result.")
+    prompt_cache_key: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        description="Requests with one key are placed where their prompt prefix is likely cached.",
+    )
     # A deadline under a second cannot cover queueing and a first token: refuse it rather than fail the job.
     timeout_s: float | None = Field(
         default=None, ge=1.0, le=7 * 24 * 3600, description="genq extension: deadline of the whole job, in seconds."
@@ -97,7 +103,7 @@ def to_request(
         max_tokens = body.max_tokens
     if max_tokens is not None:
         request["max_tokens"] = max_tokens
-    for name in ("temperature", "top_p", "seed", "timeout_s"):
+    for name in ("temperature", "top_p", "seed", "timeout_s", "prompt_cache_key"):
         value = getattr(body, name)
         if value is not None:
             request[name] = value
@@ -134,11 +140,13 @@ def validation_message(error: ValidationError) -> tuple[str, str | None]:
 # -- responses -------------------------------------------------------------------------------------
 
 
-def usage(result: GenerationResult) -> dict[str, int]:
+def usage(result: GenerationResult) -> dict[str, Any]:
+    """OpenAI's usage object; `prompt_tokens_details.cached_tokens` as OpenAI reports it (0 on a miss)."""
     return {
         "prompt_tokens": result.usage.prompt_tokens,
         "completion_tokens": result.usage.completion_tokens,
         "total_tokens": result.usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": result.usage.prompt_tokens_details.cached_tokens},
     }
 
 

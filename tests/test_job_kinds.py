@@ -95,7 +95,12 @@ def test_plain_and_streamed_give_the_same_text_and_only_streamed_has_a_first_tok
     assert streamed.state is plain.state is JobState.SUCCEEDED, (streamed.error, plain.error)
     assert plain.backend is streamed.backend is Backend(backend)
     assert plain.text and plain.text == streamed.text == pieces
-    assert plain.usage == streamed.usage
+    assert (plain.usage.prompt_tokens, plain.usage.completion_tokens) == (
+        streamed.usage.prompt_tokens,
+        streamed.usage.completion_tokens,
+    )
+    # The same prompt a second time on the same server: all but its last token from the prompt cache.
+    assert 0 < plain.usage.prompt_tokens_details.cached_tokens < plain.usage.prompt_tokens
     assert plain.finish_reason == streamed.finish_reason
     assert streamed.timings.first_token_at is not None
     assert plain.timings.first_token_at is None  # a plain completion has no first token to report

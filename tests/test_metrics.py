@@ -262,6 +262,9 @@ def test_counters_and_histograms_match_what_happened(pools: Pools) -> None:
     assert value(mlx, "genq_prompt_tokens_total", model="tiny", backend="mlx") == sum(
         r.usage.prompt_tokens for r in succeeded if r.backend is Backend.MLX
     )
+    assert value(mlx, "genq_prompt_cached_tokens_total", model="tiny", backend="mlx") == sum(
+        r.usage.prompt_tokens_details.cached_tokens for r in succeeded if r.backend is Backend.MLX
+    )
     assert value(mlx, "genq_inter_token_latency_seconds_count", model="tiny", backend="mlx") > 0
     llamacpp = pools.scrape("llamacpp")
     assert value(llamacpp, "genq_backend_servers_up", model="tiny", backend="llamacpp") == 1

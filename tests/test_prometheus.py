@@ -43,6 +43,7 @@ GRAFANA_VARIABLES = {
     "$model": ".+",
     "$tenant": ".+",
 }
+SHARED_INSTRUCTION = "Answer in one word whether the line below is a question or a statement. " * 4
 # An alert is `<signal> <comparison> <threshold>`; the signal must return data, the whole must parse.
 ALERT_SHAPE = re.compile(r"^(?P<signal>.+?)\s*(?P<op>==|!=|>=|<=|>|<)\s*(?P<threshold>-?[0-9.]+(?:e-?[0-9]+)?)$", re.S)
 
@@ -190,6 +191,9 @@ def _traffic(settings: GenqSettings, gateway_url: str) -> None:
                 {"model": "tiny", "prompt": f"wave {wave} job {n}", "max_tokens": 8, "stream": n % 2 == 0}
                 for n in range(4)
             ]
+            # One job a wave opens with a long shared instruction: from the second wave on, the server
+            # takes it from its prompt cache, which the prompt cache panels show.
+            jobs.append({"model": "tiny", "prompt": f"{SHARED_INSTRUCTION}\nwave {wave}", "max_tokens": 4})
             results = client.results(client.submit_many(jobs), timeout=60)
             assert all(r.ok for r in results), [r.error for r in results]
             completion = http.post("/v1/completions", json={"model": "tiny", "prompt": f"wave {wave}", "max_tokens": 4})
@@ -213,6 +217,16 @@ def test_every_dashboard_query_returns_data(stack: Prometheus) -> None:
             meaningless.append(name)
     assert not empty, f"no data for {empty}"
     assert not meaningless, f"only NaN for {meaningless}"
+
+
+def test_the_prompt_cache_hit_ratio_panel_shows_the_shared_instruction_served_from_cache(stack: Prometheus) -> None:
+    panel = next(
+        p for p in json.loads(DASHBOARD.read_text())["panels"] if p["title"] == "Prompt cache hit ratio per pool"
+    )
+    [target] = panel["targets"]
+    [pool] = stack.query(grafana(target["expr"]))
+    assert pool["metric"] == {"model": "tiny", "backend": "mlx"}
+    assert 0 < float(pool["value"][1]) < 1
 
 
 def test_the_dashboard_model_variable_lists_the_model(stack: Prometheus) -> None:

@@ -21,6 +21,7 @@ from jobcontract.admission import Admission, QueueFull, build_message
 from jobcontract.connection import connect_async
 from jobcontract.keys import CONSUMER_GROUP, Keys, QueueRef, parse_queue, pool_name, queue_name
 from jobcontract.models import Backend, GenerationRequest, GenerationResult, JobState, Lane, Timings, utc_from_micros
+from jobcontract.prefix import prefix_fingerprint, prefix_of
 from jobcontract.protocol.batch import BatchAdvance, BatchLease, BatchRecordJobs, MarkWritten
 from jobcontract.protocol.entry import DeadLetterEntry, QueueEntry, entry_fields
 from jobcontract.protocol.gateway import FileReserve, QuotaReserve
@@ -166,6 +167,55 @@ def test_a_worker_vouched_unready_is_alive_but_not_live(redis_client: redis.Redi
     assert protocol.run(redis_client, Vouch(keys, pool, workers=["w1"], ready=[False], ttl_ms=10_000)) == 1
     assert redis_client.exists(keys.alive("w1"))
     assert protocol.run(redis_client, LiveWorkers(keys, [("tiny", Backend.MLX)])) == [0]
+
+
+def test_submit_puts_the_prefix_fingerprint_in_every_queued_message(redis_client: redis.Redis, keys: Keys) -> None:
+    """Placement reads it from the queue entry: the message's options, in every candidate queue's
+    message alike, and kept when the entry is handed back."""
+    shared = "Extract every date from the letter below. " * 30
+    requests = [
+        GenerationRequest(model="tiny", prompt=shared + "Dear Ann,"),
+        GenerationRequest(model="tiny", prompt=shared + "Dear Bob,", lane=Lane.BATCH),
+        GenerationRequest(
+            model="tiny", messages=[{"role": "system", "content": shared}, {"role": "user", "content": "x"}]
+        ),
+        GenerationRequest(model="tiny", prompt="Translate. " + shared),
+    ]
+    op = Submit(Admission(keys, 100, 60, 30.0), requests, ["a", "b", "c", "d"], lambda _: ROUTE)
+    protocol.run(redis_client, op)
+    messages = {}
+    for queue in (MLX_QUEUE, queue_name("tiny", Backend.MLX, Lane.BATCH)):
+        for _id, fields in redis_client.xrange(keys.stream(queue)):
+            entry = QueueEntry.read(fields)
+            assert entry.message is not None
+            message = dramatiq.Message.decode(entry.message)
+            messages[message.message_id] = message
+    prefixes = {job: prefix_of(m.options) for job, m in messages.items()}
+    assert prefixes["a"] == prefixes["b"] == prefix_fingerprint(requests[0])
+    assert prefixes["a"] is not None and len({prefixes["a"], prefixes["c"], prefixes["d"]}) == 3
+    # Every candidate queue's message carries it (the script queues one of them).
+    candidates = [dramatiq.Message.decode(m) for m in op.args()[11:13]]
+    assert [prefix_of(m.options) for m in candidates] == [prefixes["a"]] * 2
+    # Handed back after a dead worker: the same message, the same fingerprint.
+    redis_client.set(keys.alive("w1"), 1)
+    deliver(redis_client, keys, MLX_QUEUE, "w1")
+    redis_client.delete(keys.alive("w1"))
+    assert protocol.run(redis_client, Reclaim(keys, keys.stream(MLX_QUEUE), "w1", max_redeliveries=5)) == 3
+    back = [QueueEntry.read(f).message for _i, f in redis_client.xrange(keys.stream(MLX_QUEUE))]
+    assert {prefix_of(dramatiq.Message.decode(m).options) for m in back if m} == {
+        prefixes["a"],
+        prefixes["c"],
+        prefixes["d"],
+    }
+
+
+def test_a_model_routed_without_fingerprints_queues_messages_without_one(redis_client: redis.Redis, keys: Keys) -> None:
+    route = ROUTE.model_copy(update={"prefix_chars": 0})
+    request = GenerationRequest(model="tiny", prompt="x" * 2000)
+    protocol.run(redis_client, Submit(Admission(keys, 100, 60, 30.0), [request], ["j"], lambda _: route))
+    _id, fields = first_entry(redis_client, keys.stream(MLX_QUEUE))
+    raw = QueueEntry.read(fields).message
+    assert raw is not None and dramatiq.Message.decode(raw).options == {}
 
 
 # -- queue entries ------------------------------------------------------------------------------------

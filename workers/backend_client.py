@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from jobcontract.models import AttemptOutcome, GenerationRequest
+from jobcontract.models import AttemptOutcome, GenerationRequest, PromptTokensDetails, Usage
 from workers.plain_client import PlainCancelled, PlainFailure, plain_budget_s, post_json
 from workers.servers.specs import ServerSpec
 
@@ -43,6 +43,14 @@ class Completion:
     first_token_at: float | None  # monotonic
     finished_at: float  # monotonic
     token_gaps: list[float] = field(default_factory=list)
+    cached_tokens: int = 0  # of prompt_tokens, taken from the server's prompt cache
+
+    def usage(self) -> Usage:
+        return Usage(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=self.cached_tokens),
+        )
 
 
 @dataclass(frozen=True)
@@ -100,6 +108,7 @@ def complete(
     last_token_at = started
     finish_reason: str | None = None
     usage: dict[str, Any] = {}
+    timings: dict[str, Any] = {}
     events = 0
     try:
         with client.stream("POST", base_url + path, json=payload, timeout=timeout) as response:
@@ -119,6 +128,8 @@ def complete(
                     )
                 if chunk.get("usage"):
                     usage = chunk["usage"]
+                if chunk.get("timings"):
+                    timings = chunk["timings"]
                 for choice in chunk.get("choices") or ():
                     text = _choice_text(choice)
                     if text:
@@ -152,15 +163,17 @@ def complete(
             retryable=True,
         )
     completion_tokens = int(usage.get("completion_tokens") or len(pieces))
+    prompt_tokens = int(usage.get("prompt_tokens") or 0)
     return Completion(
         text="".join(pieces),
         finish_reason="stop" if finish_reason == "stop" else "length",
-        prompt_tokens=int(usage.get("prompt_tokens") or 0),
+        prompt_tokens=prompt_tokens,
         # llama_cpp.server can count past max_tokens; callers are promised the cap.
         completion_tokens=min(completion_tokens, request.max_tokens),
         first_token_at=first_token_at,
         finished_at=time.monotonic(),
         token_gaps=gaps,
+        cached_tokens=cached_prompt_tokens(usage, timings, prompt_tokens),
     )
 
 
@@ -209,14 +222,38 @@ def complete_plain(
     text = _choice_text(choice)
     usage = data.get("usage") or {}
     completion_tokens = int(usage.get("completion_tokens") or 0)
+    prompt_tokens = int(usage.get("prompt_tokens") or 0)
     return Completion(
         text=text,
         finish_reason="stop" if choice.get("finish_reason") == "stop" else "length",
-        prompt_tokens=int(usage.get("prompt_tokens") or 0),
+        prompt_tokens=prompt_tokens,
         completion_tokens=min(completion_tokens, request.max_tokens),
         first_token_at=None,
         finished_at=finished_at,
+        cached_tokens=cached_prompt_tokens(usage, data.get("timings") or {}, prompt_tokens),
     )
+
+
+def cached_prompt_tokens(usage: dict[str, Any], timings: dict[str, Any], prompt_tokens: int) -> int:
+    """The prompt tokens a server took from its prompt cache, wherever it says so:
+    - `usage.prompt_tokens_details.cached_tokens` (OpenAI's field): mlx_lm.server 0.32 (plain, and
+      in the streamed usage chunk), and llama-server as built here from llama-cpp-python 0.3.36's
+      sources (on its OpenAI endpoints, plain and in the last streamed chunk); 0 on a miss;
+    - `timings.cache_n`: llama-server's own count of the same, in every answer's `timings`, for
+      builds that have it without the OpenAI field;
+    - never llama-server's `tokens_cached` (its native /completion only): the tokens held in the
+      slot after the answer, generated ones included, not what this prompt reused;
+    - llama_cpp.server reuses its one context's common prefix but reports none of it: 0.
+    Capped by the prompt, so a ratio over prompt tokens stays a ratio."""
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    if cached is None:
+        cached = timings.get("cache_n")
+    try:
+        count = int(cached or 0)
+    except (TypeError, ValueError):
+        return 0
+    return max(0, min(count, prompt_tokens)) if prompt_tokens else max(0, count)
 
 
 def _empty_stream(

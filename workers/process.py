@@ -54,6 +54,9 @@ def server_spec(settings: WorkerSettings, route: BackendRoute) -> ServerSpec:
             concurrency=settings.concurrency,
             max_tokens=settings.max_tokens_cap,
             hub_cache=settings.hub_cache,
+            prompt_cache_size=settings.prompt_cache_size,
+            prompt_cache_bytes=settings.prompt_cache_bytes,
+            processes=settings.processes,
         )
     binary = find_llama_server(settings.llama_server_bin)
     if binary is not None:

@@ -31,7 +31,6 @@ from jobcontract.models import (
     GenerationRequest,
     JobState,
     Timings,
-    Usage,
     utc_from_micros,
 )
 from jobcontract.routes import BackendRoute
@@ -244,7 +243,7 @@ class JobRunner:
             request.model,
             text=completion.text,
             finish_reason="stop" if completion.finish_reason == "stop" else "length",
-            usage=Usage(prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens),
+            usage=completion.usage(),
             backend=self.backend,
             worker=self.worker_name,
             attempts=[*(Attempt.model_validate(a) for a in history), attempt],

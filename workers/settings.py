@@ -23,6 +23,18 @@ class WorkerSettings(GenqSettings):
         description="Path of a llama-server binary; else llama-server on PATH; else python -m llama_cpp.server.",
     )
     llama_threads: int = Field(default=2, ge=1)
+    prompt_cache_size: int | None = Field(
+        default=None,
+        ge=0,
+        description="mlx_lm.server --prompt-cache-size: KV caches of recent prompts it keeps for reuse; "
+        "default max(10, 2 x concurrency) (workers.servers.specs.default_prompt_cache_size).",
+    )
+    prompt_cache_bytes: int | None = Field(
+        default=None,
+        ge=0,
+        description="mlx_lm.server --prompt-cache-bytes: a cap on the KV its prompt cache holds (0: no cap); "
+        "default half the host's memory over the worker's processes (specs.default_prompt_cache_bytes).",
+    )
     server_start_timeout_s: float = Field(default=180.0, gt=0)
     server_hang_timeout_s: float = Field(
         default=2.0, gt=0, description="A server silent this long on its probe is restarted."

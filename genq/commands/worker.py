@@ -14,6 +14,12 @@ def register(sub: Any) -> None:
     worker.add_argument("--concurrency", type=int, help="requests in flight per process (GENQ_CONCURRENCY)")
     worker.add_argument("--metrics-port", type=int, help="serve /metrics for all processes (GENQ_METRICS_PORT)")
     worker.add_argument("--llama-server", help="path of a llama-server binary (GENQ_LLAMA_SERVER_BIN)")
+    worker.add_argument(
+        "--prompt-cache-size", type=int, help="mlx_lm.server prompt caches kept (GENQ_PROMPT_CACHE_SIZE)"
+    )
+    worker.add_argument(
+        "--prompt-cache-bytes", type=int, help="mlx_lm.server prompt cache cap, 0: none (GENQ_PROMPT_CACHE_BYTES)"
+    )
     worker.set_defaults(run=_worker)
 
 
@@ -28,5 +34,7 @@ def _worker(args: argparse.Namespace) -> int:
         "concurrency": args.concurrency,
         "metrics_port": args.metrics_port,
         "llama_server_bin": args.llama_server,
+        "prompt_cache_size": args.prompt_cache_size,
+        "prompt_cache_bytes": args.prompt_cache_bytes,
     }
     return WorkerPool(WorkerSettings(**{k: v for k, v in given.items() if v is not None})).run()

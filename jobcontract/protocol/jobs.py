@@ -7,10 +7,18 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, ClassVar
 
-from jobcontract.admission import Admission, Receipt, build_message, candidate_backends, parse_receipts
+from jobcontract.admission import (
+    Admission,
+    Receipt,
+    build_message,
+    candidate_backends,
+    message_request,
+    parse_receipts,
+)
 from jobcontract.admission import request_fingerprint as request_fingerprint
 from jobcontract.keys import Keys, pool_name, queue_name
 from jobcontract.models import Backend, GenerationRequest, GenerationResult, JobState
+from jobcontract.prefix import prefix_fingerprint
 from jobcontract.protocol.operation import Operation, text
 from jobcontract.protocol.queue import lane_tenant
 from jobcontract.routes import ModelRoute
@@ -50,13 +58,22 @@ class Submit(Operation[list[Receipt]]):
         for job_id, request in zip(self.job_ids, self.requests, strict=True):
             keys += [names.job(job_id), names.idempotency(request.idempotency_key or job_id)]
             messages, queues = [], []
-            dumped = request.model_dump(mode="json", exclude_defaults=True)  # once, not once per candidate
-            for backend in candidate_backends(self.route_for(request.model), request.backend):
+            dumped = message_request(request)  # once, not once per candidate
+            route = self.route_for(request.model)
+            prefix = prefix_fingerprint(request, route.prefix_chars)
+            for backend in candidate_backends(route, request.backend):
                 queue = queue_name(request.model, backend, request.lane)
                 pool = pool_name(request.model, backend)
                 keys += [names.lane(queue, self.tenant), names.pool(pool), names.circuit(pool), names.lanes(queue)]
                 message = build_message(
-                    job_id, request, queue, request.lane, batch_id=batch_id, tenant=self.tenant, dumped=dumped
+                    job_id,
+                    request,
+                    queue,
+                    request.lane,
+                    batch_id=batch_id,
+                    tenant=self.tenant,
+                    dumped=dumped,
+                    prefix=prefix,
                 )
                 messages.append(message.encode())
                 queues.append(queue)

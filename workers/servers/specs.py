@@ -41,18 +41,63 @@ def _argv(*head: str, flags: list[tuple[str, str]]) -> tuple[str, ...]:
     return (*head, *(part for flag in flags for part in flag))
 
 
-def mlx_spec(model_path: str, *, concurrency: int, max_tokens: int, hub_cache: Path) -> ServerSpec:
+def default_prompt_cache_size(concurrency: int) -> int:
+    """mlx_lm.server's prompt cache (`--prompt-cache-size`) counts KV caches, and every finished
+    request leaves one (its prompt and answer; a chat also leaves one per system and user segment).
+    With mlx's default of 10, one burst of `concurrency` (16) requests finishing evicts every other
+    prefix's cache, so a worker that placement gives a handful of prefixes would keep only the
+    latest. Twice the concurrency keeps the caches of the last two bursts, and never fewer than
+    mlx's own 10. The cache finds the longest common prefix in any kept entry, so one entry per
+    prefix is enough for a hit."""
+    return max(10, 2 * concurrency)
+
+
+def default_prompt_cache_bytes(processes: int) -> int:
+    """mlx_lm.server caps its prompt cache at `--prompt-cache-bytes` of KV (its own default: no cap,
+    only the count): half the host's memory, shared by the worker's processes (each runs a server).
+    Every kept entry is the whole KV of one request, not shared with entries of the same prefix:
+    about 128 KB a token on an 8B model, so 290 MB for a 2,000-token instruction and its answer, and
+    2 x 16 of those would be 9 GB on a 16 GB Mac. mlx counts the running requests' KV against the cap
+    too (and trims only the kept entries, so the cap costs cache hits, never a request): 16 running
+    2,000-token requests of that model hold 4.6 GB, so a quarter of a 16 GB Mac would keep nothing
+    in the very case the cache is for; half keeps about ten entries beside them."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        memory = 16 * 1024**3
+    return max(64 * 1024**2, memory // 2 // max(1, processes))
+
+
+def mlx_spec(
+    model_path: str,
+    *,
+    concurrency: int,
+    max_tokens: int,
+    hub_cache: Path,
+    prompt_cache_size: int | None = None,
+    prompt_cache_bytes: int | None = None,
+    processes: int = 1,
+) -> ServerSpec:
     """mlx_lm.server; `HF_HUB_OFFLINE` and an existing hub cache keep it from reaching for the network
-    (with no cache folder its /v1/models answers 200 with an empty body)."""
+    (with no cache folder its /v1/models answers 200 with an empty body). Its prompt cache (the KV
+    of recent prompts, reused for any later prompt that shares a prefix with one) gets the worker's
+    size and byte cap (None: the defaults above; a byte cap of 0: none, mlx's own default); it
+    reports the reused part as `usage.prompt_tokens_details.cached_tokens`, plain and streamed (in
+    the usage chunk)."""
     hub_cache.mkdir(parents=True, exist_ok=True)
+    size = default_prompt_cache_size(concurrency) if prompt_cache_size is None else prompt_cache_size
     flags = [
         ("--model", model_path),
         ("--host", "127.0.0.1"),
         ("--max-tokens", str(max_tokens)),
         ("--decode-concurrency", str(concurrency)),
         ("--prompt-concurrency", str(max(1, min(concurrency, 8)))),
+        ("--prompt-cache-size", str(size)),
         ("--log-level", "WARNING"),
     ]
+    cap = default_prompt_cache_bytes(processes) if prompt_cache_bytes is None else prompt_cache_bytes
+    if cap > 0:
+        flags.append(("--prompt-cache-bytes", str(cap)))
     return ServerSpec(
         name="mlx_lm.server",
         backend=Backend.MLX,
