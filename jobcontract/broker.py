@@ -8,10 +8,11 @@ sits in the group's pending list until acked; and a consumer's entries are hande
 when its liveness key (a TTL kept fresh by its owner, timed by Redis alone) is gone. Actors and
 middleware do not notice the difference: this is a dramatiq.Broker like any other.
 
-A queue is several streams ("lanes"): its own, which holds the default tenant's entries, and one per
-tenant that submitted to it (jobcontract.keys.Keys.lane), listed in the queue's lane set. Which lane
+A queue is several streams ("partitions"): its own, which holds the default tenant's entries without a
+prefix fingerprint, and one per tenant, or tenant and prefix shard, that submitted to it
+(jobcontract.keys.partition_of), listed in the queue's partition set. Which partition
 a consumer takes from next is the scheduler's (jobcontract.scheduling); everything else here works on
-every lane of a queue alike.
+every partition of a queue alike.
 
 Handing entries back (Requeue, Reclaim: a poison entry goes to dead letters and its job is failed)
 are operations of jobcontract.protocol; the consumer is jobcontract.consumer.
@@ -36,7 +37,7 @@ from jobcontract.keys import CONSUMER_GROUP, Keys
 from jobcontract.outage import OutagePolicy
 from jobcontract.protocol.entry import DeadLetterCap
 from jobcontract.protocol.queue import Enqueue, Reclaim, Requeue
-from jobcontract.scheduling import TakePlan, plan
+from jobcontract.scheduling import TakePlan, message_partition, plan
 
 __all__ = ["LeavePending", "StreamMessage", "StreamsBroker", "StreamsConsumer"]
 
@@ -108,7 +109,9 @@ class StreamsBroker(dramatiq.Broker):
             queue_name = dq_name(queue_name)
             message = message.copy(queue_name=queue_name, options={"eta": current_millis() + delay})
         self.emit_before("enqueue", message, delay)
-        add = Enqueue(self.keys, queue_name, message.encode(), tenant=message.kwargs.get("tenant"))
+        add = Enqueue(
+            self.keys, queue_name, message.encode(), partition=message_partition(message.kwargs, message.options)
+        )
         try:
             self.outage.ride_out(lambda: protocol.run(self.client, add))
         except redis.RedisError as error:
@@ -122,20 +125,22 @@ class StreamsBroker(dramatiq.Broker):
             raise QueueNotFound(queue_name)
         return StreamsConsumer(self, queue_name, prefetch=prefetch, timeout_ms=timeout)
 
-    def requeue_entries(self, queue_name: str, entry_ids: Iterable[str], *, tenant: str | None = None) -> int:
-        """Hand entries of `tenant`'s lane of a queue back to it."""
+    def requeue_entries(self, queue_name: str, entry_ids: Iterable[str], *, partition: str | None = None) -> int:
+        """Hand entries of a partition of a queue back to it."""
         ids = list(entry_ids)
         if not ids:
             return 0
-        requeue = Requeue(self.keys, queue_name, ids, self.max_redeliveries + 1, self.dead_letter_cap, tenant=tenant)
+        requeue = Requeue(
+            self.keys, queue_name, ids, self.max_redeliveries + 1, self.dead_letter_cap, partition=partition
+        )
         return protocol.run(self.client, requeue)
 
-    def lane_tenants(self, queue_name: str) -> list[str | None]:
-        """The tenants with a lane in a queue: None (the queue's own stream) first."""
-        return [None, *sorted(_text(t) for t in self.client.smembers(self.keys.lanes(queue_name)))]
+    def partitions(self, queue_name: str) -> list[str | None]:
+        """The partitions of a queue: None (the queue's own stream) first, then its partition set's members."""
+        return [None, *sorted(_text(t) for t in self.client.smembers(self.keys.partitions(queue_name)))]
 
-    def lane_streams(self, queue_name: str) -> list[str]:
-        return [self.keys.lane(queue_name, tenant) for tenant in self.lane_tenants(queue_name)]
+    def partition_streams(self, queue_name: str) -> list[str]:
+        return [self.keys.partition(queue_name, member) for member in self.partitions(queue_name)]
 
     def reclaim_dead_consumers(self) -> int:
         """Hand back every entry held by a consumer nobody vouches for any more; returns how many.
@@ -145,9 +150,9 @@ class StreamsBroker(dramatiq.Broker):
         moved = 0
         for raw in self.client.smembers(self.keys.queues):
             queue = _text(raw)
-            for tenant in self.lane_tenants(queue):
+            for partition in self.partitions(queue):
                 try:
-                    consumers = self.client.xinfo_consumers(self.keys.lane(queue, tenant), CONSUMER_GROUP)
+                    consumers = self.client.xinfo_consumers(self.keys.partition(queue, partition), CONSUMER_GROUP)
                 except redis.ResponseError:
                     continue  # the stream or its group is gone
                 for consumer in consumers:
@@ -155,7 +160,7 @@ class StreamsBroker(dramatiq.Broker):
                     if name == self.consumer_name:
                         continue
                     reclaim = Reclaim(
-                        self.keys, queue, name, self.max_redeliveries, self.dead_letter_cap, tenant=tenant
+                        self.keys, queue, name, self.max_redeliveries, self.dead_letter_cap, partition=partition
                     )
                     moved += protocol.run(self.client, reclaim) or 0
         return moved
@@ -163,7 +168,7 @@ class StreamsBroker(dramatiq.Broker):
     # -- housekeeping for tests and tools ------------------------------------------------------------
     def flush(self, queue_name: str) -> None:
         for name in (queue_name, dq_name(queue_name)):
-            self.client.delete(*self.lane_streams(name), self.keys.lanes(name), self.keys.fair_tags(name))
+            self.client.delete(*self.partition_streams(name), self.keys.partitions(name), self.keys.fair_tags(name))
             self.ensure_group(name)
 
     def flush_all(self) -> None:
@@ -173,7 +178,7 @@ class StreamsBroker(dramatiq.Broker):
     def join(self, queue_name: str, *, timeout: int | None = None) -> None:
         """Wait until the queue and its delay queue hold no entry (acked entries are deleted)."""
         deadline = None if timeout is None else time.monotonic() + timeout / 1000
-        while any(self.client.xlen(s) for q in (queue_name, dq_name(queue_name)) for s in self.lane_streams(q)):
+        while any(self.client.xlen(s) for q in (queue_name, dq_name(queue_name)) for s in self.partition_streams(q)):
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"queue {queue_name!r} still has work after {timeout} ms")
             time.sleep(0.01)

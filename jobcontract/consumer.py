@@ -1,9 +1,9 @@
 """The consuming side of jobcontract.broker: one queue read for one worker process.
 
-A queue is several streams: its own (the default tenant's lane) and one lane per tenant. What to
+A queue is several streams (partitions): its own, and one per tenant or tenant and prefix shard. What to
 take next is the scheduler's (jobcontract.scheduling: a plan, then the Take operation in Redis);
-the consumer blocks on every lane only when the take found nothing. Delivered entries stay pending
-in their lane's group until settled (acked and deleted, or filed under dead letters), handed back
+the consumer blocks on every partition only when the take found nothing. Delivered entries stay pending
+in their partition's group until settled (acked and deleted, or filed under dead letters), handed back
 (Requeue) or left pending for the orphan check; see the broker's docstring.
 """
 
@@ -22,7 +22,7 @@ from dramatiq.errors import BrokerConnectionError
 
 from jobcontract import protocol
 from jobcontract.connection import MAX_BLOCK_MS, stream_reply
-from jobcontract.keys import CONSUMER_GROUP, TENANT_LANE_INFIX
+from jobcontract.keys import CONSUMER_GROUP, PARTITION_INFIX
 from jobcontract.outage import OUTAGE_ERRORS
 from jobcontract.protocol.entry import QueueEntry
 from jobcontract.protocol.queue import Reject
@@ -51,8 +51,8 @@ class LeavePending(Exception):
 
 
 class StreamMessage(dramatiq.MessageProxy):
-    """A delivered message and the stream entry it came from (its lane and id), which is what gets
-    acked; `tenant` is the lane's (None: the queue's own stream)."""
+    """A delivered message and the stream entry it came from (its partition and id), which is what gets
+    acked; `partition` names it (None: the queue's own stream; see jobcontract.keys.partition_of)."""
 
     def __init__(
         self,
@@ -61,21 +61,21 @@ class StreamMessage(dramatiq.MessageProxy):
         redeliveries: int,
         *,
         stream: str = "",
-        tenant: str | None = None,
+        partition: str | None = None,
     ) -> None:
         super().__init__(message)
         self.entry_id = entry_id
         self.redeliveries = redeliveries
         self.stream = stream
-        self.tenant = tenant
+        self.partition = partition
 
 
 class StreamsConsumer(dramatiq.Consumer):
-    """Reads one queue (all its lanes) for one worker process, holding at most `prefetch` unacked entries.
+    """Reads one queue (all its partitions) for one worker process, holding at most `prefetch` unacked entries.
 
     dramatiq acks from worker threads, so the in-flight count is guarded by a lock and a freed
     slot wakes a consumer that was waiting for room. `held` names the entries taken and not yet
-    settled (by lane and id), so entries pending on this consumer's name that it never received can
+    settled (by partition and id), so entries pending on this consumer's name that it never received can
     be told apart. A delay queue's consumer remembers the etas of what it holds, so it sleeps until
     the next one is due (dramatiq releases a delayed message only when a read returns) rather than
     polling.
@@ -86,7 +86,7 @@ class StreamsConsumer(dramatiq.Consumer):
         self.client = broker.client
         self.queue_name = queue_name
         self.stream = broker.keys.stream(queue_name)
-        self.streams = [self.stream]  # every lane, as the last take saw them
+        self.streams = [self.stream]  # every partition, as the last take saw them
         self.prefetch = max(1, prefetch)
         self.timeout_ms = min(timeout_ms, MAX_BLOCK_MS)
         self.delayed = queue_name.endswith(".DQ")
@@ -127,7 +127,7 @@ class StreamsConsumer(dramatiq.Consumer):
             if not taken.streams:  # only age-bounded tiers: look again soon
                 time.sleep(min(self._block_ms(), POLL_MS) / 1000)
                 return None
-            # Nothing waits: block on every lane until something comes (one entry a lane at most).
+            # Nothing waits: block on every partition until something comes (one entry each at most).
             reply = self.client.xreadgroup(
                 CONSUMER_GROUP,
                 self.broker.consumer_name,
@@ -161,9 +161,9 @@ class StreamsConsumer(dramatiq.Consumer):
         due_in = first - int(time.time() * 1000)
         return max(DELAY_QUEUE_MIN_BLOCK_MS, min(self.timeout_ms, due_in))
 
-    def tenant_of(self, stream: str) -> str | None:
-        """The tenant whose lane a stream of this queue is (None: the queue's own stream)."""
-        prefix = self.stream + TENANT_LANE_INFIX
+    def partition_of_stream(self, stream: str) -> str | None:
+        """The partition a stream of this queue is (None: the queue's own stream)."""
+        prefix = self.stream + PARTITION_INFIX
         return stream[len(prefix) :] if stream.startswith(prefix) else None
 
     def _ride_out_read(self, error: Exception) -> None:
@@ -178,19 +178,19 @@ class StreamsConsumer(dramatiq.Consumer):
     def _take(self, stream: str, entry_id: str, fields: dict[bytes, bytes]) -> None:
         entry = QueueEntry.read(fields)
         raw = entry.message or b""
-        tenant = self.tenant_of(stream)
+        partition = self.partition_of_stream(stream)
         try:
             message = dramatiq.Message.decode(raw)
         except Exception as error:  # a malformed entry must not wedge the queue
             log.error("undecodable entry %s on %s moved to dead letters: %s", entry_id, stream, error)
-            self._settle(stream, tenant, entry_id, dead_reason=f"undecodable message: {error}", raw=raw)
+            self._settle(stream, partition, entry_id, dead_reason=f"undecodable message: {error}", raw=raw)
             return
         with self.lock:
             self.in_flight += 1
             self.held.add((stream, entry_id))
             if self.delayed:
                 self.etas[(stream, entry_id)] = int(message.options.get("eta", 0))
-        self.buffer.append(StreamMessage(message, entry_id, entry.redeliveries, stream=stream, tenant=tenant))
+        self.buffer.append(StreamMessage(message, entry_id, entry.redeliveries, stream=stream, partition=partition))
 
     def _adopt_orphans(self) -> None:
         """Take entries pending on this consumer's name that it never received. A read whose reply was
@@ -205,7 +205,7 @@ class StreamsConsumer(dramatiq.Consumer):
         self.next_orphan_check = time.monotonic() + ORPHAN_CHECK_S
         with self.lock:
             held_at_read = set(self.held)
-        streams = self.broker.lane_streams(self.queue_name)
+        streams = self.broker.partition_streams(self.queue_name)
         reply = self.client.xreadgroup(
             CONSUMER_GROUP, self.broker.consumer_name, {stream: "0" for stream in streams}, count=1000
         )
@@ -231,7 +231,7 @@ class StreamsConsumer(dramatiq.Consumer):
             self.requeue([message])
             return
         delivered = _held(message)
-        self._settle(delivered.stream, delivered.tenant, delivered.entry_id)
+        self._settle(delivered.stream, delivered.partition, delivered.entry_id)
         self._release(delivered)
 
     def nack(self, message: dramatiq.MessageProxy) -> None:
@@ -239,20 +239,20 @@ class StreamsConsumer(dramatiq.Consumer):
         reason = repr(exception) if exception is not None else "rejected"
         delivered = _held(message)
         self._settle(
-            delivered.stream, delivered.tenant, delivered.entry_id, dead_reason=reason, raw=message._message.encode()
+            delivered.stream, delivered.partition, delivered.entry_id, dead_reason=reason, raw=message._message.encode()
         )
         self._release(delivered)
 
     def requeue(self, messages: Iterable[dramatiq.MessageProxy]) -> None:
-        by_tenant: dict[str | None, list[StreamMessage]] = {}
+        by_partition: dict[str | None, list[StreamMessage]] = {}
         for message in messages:
             delivered = _held(message)
-            by_tenant.setdefault(delivered.tenant, []).append(delivered)
-        for tenant, held in by_tenant.items():
+            by_partition.setdefault(delivered.partition, []).append(delivered)
+        for partition, held in by_partition.items():
             ids = [m.entry_id for m in held]
 
-            def hand_back(ids: list[str] = ids, tenant: str | None = tenant) -> None:
-                self.broker.requeue_entries(self.queue_name, ids, tenant=tenant)
+            def hand_back(ids: list[str] = ids, partition: str | None = partition) -> None:
+                self.broker.requeue_entries(self.queue_name, ids, partition=partition)
 
             try:
                 self.broker.outage.ride_out(hand_back)
@@ -283,7 +283,7 @@ class StreamsConsumer(dramatiq.Consumer):
         self.slot_freed.set()
 
     def _settle(
-        self, stream: str, tenant: str | None, entry_id: str, *, dead_reason: str | None = None, raw: bytes = b""
+        self, stream: str, partition: str | None, entry_id: str, *, dead_reason: str | None = None, raw: bytes = b""
     ) -> None:
         """Ack and delete an entry (and file it under dead letters when rejected), retrying through
         a short Redis outage so a finished job is not handed to someone else for nothing."""
@@ -291,7 +291,7 @@ class StreamsConsumer(dramatiq.Consumer):
         def settle() -> None:
             if dead_reason is not None:
                 keys, cap = self.broker.keys, self.broker.dead_letter_cap
-                reject = Reject(keys, self.queue_name, entry_id, raw, dead_reason, cap, tenant=tenant)
+                reject = Reject(keys, self.queue_name, entry_id, raw, dead_reason, cap, partition=partition)
                 protocol.run(self.client, reject)
                 return
             pipe = self.client.pipeline(transaction=True)

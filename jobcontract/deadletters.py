@@ -29,6 +29,7 @@ from jobcontract.keys import Keys
 from jobcontract.models import GenerationRequest, JobStatus, utc_from_micros
 from jobcontract.protocol.entry import DeadLetterEntry
 from jobcontract.protocol.queue import Replay
+from jobcontract.scheduling import message_partition
 
 
 class ReplayRefused(Exception):
@@ -146,7 +147,7 @@ class DeadLetters:
             timeout_us=timeout_us,
             ttl_s=self.result_ttl_s,
             batch_id=batch_id,
-            tenant=message.kwargs.get("tenant"),
+            partition=message_partition(fresh.kwargs, fresh.options),
         )
         outcome, state = astuple(protocol.run(self.client, replay))
         if outcome == "gone":

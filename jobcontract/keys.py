@@ -7,12 +7,42 @@ from dataclasses import dataclass
 from jobcontract.models import Backend, Lane
 
 CONSUMER_GROUP = "genq"
-# A tenant's own lane of a queue is the queue's stream with this and the tenant's name after it
-# (tenant names never hold ':'); the Lua side is told the prefix, never builds it (see Keys.lane).
-TENANT_LANE_INFIX = ":tenant:"
+# A partition of a queue other than its own stream is the queue's stream with this and the partition's
+# name after it (tenant names never hold ':'); the Lua side is told the infix, never builds it (Keys.partition).
+PARTITION_INFIX = ":part:"
 # Whose a job is when nobody says (a gateway without API keys, the Python client): its entries
 # stay on the queue's own stream, so a deployment without tenants has exactly one stream a queue.
 DEFAULT_TENANT = "default"
+# Jobs that share a prompt prefix wait in one of this many prefix shards of their tenant's partitions,
+# so a worker can take the shards it owns first (jobcontract.scheduling); a bound on partitions per tenant.
+PREFIX_SHARDS = 32
+SHARD_MARK = "#"  # a partition `tenant#shard` (tenant names never hold '#')
+
+
+def partition_of(tenant: str | None, prefix: str | None = None) -> str | None:
+    """The partition of a queue an entry waits in, as the queue's partition set names it: None for the queue's
+    own stream (the default tenant's jobs without a prefix fingerprint), else the tenant, with
+    `#shard` when the job has a prefix fingerprint (jobcontract.prefix): its first 32 bits modulo
+    PREFIX_SHARDS. Partitions are per tenant for fair share and per shard for prefix-cache placement."""
+    owner = tenant or DEFAULT_TENANT
+    shard = _shard(prefix)
+    if shard is None:
+        return None if owner == DEFAULT_TENANT else owner
+    return f"{owner}{SHARD_MARK}{shard}"
+
+
+def partition_tenant(member: str | None) -> str:
+    """The tenant a partition belongs to."""
+    return (member or DEFAULT_TENANT).split(SHARD_MARK, 1)[0]
+
+
+def _shard(prefix: str | None) -> int | None:
+    if not prefix:
+        return None
+    try:
+        return int(prefix[:8], 16) % PREFIX_SHARDS
+    except ValueError:
+        return None
 
 
 def queue_name(model: str, backend: Backend, lane: Lane) -> str:
@@ -72,22 +102,23 @@ class Keys:
         """The Redis stream behind a dramatiq queue."""
         return f"{self.namespace}:q:{queue}"
 
-    def lane(self, queue: str, tenant: str | None = None) -> str:
-        """The stream a tenant's entries of a queue wait in: the queue's own stream for the default
-        tenant, `{stream}:tenant:{tenant}` for any other. Per-tenant lanes are what lets a worker
-        serve tenants in turn (jobcontract.protocol.take) instead of first come first served."""
-        if not tenant or tenant == DEFAULT_TENANT:
+    def partition(self, queue: str, member: str | None = None) -> str:
+        """The stream one partition of a queue is (see partition_of): the queue's own stream for None,
+        `{stream}:tenant:{member}` for any other. Partitions are what lets a worker serve tenants in turn
+        and take the prefixes it holds first (jobcontract.protocol.take), not first come first served."""
+        if not member or member == DEFAULT_TENANT:
             return self.stream(queue)
-        return self.stream(queue) + TENANT_LANE_INFIX + tenant
+        return self.stream(queue) + PARTITION_INFIX + member
 
-    def lanes(self, queue: str) -> str:
-        """A set: the tenants that have a lane of their own in a queue. Bounded by the configured
-        tenants (each is an API key's); written by every script that adds to a tenant's lane."""
-        return self.stream(queue) + ":tenants"
+    def partitions(self, queue: str) -> str:
+        """A set: the partitions (`tenant` or `tenant#shard`) with a stream of their own in a queue.
+        Bounded by the configured tenants x (PREFIX_SHARDS + 1); written by every script that adds
+        to such a partition."""
+        return self.stream(queue) + ":partitions"
 
     def fair_tags(self, queue: str) -> str:
         """A hash: tenant -> the virtual time its next entry of a queue starts at (start-time fair
-        queueing), and `~` -> the queue's virtual time. One field per tenant that ever had a lane."""
+        queueing), and `~` -> the queue's virtual time. One field per tenant that ever had a partition."""
         return self.stream(queue) + ":fair"
 
     @property

@@ -1,33 +1,61 @@
-"""Which work a worker takes next: one scheduler for tenants' fair share, model placement and priority.
+"""Which work a worker takes next: one scheduler for tenants' fair share, model placement, prompt-prefix
+placement and priority.
 
 Every rule about the order of work is decided in one of two places, each with one job:
 - `plan()` here, pure and free of I/O, says where a consumer may take from and on what terms (its
-  tiers): the queue it serves, and an age bound for a queue whose model this worker would first have
-  to load while another live worker has it loaded already (so a swap happens only when it pays, and
-  nothing waits forever: past the bound anyone takes it).
+  tiers): the queue it serves, which of the queue's partitions (its own prefix shards first, the shards
+  other workers own only for the room left and once their jobs waited `steal_after_s`), and an age
+  bound for a queue whose model this worker would first have to load while another live worker has
+  it loaded (so a swap happens only when it pays, and nothing waits for ever: past the bound
+  anyone takes it).
 - `jobcontract/protocol/take.lua` (the Take operation) takes the entries, atomically, in Redis: the
-  tiers in order, and within a tier the tenants' lanes in turn by start-time fair queueing weighted
-  by each tenant's share, with one account per queue that all workers of the pool share.
+  tiers in order, the owner of each prefix shard by rendezvous hashing over the pool's live workers,
+  and within a tier the tenants' partitions in turn by start-time fair queueing weighted by each tenant's
+  share, with one account per queue that all workers of the pool share.
 
-Interactive work goes before batch work as before: each lane of a pool (interactive, batch) is its own
-queue with its own consumer, and a worker's threads run prefetched interactive messages first
-(workers.process.LANE_PRIORITY). Fair share orders tenants within a queue; it never lets a tenant's
-batch line pass anyone's interactive request.
+A queue's partitions (jobcontract.keys.partition_of): the queue's own stream, and one stream per tenant,
+or per tenant and prefix shard for jobs with a prefix fingerprint (jobcontract.prefix). Interactive
+work goes before batch work as before: each lane of a pool (interactive, batch) is its own queue with
+its own consumer, and a worker's threads run prefetched interactive messages first
+(workers.process.LANE_PRIORITY). Fair share and placement order work within a queue; they never let
+anyone's batch line pass an interactive request.
+
+Why prefix placement is work-conserving: a worker reads the shards it owns first; only the room they
+leave goes to other owners' shards, and only to jobs that waited `steal_after_s` (the owner, blocked
+on its partitions, takes a new job at once when it has a free slot; a job still waiting after that has an
+owner with no room). So an idle worker never sits idle while jobs wait, a hot prefix spills to other
+workers when its owner is saturated, and a dead worker's shards belong to the live ones the moment
+its vouch lapses.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from jobcontract.keys import partition_of
+from jobcontract.prefix import prefix_of
 
 DEFAULT_MAX_SWAP_WAIT_S = 30.0
+DEFAULT_STEAL_AFTER_S = 0.25
+
+
+class Select(StrEnum):
+    """Which partitions of a queue a tier reads."""
+
+    ALL = "all"
+    MINE = "mine"  # partitions without a prefix shard, and the shards this worker owns
+    THEIRS = "theirs"  # the shards other live workers of the pool own
 
 
 @dataclass(frozen=True)
 class Tier:
-    """One queue to take from; with `min_age_ms`, only entries that waited at least that long."""
+    """One queue's partitions to take from; with `min_age_ms`, only entries that waited at least that long."""
 
     queue: str
     min_age_ms: int = 0
+    select: Select = Select.ALL
 
 
 @dataclass(frozen=True)
@@ -39,18 +67,32 @@ class TakePlan:
 
 @dataclass(frozen=True)
 class Placement:
-    """What a worker knows of a queue's model when it plans a read: whether it has the model loaded,
-    and whether some other live worker of the pool does."""
+    """What a worker knows when it plans a read of a queue: whether it has the queue's model loaded,
+    whether some other live worker of the pool does, and whether it places by prompt prefix."""
 
     loaded_here: bool = True
     loaded_elsewhere: bool = False
     max_swap_wait_s: float = DEFAULT_MAX_SWAP_WAIT_S
+    prefix_affinity: bool = True
+    steal_after_s: float = DEFAULT_STEAL_AFTER_S
 
 
 def plan(queue: str, placement: Placement = Placement()) -> TakePlan:
-    """A worker that has the queue's model loaded, or one that would load it when nobody has, takes
-    at once; one that would load it while another worker has it loaded takes only what waited past
-    the swap bound (that worker could not start it in time)."""
-    if placement.loaded_here or not placement.loaded_elsewhere:
-        return TakePlan((Tier(queue),))
-    return TakePlan((Tier(queue, min_age_ms=int(placement.max_swap_wait_s * 1000)),))
+    """A worker that has the queue's model loaded, or one that would load it when nobody has, takes at
+    once (its own prefix shards first); one that would load it while another worker has it loaded
+    takes only what waited past the swap bound (that worker could not start it in time)."""
+    swap_ms = 0 if placement.loaded_here or not placement.loaded_elsewhere else _ms(placement.max_swap_wait_s)
+    if not placement.prefix_affinity:
+        return TakePlan((Tier(queue, swap_ms),))
+    steal_ms = max(swap_ms, _ms(placement.steal_after_s))
+    return TakePlan((Tier(queue, swap_ms, Select.MINE), Tier(queue, steal_ms, Select.THEIRS)))
+
+
+def message_partition(kwargs: dict[str, Any], options: dict[str, Any]) -> str | None:
+    """The partition a job's message waits in (Keys.partition): its tenant's, in its prefix shard."""
+    tenant = kwargs.get("tenant")
+    return partition_of(tenant if isinstance(tenant, str) else None, prefix_of(options))
+
+
+def _ms(seconds: float) -> int:
+    return max(0, int(seconds * 1000))

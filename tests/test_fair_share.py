@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +26,15 @@ from jobcontract.protocol.operation import PACKAGE
 from jobcontract.protocol.queue import Reclaim, Requeue, RescueMove
 from jobcontract.protocol.take import Take
 from jobcontract.routes import BackendRoute, ModelRoute
-from jobcontract.scheduling import Placement, TakePlan, Tier, plan
+from jobcontract.scheduling import Placement, Select, TakePlan, Tier, plan
 from jobcontract.settings import GenqSettings
 from producer.client import Client
 from tests.harness import start_worker
 
-ROUTE = ModelRoute(name="tiny", backends=[BackendRoute(path="tiny-mlx"), BackendRoute(path="tiny.gguf")])
+# No prefix fingerprints here: one lane per tenant (prefix shards are tests/test_prefix_placement.py's).
+ROUTE = ModelRoute(
+    name="tiny", backends=[BackendRoute(path="tiny-mlx"), BackendRoute(path="tiny.gguf")], prefix_chars=0
+)
 QUEUE = queue_name("tiny", Backend.MLX, Lane.BATCH)
 LLAMA_QUEUE = queue_name("tiny", Backend.LLAMACPP, Lane.BATCH)
 
@@ -65,7 +69,7 @@ def test_a_small_tenant_behind_a_large_one_is_served_in_turn(redis_client: redis
     order = take_one_by_one(redis_client, keys, 12)
     assert order.count("small") == 5  # first come first served would give 12 of big's first
     assert order[:10].count("small") == 5 and "small" not in order[10:]
-    assert redis_client.smembers(keys.lanes(QUEUE)) == {b"big", b"small"}
+    assert redis_client.smembers(keys.partitions(QUEUE)) == {b"big", b"small"}
 
 
 def test_several_at_once_are_taken_in_turn_too(redis_client: redis.Redis, keys: Keys) -> None:
@@ -89,7 +93,7 @@ def test_an_idle_tenant_hoards_no_credit(redis_client: redis.Redis, keys: Keys) 
     assert set(take_one_by_one(redis_client, keys, 20)) == {"steady"}
     submit(redis_client, keys, "late", 20)  # it was idle while steady took 20: no burst of 20 for it
     order = take_one_by_one(redis_client, keys, 10)
-    assert order.count("late") == 5 and order.count("steady") == 5
+    assert 4 <= order.count("late") <= 6  # in turn, within one job (ties); with credit it would take all 10
 
 
 def test_every_worker_of_the_pool_shares_one_account(redis_client: redis.Redis, keys: Keys) -> None:
@@ -108,22 +112,27 @@ def test_an_age_bound_tier_takes_only_what_waited_long_enough(redis_client: redi
 
 
 def test_the_plan_bounds_only_a_swap_while_another_worker_has_the_model() -> None:
-    assert plan(QUEUE, Placement(loaded_here=True)).tiers == (Tier(QUEUE),)
-    assert plan(QUEUE, Placement(loaded_here=False, loaded_elsewhere=False)).tiers == (Tier(QUEUE),)
-    bounded = plan(QUEUE, Placement(loaded_here=False, loaded_elsewhere=True, max_swap_wait_s=2.5))
-    assert bounded.tiers == (Tier(QUEUE, min_age_ms=2500),)
+    flat = Placement(prefix_affinity=False)
+    assert plan(QUEUE, flat).tiers == (Tier(QUEUE),)
+    assert plan(QUEUE, replace(flat, loaded_here=False, loaded_elsewhere=False)).tiers == (Tier(QUEUE),)
+    bounded = replace(flat, loaded_here=False, loaded_elsewhere=True, max_swap_wait_s=2.5)
+    assert plan(QUEUE, bounded).tiers == (Tier(QUEUE, min_age_ms=2500),)
+    placed = Placement(steal_after_s=0.25)
+    assert plan(QUEUE, placed).tiers == (Tier(QUEUE, 0, Select.MINE), Tier(QUEUE, 250, Select.THEIRS))
+    swapping = replace(placed, loaded_here=False, loaded_elsewhere=True, max_swap_wait_s=2.5)
+    assert plan(QUEUE, swapping).tiers == (Tier(QUEUE, 2500, Select.MINE), Tier(QUEUE, 2500, Select.THEIRS))
 
 
 def test_entries_handed_back_stay_in_their_tenants_lane(redis_client: redis.Redis, keys: Keys) -> None:
     submit(redis_client, keys, "t1", 2)
     taken = take(redis_client, keys, room=2).entries
-    lane = keys.lane(QUEUE, "t1")
+    lane = keys.partition(QUEUE, "t1")
     assert {e.stream for e in taken} == {lane}
-    assert protocol.run(redis_client, Requeue(keys, QUEUE, [taken[0].entry_id], 5, tenant="t1")) == 1
+    assert protocol.run(redis_client, Requeue(keys, QUEUE, [taken[0].entry_id], 5, partition="t1")) == 1
     redis_client.set(keys.alive("w1"), 1)
-    assert protocol.run(redis_client, Reclaim(keys, QUEUE, "w1", 5, tenant="t1")) is None  # still vouched for
+    assert protocol.run(redis_client, Reclaim(keys, QUEUE, "w1", 5, partition="t1")) is None  # still vouched for
     redis_client.delete(keys.alive("w1"))
-    assert protocol.run(redis_client, Reclaim(keys, QUEUE, "w1", 5, tenant="t1")) == 1
+    assert protocol.run(redis_client, Reclaim(keys, QUEUE, "w1", 5, partition="t1")) == 1
     assert redis_client.xlen(lane) == 2 and redis_client.xlen(keys.stream(QUEUE)) == 0
     assert owners(take(redis_client, keys, room=5, consumer="w2").entries) == ["t1", "t1"]
 
@@ -132,11 +141,11 @@ def test_a_rescued_entry_moves_to_the_same_tenants_lane_of_the_target(redis_clie
     submit(redis_client, keys, "t1", 1)
     (entry,) = take(redis_client, keys, consumer="rescuer").entries
     message = dramatiq.Message.decode(QueueEntry.read(entry.fields).message or b"").copy(queue_name=LLAMA_QUEUE)
-    move = RescueMove(keys, QUEUE, LLAMA_QUEUE, entry.entry_id, message.encode(), tenant="t1")
+    move = RescueMove(keys, QUEUE, LLAMA_QUEUE, entry.entry_id, message.encode(), partition="t1")
     assert protocol.run(redis_client, move) is True
-    assert redis_client.xlen(keys.lane(LLAMA_QUEUE, "t1")) == 1
-    assert redis_client.smembers(keys.lanes(LLAMA_QUEUE)) == {b"t1"}
-    assert redis_client.xinfo_groups(keys.lane(LLAMA_QUEUE, "t1"))[0]["name"] == CONSUMER_GROUP.encode()
+    assert redis_client.xlen(keys.partition(LLAMA_QUEUE, "t1")) == 1
+    assert redis_client.smembers(keys.partitions(LLAMA_QUEUE)) == {b"t1"}
+    assert redis_client.xinfo_groups(keys.partition(LLAMA_QUEUE, "t1"))[0]["name"] == CONSUMER_GROUP.encode()
 
 
 def test_the_broker_enqueues_a_retry_into_its_tenants_lane(redis_client: redis.Redis, keys: Keys) -> None:
@@ -148,13 +157,13 @@ def test_the_broker_enqueues_a_retry_into_its_tenants_lane(redis_client: redis.R
         queue_name=QUEUE, actor_name="a", args=(), kwargs={"tenant": "t9"}, options={}, message_id="t9-0"
     )
     broker.enqueue(message)
-    assert redis_client.xlen(keys.lane(QUEUE, "t9")) == 1
+    assert redis_client.xlen(keys.partition(QUEUE, "t9")) == 1
     consumer = broker.consume(QUEUE, prefetch=2, timeout=100)
     delivered = next(consumer)
-    assert delivered is not None and delivered.message_id == "t9-0" and delivered.tenant == "t9"  # type: ignore[attr-defined]
+    assert delivered is not None and delivered.message_id == "t9-0" and delivered.partition == "t9"  # type: ignore[attr-defined]
     consumer.ack(delivered)
-    assert redis_client.xlen(keys.lane(QUEUE, "t9")) == 0
-    assert broker.lane_streams(QUEUE) == [keys.stream(QUEUE), keys.lane(QUEUE, "t9")]
+    assert redis_client.xlen(keys.partition(QUEUE, "t9")) == 0
+    assert broker.partition_streams(QUEUE) == [keys.stream(QUEUE), keys.partition(QUEUE, "t9")]
 
 
 def test_a_consumer_blocked_on_an_empty_queue_wakes_for_a_new_tenants_lane(

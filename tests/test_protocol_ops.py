@@ -19,7 +19,7 @@ from genq.local_redis import LocalRedis
 from jobcontract import protocol, scripts
 from jobcontract.admission import Admission, QueueFull, build_message
 from jobcontract.connection import connect_async
-from jobcontract.keys import CONSUMER_GROUP, Keys, QueueRef, parse_queue, pool_name, queue_name
+from jobcontract.keys import CONSUMER_GROUP, Keys, QueueRef, parse_queue, partition_of, pool_name, queue_name
 from jobcontract.models import Backend, GenerationRequest, GenerationResult, JobState, Lane, Timings, utc_from_micros
 from jobcontract.prefix import prefix_fingerprint, prefix_of
 from jobcontract.protocol.batch import BatchAdvance, BatchLease, BatchRecordJobs, MarkWritten
@@ -30,9 +30,15 @@ from jobcontract.protocol.liveness import LiveWorkers, Vouch
 from jobcontract.protocol.operation import PACKAGE
 from jobcontract.protocol.queue import Reclaim, Replay, Requeue, RescueMove
 from jobcontract.routes import BackendRoute, ModelRoute
+from tests.queues import partition_streams
 
 ROOT = Path(__file__).resolve().parents[1]
-ROUTE = ModelRoute(name="tiny", backends=[BackendRoute(path="tiny-mlx"), BackendRoute(path="tiny.gguf")])
+# The operations on a queue's own stream: no prefix fingerprints, so the default tenant's jobs wait
+# there (partitions by tenant and prefix shard are tests/test_fair_share.py's and test_prefix_placement.py's).
+ROUTE = ModelRoute(
+    name="tiny", backends=[BackendRoute(path="tiny-mlx"), BackendRoute(path="tiny.gguf")], prefix_chars=0
+)
+PREFIX_ROUTE = ROUTE.model_copy(update={"prefix_chars": 1024})
 MLX_QUEUE = queue_name("tiny", Backend.MLX, Lane.INTERACTIVE)
 LLAMA_QUEUE = queue_name("tiny", Backend.LLAMACPP, Lane.INTERACTIVE)
 
@@ -181,32 +187,35 @@ def test_submit_puts_the_prefix_fingerprint_in_every_queued_message(redis_client
         ),
         GenerationRequest(model="tiny", prompt="Translate. " + shared),
     ]
-    op = Submit(Admission(keys, 100, 60, 30.0), requests, ["a", "b", "c", "d"], lambda _: ROUTE)
+    op = Submit(Admission(keys, 100, 60, 30.0), requests, ["a", "b", "c", "d"], lambda _: PREFIX_ROUTE)
     protocol.run(redis_client, op)
-    messages = {}
+    messages, partitions = {}, {}
     for queue in (MLX_QUEUE, queue_name("tiny", Backend.MLX, Lane.BATCH)):
-        for _id, fields in redis_client.xrange(keys.stream(queue)):
-            entry = QueueEntry.read(fields)
-            assert entry.message is not None
-            message = dramatiq.Message.decode(entry.message)
-            messages[message.message_id] = message
+        for stream in partition_streams(redis_client, keys, queue):
+            for _id, fields in redis_client.xrange(stream):
+                entry = QueueEntry.read(fields)
+                assert entry.message is not None
+                message = dramatiq.Message.decode(entry.message)
+                messages[message.message_id] = message
+                partitions[message.message_id] = stream
     prefixes = {job: prefix_of(m.options) for job, m in messages.items()}
     assert prefixes["a"] == prefixes["b"] == prefix_fingerprint(requests[0])
     assert prefixes["a"] is not None and len({prefixes["a"], prefixes["c"], prefixes["d"]}) == 3
+    # Each waits in its prefix shard's partition of its queue (the default tenant's).
+    for job in "abcd":
+        queue = MLX_QUEUE if job != "b" else queue_name("tiny", Backend.MLX, Lane.BATCH)
+        assert partitions[job] == keys.partition(queue, partition_of(None, prefixes[job]))
     # Every candidate queue's message carries it (the script queues one of them).
-    candidates = [dramatiq.Message.decode(m) for m in op.args()[11:13]]
+    candidates = [dramatiq.Message.decode(m) for m in op.args()[14:16]]
     assert [prefix_of(m.options) for m in candidates] == [prefixes["a"]] * 2
-    # Handed back after a dead worker: the same message, the same fingerprint.
+    # Handed back after a dead worker: the same message, the same fingerprint, the same partition.
+    a_partition = partition_of(None, prefixes["a"])
     redis_client.set(keys.alive("w1"), 1)
-    deliver(redis_client, keys, MLX_QUEUE, "w1")
+    redis_client.xreadgroup(CONSUMER_GROUP, "w1", {keys.partition(MLX_QUEUE, a_partition): ">"}, count=10)
     redis_client.delete(keys.alive("w1"))
-    assert protocol.run(redis_client, Reclaim(keys, keys.stream(MLX_QUEUE), "w1", max_redeliveries=5)) == 3
-    back = [QueueEntry.read(f).message for _i, f in redis_client.xrange(keys.stream(MLX_QUEUE))]
-    assert {prefix_of(dramatiq.Message.decode(m).options) for m in back if m} == {
-        prefixes["a"],
-        prefixes["c"],
-        prefixes["d"],
-    }
+    assert protocol.run(redis_client, Reclaim(keys, MLX_QUEUE, "w1", 5, partition=a_partition)) == 1
+    back = [QueueEntry.read(f).message for _i, f in redis_client.xrange(keys.partition(MLX_QUEUE, a_partition))]
+    assert [prefix_of(dramatiq.Message.decode(m).options) for m in back if m] == [prefixes["a"]]
 
 
 def test_a_model_routed_without_fingerprints_queues_messages_without_one(redis_client: redis.Redis, keys: Keys) -> None:

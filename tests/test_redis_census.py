@@ -43,7 +43,7 @@ BOUNDED: dict[str, str] = {
     "deleted when due",
     r"q:[^:]+\.(interactive|batch)(\.DQ)?:tenant:[A-Za-z0-9._-]+": "a tenant's lane of a queue: bounded like "
     "the queue's stream (per lane), one per configured tenant",
-    r"q:[^:]+\.(interactive|batch)(\.DQ)?:tenants": "a queue's lane set: one member per configured tenant",
+    r"q:[^:]+\.(interactive|batch)(\.DQ)?:tenants": "a queue's partition set: one member per configured tenant",
     r"q:[^:]+\.(interactive|batch)(\.DQ)?:fair": "a queue's fair-share account: one field per configured tenant",
     r"tenant_shares": "the tenants' shares: one field per configured tenant, rewritten when a gateway starts",
     r"queues": "the set of queue names: the routes' models x backends x lanes",

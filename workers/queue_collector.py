@@ -6,7 +6,8 @@ and dead letters say what is failing. They live in Redis, so one `genq metrics` 
 them when Prometheus scrapes (three round trips whatever the number of queues and tenants) instead
 of every worker exporting the same numbers.
 
-Reading the layout of jobcontract.keys: a queue is its own stream plus one lane per tenant (each
+Reading the layout of jobcontract.keys: a queue is its own stream plus one partition per tenant or tenant
+and prefix shard (each
 counted, then summed; waiting jobs are also reported per tenant). Acked entries are deleted from a
 stream, so the entries still there are either delivered to a worker and not yet acked (the group's pending
 count) or waiting; the first waiting entry follows the group's last-delivered id, and its id
@@ -26,7 +27,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from jobcontract import protocol
-from jobcontract.keys import CONSUMER_GROUP, DEFAULT_TENANT, Keys, parse_queue, pool_name
+from jobcontract.keys import CONSUMER_GROUP, Keys, parse_queue, partition_tenant, pool_name
 from jobcontract.models import Backend, Lane
 from jobcontract.protocol.liveness import LiveWorkers
 
@@ -60,7 +61,7 @@ class QueueState:
     delivered: int  # delivered to a worker (running or prefetched), not yet acked
     delayed: int  # retries waiting out their backoff in the delay queue
     oldest_age_s: float  # how long the first waiting entry has waited; 0 when none waits
-    waiting_by_tenant: tuple[tuple[str, int], ...] = ()  # waiting, per tenant lane (default: the queue's own)
+    waiting_by_tenant: tuple[tuple[str, int], ...] = ()  # waiting, per tenant (summed over its partitions)
 
 
 @dataclass(frozen=True)
@@ -112,22 +113,22 @@ class QueueCollector(Collector):
 
         lane_sets = self.client.pipeline(transaction=False)
         for queue in queues:
-            lane_sets.smembers(self.keys.lanes(queue.name))
-            lane_sets.smembers(self.keys.lanes(dq_name(queue.name)))
+            lane_sets.smembers(self.keys.partitions(queue.name))
+            lane_sets.smembers(self.keys.partitions(dq_name(queue.name)))
         sets = iter(lane_sets.execute(raise_on_error=False))
-        lanes = {q: ([None, *_names(_ok(next(sets), []))], [None, *_names(_ok(next(sets), []))]) for q in queues}
+        partitions = {q: ([None, *_names(_ok(next(sets), []))], [None, *_names(_ok(next(sets), []))]) for q in queues}
 
         first = self.client.pipeline(transaction=False)
         first.time()
         first.xlen(self.keys.dead_letters)
         for queue in queues:
-            tenants, delayed_tenants = lanes[queue]
-            for tenant in tenants:
-                stream = self.keys.lane(queue.name, tenant)
+            members, delayed_members = partitions[queue]
+            for member in members:
+                stream = self.keys.partition(queue.name, member)
                 first.xlen(stream)
                 first.xinfo_groups(stream)
-            for tenant in delayed_tenants:
-                first.xlen(self.keys.lane(dq_name(queue.name), tenant))
+            for member in delayed_members:
+                first.xlen(self.keys.partition(dq_name(queue.name), member))
         for model, backend in pools:
             first.exists(self.keys.circuit(pool_name(model, backend)))
         replies = iter(first.execute(raise_on_error=False))
@@ -137,30 +138,30 @@ class QueueCollector(Collector):
         counts: list[_LaneCount] = []
         delayed: dict[QueueName, int] = {}
         for queue in queues:
-            tenants, delayed_tenants = lanes[queue]
-            for tenant in tenants:
+            members, delayed_members = partitions[queue]
+            for member in members:
                 length, groups = int(_ok(next(replies), 0)), _ok(next(replies), [])
                 group = next((g for g in groups if _text(g.get("name")) == CONSUMER_GROUP), None)
                 pending = int(group["pending"]) if group else 0
                 last_delivered = _text(group["last-delivered-id"]) if group else "0-0"
-                counts.append(_LaneCount(queue, tenant, length, pending, last_delivered))
-            delayed[queue] = sum(int(_ok(next(replies), 0)) for _ in delayed_tenants)
+                counts.append(_LaneCount(queue, member, length, pending, last_delivered))
+            delayed[queue] = sum(int(_ok(next(replies), 0)) for _ in delayed_members)
         circuits = [bool(_ok(next(replies), 0)) for _ in pools]
 
         second = self.client.pipeline(transaction=False)
         protocol.send(second, self.client, LiveWorkers(self.keys, pools))
-        waiting_lanes = [c for c in counts if c.length - c.pending > 0]
-        for lane in waiting_lanes:
-            stream = self.keys.lane(lane.queue.name, lane.tenant)
-            second.xrange(stream, min=_after(lane.last_delivered), max="+", count=1)
+        waiting_partitions = [c for c in counts if c.length - c.pending > 0]
+        for part in waiting_partitions:
+            stream = self.keys.partition(part.queue.name, part.partition)
+            second.xrange(stream, min=_after(part.last_delivered), max="+", count=1)
         replies = iter(second.execute(raise_on_error=False))
         workers = [int(n) for n in _ok(next(replies), [0] * len(pools))]
         oldest_ms: dict[QueueName, int] = {}
-        for lane in waiting_lanes:
+        for part in waiting_partitions:
             entries = _ok(next(replies), [])
             if entries:
                 first_ms = int(_text(entries[0][0]).split("-")[0])
-                oldest_ms[lane.queue] = min(first_ms, oldest_ms.get(lane.queue, first_ms))
+                oldest_ms[part.queue] = min(first_ms, oldest_ms.get(part.queue, first_ms))
 
         now_ms = now_us // 1000
         return ClusterSnapshot(
@@ -171,9 +172,7 @@ class QueueCollector(Collector):
                     delivered=sum(c.pending for c in counts if c.queue == queue),
                     delayed=delayed[queue],
                     oldest_age_s=max(0.0, (now_ms - oldest_ms[queue]) / 1000) if queue in oldest_ms else 0.0,
-                    waiting_by_tenant=tuple(
-                        (c.tenant or DEFAULT_TENANT, c.waiting) for c in counts if c.queue == queue
-                    ),
+                    waiting_by_tenant=_by_tenant(c for c in counts if c.queue == queue),
                 )
                 for queue in queues
             ],
@@ -232,7 +231,7 @@ class QueueCollector(Collector):
 @dataclass(frozen=True)
 class _LaneCount:
     queue: QueueName
-    tenant: str | None
+    partition: str | None
     length: int
     pending: int
     last_delivered: str
@@ -240,6 +239,14 @@ class _LaneCount:
     @property
     def waiting(self) -> int:
         return max(0, self.length - self.pending)
+
+
+def _by_tenant(counts: Iterable[_LaneCount]) -> tuple[tuple[str, int], ...]:
+    waiting: dict[str, int] = {}
+    for count in counts:
+        tenant = partition_tenant(count.partition)
+        waiting[tenant] = waiting.get(tenant, 0) + count.waiting
+    return tuple(sorted(waiting.items()))
 
 
 def _names(members: Iterable[Any]) -> list[str]:

@@ -60,13 +60,16 @@ class Rescuer:
         return None
 
     def _move_waiting(self, parts: QueueRef, target: Backend, now_ms: int) -> int:
-        """Every lane of the queue (its own stream and each tenant's) moves to the same lane of the target."""
+        """Each partition of the queue (its own stream, each in its partition set) moves to the same one there."""
         source = parts.on(parts.backend)
-        tenants: list[str | None] = [None, *sorted(_text(t) for t in self.client.smembers(self.keys.lanes(source)))]
-        return sum(self._move_lane(parts, source, tenant, target, now_ms) for tenant in tenants)
+        partitions: list[str | None] = [
+            None,
+            *sorted(_text(m) for m in self.client.smembers(self.keys.partitions(source))),
+        ]
+        return sum(self._move_partition(parts, source, p, target, now_ms) for p in partitions)
 
-    def _move_lane(self, parts: QueueRef, source: str, tenant: str | None, target: Backend, now_ms: int) -> int:
-        stream = self.keys.lane(source, tenant)
+    def _move_partition(self, parts: QueueRef, source: str, partition: str | None, target: Backend, now_ms: int) -> int:
+        stream = self.keys.partition(source, partition)
         if not self._oldest_waiting_is_older_than(stream, now_ms - self.rescue_after_ms):
             return 0
         # Vouch for the rescuer while it holds entries, so janitors leave them to it; if this process
@@ -79,7 +82,9 @@ class Rescuer:
             for entry_id, fields in entries:
                 raw = QueueEntry.read(fields).message or b""
                 message = dramatiq.Message.decode(raw).copy(queue_name=destination)
-                move = RescueMove(self.keys, source, destination, _text(entry_id), message.encode(), tenant=tenant)
+                move = RescueMove(
+                    self.keys, source, destination, _text(entry_id), message.encode(), partition=partition
+                )
                 moved += protocol.run(self.client, move)
         if moved:
             log.warning(

@@ -8,13 +8,13 @@ local function add_entry(stream, message, redeliveries)
 end
 -- The consumer group every queue stream has: jobcontract.keys.CONSUMER_GROUP (a test checks they agree).
 local GROUP = 'genq'
--- A tenant's lane of a queue (jobcontract.keys.Keys.lane) is made with its group before its first
--- entry and its tenant is added to the queue's lane set, so consumers find it and can read it at
--- once. `tenant` '' is the default tenant, whose lane is the queue's own stream: nothing to register.
-local function add_lane_entry(stream, lanes, tenant, message, redeliveries)
-  if tenant ~= '' then
+-- A lane of a queue (jobcontract.keys.Keys.lane: a tenant's, or a tenant's prefix shard) is made with
+-- its group before its first entry and its member is added to the queue's partition set, so consumers
+-- find it and can read it at once. `member` '' is the queue's own stream: nothing to register.
+local function add_partition_entry(stream, partitions, member, message, redeliveries)
+  if member ~= '' then
     if redis.call('EXISTS', stream) == 0 then redis.call('XGROUP', 'CREATE', stream, GROUP, '0', 'MKSTREAM') end
-    redis.call('SADD', lanes, tenant)
+    redis.call('SADD', partitions, member)
   end
   return add_entry(stream, message, redeliveries)
 end

@@ -16,11 +16,11 @@ from jobcontract.admission import (
     parse_receipts,
 )
 from jobcontract.admission import request_fingerprint as request_fingerprint
-from jobcontract.keys import Keys, pool_name, queue_name
+from jobcontract.keys import DEFAULT_TENANT, PARTITION_INFIX, Keys, partition_of, pool_name, queue_name
 from jobcontract.models import Backend, GenerationRequest, GenerationResult, JobState
 from jobcontract.prefix import prefix_fingerprint
 from jobcontract.protocol.operation import Operation, text
-from jobcontract.protocol.queue import lane_tenant
+from jobcontract.protocol.queue import partition_arg
 from jobcontract.routes import ModelRoute
 
 
@@ -53,18 +53,26 @@ class Submit(Operation[list[Receipt]]):
         """Built once (each candidate's message is encoded): see submit.lua for the layout."""
         names, batch_id = self.admission.keys, self.batch_id
         keys: list[str] = [names.queues]
-        owner, lane_owner = self.tenant or "", lane_tenant(self.tenant)
-        args: list[Any] = [self.admission.max_queued, self.admission.result_ttl_s, owner, lane_owner]
+        head = [
+            self.admission.max_queued,
+            self.admission.result_ttl_s,
+            self.tenant or "",
+            PARTITION_INFIX,
+            DEFAULT_TENANT,
+        ]
+        args: list[Any] = head
         for job_id, request in zip(self.job_ids, self.requests, strict=True):
             keys += [names.job(job_id), names.idempotency(request.idempotency_key or job_id)]
             messages, queues = [], []
             dumped = message_request(request)  # once, not once per candidate
             route = self.route_for(request.model)
             prefix = prefix_fingerprint(request, route.prefix_chars)
+            member = partition_of(self.tenant, prefix)
             for backend in candidate_backends(route, request.backend):
                 queue = queue_name(request.model, backend, request.lane)
                 pool = pool_name(request.model, backend)
-                keys += [names.lane(queue, self.tenant), names.pool(pool), names.circuit(pool), names.lanes(queue)]
+                keys += [names.partition(queue, member), names.pool(pool), names.circuit(pool)]
+                keys += [names.partitions(queue), names.stream(queue)]
                 message = build_message(
                     job_id,
                     request,
@@ -85,6 +93,7 @@ class Submit(Operation[list[Receipt]]):
                 batch_id or "",
                 "1" if request.idempotency_key else "0",
                 request_fingerprint(request),
+                partition_arg(member),
                 len(queues),
                 *messages,
                 *queues,

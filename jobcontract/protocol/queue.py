@@ -14,7 +14,7 @@ from jobcontract.protocol.operation import Operation, text
 
 @dataclass(frozen=True)
 class Requeue(Operation[int]):
-    """Hand entries back to their stream (the queue's, or `tenant`'s lane of it) as new entries (a
+    """Hand entries back to their stream (the queue's, or its `partition`) as new entries (a
     poison one goes to dead letters, its job failed); answers how many went back."""
 
     SCRIPT: ClassVar[str] = "requeue.lua"
@@ -24,10 +24,10 @@ class Requeue(Operation[int]):
     entry_ids: Sequence[str]
     max_redeliveries: int
     cap: DeadLetterCap = DEFAULT_CAP
-    tenant: str | None = None
+    partition: str | None = None
 
     def keys(self) -> list[str]:
-        return [self.names.lane(self.queue, self.tenant), self.names.dead_letters]
+        return [self.names.partition(self.queue, self.partition), self.names.dead_letters]
 
     def args(self) -> list[Any]:
         return [CONSUMER_GROUP, self.max_redeliveries, *self.cap.args(), self.queue, *self.entry_ids]
@@ -39,7 +39,7 @@ class Requeue(Operation[int]):
 @dataclass(frozen=True)
 class Reclaim(Operation[int | None]):
     """Hand back every entry pending on a consumer nobody vouches for in one stream of a queue (its
-    own, or `tenant`'s lane of it); None while one does."""
+    own, or its `partition`); None while one does."""
 
     SCRIPT: ClassVar[str] = "reclaim.lua"
 
@@ -48,10 +48,14 @@ class Reclaim(Operation[int | None]):
     consumer: str
     max_redeliveries: int
     cap: DeadLetterCap = DEFAULT_CAP
-    tenant: str | None = None
+    partition: str | None = None
 
     def keys(self) -> list[str]:
-        return [self.names.lane(self.queue, self.tenant), self.names.alive(self.consumer), self.names.dead_letters]
+        return [
+            self.names.partition(self.queue, self.partition),
+            self.names.alive(self.consumer),
+            self.names.dead_letters,
+        ]
 
     def args(self) -> list[Any]:
         return [CONSUMER_GROUP, self.max_redeliveries, self.consumer, *self.cap.args(), self.queue]
@@ -74,10 +78,10 @@ class Reject(Operation[None]):
     message: bytes
     reason: str
     cap: DeadLetterCap = DEFAULT_CAP
-    tenant: str | None = None  # the entry was in this tenant's lane of the queue
+    partition: str | None = None  # the partition of the queue the entry was in (Keys.partition)
 
     def keys(self) -> list[str]:
-        return [self.names.lane(self.queue, self.tenant), self.names.dead_letters]
+        return [self.names.partition(self.queue, self.partition), self.names.dead_letters]
 
     def args(self) -> list[Any]:
         return [CONSUMER_GROUP, self.entry_id, self.message, self.queue, self.reason, *self.cap.args()]
@@ -97,14 +101,17 @@ class RescueMove(Operation[bool]):
     destination: str
     entry_id: str
     message: bytes  # the message addressed to `destination`
-    tenant: str | None = None  # whose entry it is: it moves from that tenant's lane to the same lane
+    partition: str | None = None  # its partition: it moves to the same partition of the destination
 
     def keys(self) -> list[str]:
-        source, destination = self.names.lane(self.source, self.tenant), self.names.lane(self.destination, self.tenant)
-        return [source, destination, self.names.lanes(self.destination)]
+        source, destination = (
+            self.names.partition(self.source, self.partition),
+            self.names.partition(self.destination, self.partition),
+        )
+        return [source, destination, self.names.partitions(self.destination)]
 
     def args(self) -> list[Any]:
-        return [CONSUMER_GROUP, self.entry_id, self.message, lane_tenant(self.tenant)]
+        return [CONSUMER_GROUP, self.entry_id, self.message, partition_arg(self.partition)]
 
     def parse(self, reply: Any) -> bool:
         return bool(int(reply))
@@ -132,7 +139,7 @@ class Replay(Operation[ReplayOutcome]):
     timeout_us: int
     ttl_s: int
     batch_id: str | None
-    tenant: str | None = None  # whose job it is: it goes back to that tenant's lane
+    partition: str | None = None  # the job's partition (its tenant and prefix shard): it goes back there
 
     def keys(self) -> list[str]:
         job = self.names.job(self.job_id)
@@ -140,10 +147,10 @@ class Replay(Operation[ReplayOutcome]):
             self.names.dead_letters,
             job,
             self.names.events(self.job_id),
-            self.names.lane(self.queue, self.tenant),
+            self.names.partition(self.queue, self.partition),
             self.names.queues,
             self.names.batch(self.batch_id) if self.batch_id else job,
-            self.names.lanes(self.queue),
+            self.names.partitions(self.queue),
         ]
 
     def args(self) -> list[Any]:
@@ -156,7 +163,7 @@ class Replay(Operation[ReplayOutcome]):
             self.timeout_us,
             self.ttl_s,
             "1" if self.batch_id else "0",
-            lane_tenant(self.tenant),
+            partition_arg(self.partition),
         ]
 
     def parse(self, reply: Any) -> ReplayOutcome:
@@ -164,28 +171,27 @@ class Replay(Operation[ReplayOutcome]):
         return ReplayOutcome(outcome, state)
 
 
-def lane_tenant(tenant: str | None) -> str:
-    """A tenant as the scripts that register lanes take it: '' for the default tenant, whose lane is
-    the queue's own stream (see Keys.lane)."""
-    return "" if not tenant or tenant == DEFAULT_TENANT else tenant
+def partition_arg(partition: str | None) -> str:
+    """A partition as the scripts that register partitions take it: '' for the queue's own stream."""
+    return "" if not partition or partition == DEFAULT_TENANT else partition
 
 
 @dataclass(frozen=True)
 class Enqueue(Operation[str]):
-    """Add a message to `tenant`'s lane of a queue (see enqueue.lua); answers the entry id."""
+    """Add a message to a partition of a queue (see enqueue.lua); answers the entry id."""
 
     SCRIPT: ClassVar[str] = "enqueue.lua"
 
     names: Keys
     queue: str
     message: bytes
-    tenant: str | None = None
+    partition: str | None = None
 
     def keys(self) -> list[str]:
-        return [self.names.queues, self.names.lane(self.queue, self.tenant), self.names.lanes(self.queue)]
+        return [self.names.queues, self.names.partition(self.queue, self.partition), self.names.partitions(self.queue)]
 
     def args(self) -> list[Any]:
-        return [self.queue, self.message, lane_tenant(self.tenant)]
+        return [self.queue, self.message, partition_arg(self.partition)]
 
     def parse(self, reply: Any) -> str:
         return text(reply)

@@ -1,6 +1,6 @@
--- KEYS: dead letters, job, job events, target stream (the tenant's lane of the queue), known queues,
--- the job's batch (the job again when it has none), the queue's lane set. ARGV: entry id, message,
--- model, lane, queue, timeout_us, ttl_s, has_batch, tenant ('' for the default tenant).
+-- KEYS: dead letters, job, job events, target stream (the job's lane of the queue), known queues,
+-- the job's batch (the job again when it has none), the queue's partition set. ARGV: entry id, message,
+-- model, lane, queue, timeout_us, ttl_s, has_batch, partition ('' for the queue's own stream).
 -- #include now.lua
 -- #include entry.lua
 if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return {'gone', ''} end
@@ -17,7 +17,7 @@ redis.call('HSET', KEYS[2], 'state', 'queued', 'model', ARGV[3], 'lane', ARGV[4]
 redis.call('HINCRBY', KEYS[2], 'replays', 1)
 redis.call('EXPIRE', KEYS[2], ARGV[7])
 redis.call('DEL', KEYS[3])
-add_lane_entry(KEYS[4], KEYS[7], ARGV[9], ARGV[2], 0)
+add_partition_entry(KEYS[4], KEYS[7], ARGV[9], ARGV[2], 0)
 redis.call('SADD', KEYS[5], ARGV[5])
 redis.call('XDEL', KEYS[1], ARGV[1])
 return {'replayed', state}

@@ -5,14 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from jobcontract.keys import CONSUMER_GROUP, DEFAULT_TENANT, TENANT_LANE_INFIX, Keys
+from jobcontract.keys import CONSUMER_GROUP, DEFAULT_TENANT, PARTITION_INFIX, Keys, parse_queue
 from jobcontract.protocol.operation import Operation, text
 from jobcontract.scheduling import TakePlan
 
 
 @dataclass(frozen=True)
 class TakenEntry:
-    stream: str  # the lane it came from: where it is acked, and handed back to
+    stream: str  # the partition it came from: where it is acked, and handed back to
     entry_id: str
     fields: dict[bytes, bytes]
 
@@ -21,11 +21,12 @@ class TakenEntry:
 class Taken:
     entries: list[TakenEntry]
     streams: list[str]  # what a blocking read waits on when nothing was taken
+    wake_ms: int | None  # when the first entry held back by an age bound comes of age (None: none waits)
 
 
 @dataclass(frozen=True)
 class Take(Operation[Taken]):
-    """Take up to `room` entries for `consumer` by `plan` (see jobcontract.scheduling)."""
+    """Take up to `room` entries for `consumer` by `plan` (see jobcontract.scheduling and take.lua)."""
 
     SCRIPT: ClassVar[str] = "take.lua"
 
@@ -37,19 +38,25 @@ class Take(Operation[Taken]):
     def keys(self) -> list[str]:
         keys = [self.names.tenant_shares]
         for tier in self.plan.tiers:
-            keys += [self.names.stream(tier.queue), self.names.lanes(tier.queue), self.names.fair_tags(tier.queue)]
+            ref = parse_queue(tier.queue)
+            pool = self.names.pool(ref.pool if ref is not None else tier.queue)  # whose live workers own shards
+            queue = tier.queue
+            keys += [self.names.stream(queue), self.names.partitions(queue), self.names.fair_tags(queue), pool]
         return keys
 
     def args(self) -> list[Any]:
-        head = [CONSUMER_GROUP, self.consumer, self.room, TENANT_LANE_INFIX, DEFAULT_TENANT]
-        return head + [tier.min_age_ms for tier in self.plan.tiers]
+        args: list[Any] = [CONSUMER_GROUP, self.consumer, self.room, PARTITION_INFIX, DEFAULT_TENANT]
+        for tier in self.plan.tiers:
+            args += [tier.min_age_ms, tier.select.value]
+        return args
 
     def parse(self, reply: Any) -> Taken:
-        raw_entries, raw_streams = reply
+        raw_entries, raw_streams, wake_ms = reply
         entries = [
             TakenEntry(text(stream), text(entry_id), _fields(fields)) for stream, entry_id, fields in raw_entries
         ]
-        return Taken(entries, [text(s) for s in raw_streams])
+        wake = int(wake_ms)
+        return Taken(entries, [text(s) for s in raw_streams], None if wake < 0 else wake)
 
 
 def _fields(flat: list[Any]) -> dict[bytes, bytes]:

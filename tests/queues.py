@@ -1,0 +1,31 @@
+"""Reading a queue the way the broker does: its own stream and every partition in its partition set
+(jobcontract.keys.partition_of: a tenant's, or a tenant's prefix shard), for tests that count or read
+what waits in a queue whatever partition the admission chose."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+
+from jobcontract.keys import Keys
+
+
+def partition_streams(client: redis.Redis, keys: Keys, queue: str) -> list[str]:
+    members = sorted(m.decode() if isinstance(m, bytes) else str(m) for m in client.smembers(keys.partitions(queue)))
+    return [keys.stream(queue), *(keys.partition(queue, m) for m in members)]
+
+
+def queued(client: redis.Redis, keys: Keys, queue: str) -> int:
+    """Entries in the queue (waiting or delivered and not yet settled), over all its partitions."""
+    return sum(int(client.xlen(stream)) for stream in partition_streams(client, keys, queue))
+
+
+def entries(client: redis.Redis, keys: Keys, queue: str) -> list[tuple[Any, Any]]:
+    """Every entry of the queue, over all its partitions, oldest first."""
+    found: list[tuple[Any, Any]] = []
+    for stream in partition_streams(client, keys, queue):
+        found += list(client.xrange(stream))  # type: ignore[arg-type]
+    return sorted(
+        found, key=lambda e: tuple(int(p) for p in (e[0].decode() if isinstance(e[0], bytes) else e[0]).split("-"))
+    )
