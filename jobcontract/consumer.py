@@ -124,8 +124,11 @@ class StreamsConsumer(dramatiq.Consumer):
                 self._take(entry.stream, entry.entry_id, entry.fields)
             if self.buffer:
                 return self.buffer.popleft()
-            if not taken.streams:  # only age-bounded tiers: look again soon
-                time.sleep(min(self._block_ms(), POLL_MS) / 1000)
+            # A job held back by an age bound (another worker's prefix shard, a model to swap in) is
+            # looked at again when it comes of age, not a whole block later.
+            block_ms = self._block_ms() if taken.wake_ms is None else max(1, min(self._block_ms(), taken.wake_ms))
+            if not taken.streams:  # only age-bounded tiers: nothing to block on
+                time.sleep(min(block_ms, POLL_MS) / 1000)
                 return None
             # Nothing waits: block on every partition until something comes (one entry each at most).
             reply = self.client.xreadgroup(
@@ -133,7 +136,7 @@ class StreamsConsumer(dramatiq.Consumer):
                 self.broker.consumer_name,
                 {stream: ">" for stream in taken.streams},
                 count=1,
-                block=self._block_ms(),
+                block=block_ms,
             )
         except OUTAGE_ERRORS as error:  # before ResponseError: a demoted master's READONLY is one
             self._ride_out_read(error)

@@ -26,6 +26,7 @@ from jobcontract.jobs import JobStore
 from jobcontract.keys import Keys, actor_name, queue_name
 from jobcontract.models import Backend, Lane
 from jobcontract.routes import BackendRoute
+from jobcontract.scheduling import Placement, TakePlan, plan
 from workers.cancellation import CancelWatch
 from workers.circuit import CircuitBreaker
 from workers.metrics import WorkerMetrics
@@ -154,6 +155,7 @@ def serve(
         middleware=[rerouting],
         outage_patience_s=settings.redis_outage_patience_s,
         dead_letter_cap=settings.dead_letter_cap,
+        planner=planner(settings),
     )
     declare_actors(broker, runner, queues)
     worker = dramatiq.Worker(broker, worker_threads=settings.concurrency, worker_timeout=1000)
@@ -172,6 +174,12 @@ def serve(
     server.stop()
     http.close()
     return 0
+
+
+def planner(settings: WorkerSettings) -> Callable[[str], TakePlan]:
+    """Where this process's consumers take from next (jobcontract.scheduling)."""
+    placement = Placement(prefix_affinity=settings.prefix_affinity, steal_after_s=settings.prefix_steal_after_s)
+    return lambda queue: plan(queue, placement)
 
 
 def declare_actors(broker: dramatiq.Broker, runner: JobRunner, queues: dict[str, str]) -> None:

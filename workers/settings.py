@@ -8,6 +8,7 @@ from pathlib import Path
 from pydantic import Field
 
 from jobcontract.models import Backend
+from jobcontract.scheduling import DEFAULT_STEAL_AFTER_S
 from jobcontract.settings import GenqSettings
 
 
@@ -46,6 +47,16 @@ class WorkerSettings(GenqSettings):
         default=5.0,
         ge=0,
         description="A job waiting this long in a pool with no live worker moves to the next backend.",
+    )
+    prefix_affinity: bool = Field(
+        default=True,
+        description="Take the prompt-prefix shards this worker owns first (its server's prompt cache holds "
+        "them); other workers' shards only for the room left (jobcontract.scheduling).",
+    )
+    prefix_steal_after_s: float = Field(
+        default=DEFAULT_STEAL_AFTER_S,
+        ge=0,
+        description="How long a job waits for the worker owning its prefix before another worker with room takes it.",
     )
     circuit_threshold: int = Field(default=3, ge=1, description="Failures in a row that open a pool's circuit.")
     circuit_cool_down_s: float = Field(default=10.0, gt=0, description="How long an open circuit keeps jobs away.")

@@ -20,6 +20,13 @@ def register(sub: Any) -> None:
     worker.add_argument(
         "--prompt-cache-bytes", type=int, help="mlx_lm.server prompt cache cap, 0: none (GENQ_PROMPT_CACHE_BYTES)"
     )
+    worker.add_argument(
+        "--no-prefix-affinity",
+        dest="prefix_affinity",
+        action="store_const",
+        const=False,
+        help="take jobs without regard to which worker holds their prompt prefix (GENQ_PREFIX_AFFINITY=false)",
+    )
     worker.set_defaults(run=_worker)
 
 
@@ -36,5 +43,6 @@ def _worker(args: argparse.Namespace) -> int:
         "llama_server_bin": args.llama_server,
         "prompt_cache_size": args.prompt_cache_size,
         "prompt_cache_bytes": args.prompt_cache_bytes,
+        "prefix_affinity": args.prefix_affinity,
     }
     return WorkerPool(WorkerSettings(**{k: v for k, v in given.items() if v is not None})).run()
