@@ -25,6 +25,7 @@ from jobcontract.models import Backend, GenerationResult, JobState, Lane, Timing
 from jobcontract.settings import GenqSettings
 from producer.async_client import AsyncClient
 from producer.client import Client, QueueFull
+from tests.queues import queued as queued_in
 
 QUEUE = queue_name("tiny", Backend.MLX, Lane.INTERACTIVE)
 
@@ -44,7 +45,7 @@ def test_a_reused_idempotency_key_with_another_request_is_refused(
         client.submit(ask("charge card 43", idempotency_key="order-42"))
     assert (refused.value.key, refused.value.job_id) == ("order-42", first)
     assert client.status(first).state.value == "queued"
-    assert redis_client.xlen(keys.stream(QUEUE)) == 1
+    assert queued_in(redis_client, keys, QUEUE) == 1
     with pytest.raises(IdempotencyConflict):
         client.submit_many([ask("charge card 42", idempotency_key="order-42", max_tokens=5)])
 
@@ -63,7 +64,7 @@ def test_a_reused_idempotency_key_with_another_request_is_refused_async(
                 await client.submit_many([ask("refund", idempotency_key="tenant-a:order-42")])
 
     asyncio.run(scenario())
-    assert redis_client.xlen(keys.stream(QUEUE)) == 1
+    assert queued_in(redis_client, keys, QUEUE) == 1
 
 
 # -- a job id that already exists is never queued again ----------------------------------------------
@@ -99,7 +100,7 @@ def test_a_used_job_id_is_answered_with_its_job_never_queued_again(
     with pytest.raises(IdempotencyConflict) as refused:  # the same id for another request
         client.submit(ask("another ask"), job_id="job-done")
     assert (refused.value.key, refused.value.job_id) == ("job-done", "job-done")
-    assert redis_client.xlen(keys.stream(QUEUE)) == 2  # one message per job, ever
+    assert queued_in(redis_client, keys, QUEUE) == 2  # one message per job, ever
 
 
 class DroppingProxy:
@@ -188,14 +189,14 @@ def test_an_admission_sent_again_after_its_reply_was_lost_queues_once(
     job_id = client.submit(ask("once"))
     assert proxy.dropped == 1  # the first reply was lost and redis-py sent the script again
     assert client.status(job_id).starts == 0
-    assert redis_client.xlen(keys.stream(QUEUE)) == 1
+    assert queued_in(redis_client, keys, QUEUE) == 1
 
     finish(client, job_id, "read once")
     proxy.armed.set()
     ids = client.submit_many([ask("a"), ask("b"), ask("c")])
     assert proxy.dropped == 2
     assert len(set(ids)) == 3
-    assert redis_client.xlen(keys.stream(QUEUE)) == 4
+    assert queued_in(redis_client, keys, QUEUE) == 4
     assert client.result(job_id, timeout=1).text == "read once"
 
     # The gateway keeps a quota slot per job it creates and gives it back for a duplicate: a resent
@@ -216,7 +217,7 @@ BATCH_QUEUE = queue_name("tiny", Backend.MLX, Lane.BATCH)
 def footprint(redis_client: redis.Redis, keys: Keys) -> tuple[int, int, int]:
     """Job records, and messages in the interactive and the batch queue."""
     jobs = sum(1 for k in redis_client.scan_iter(f"{keys.namespace}:job:*") if not k.endswith(b":events"))
-    return jobs, redis_client.xlen(keys.stream(QUEUE)), redis_client.xlen(keys.stream(BATCH_QUEUE))
+    return jobs, queued_in(redis_client, keys, QUEUE), queued_in(redis_client, keys, BATCH_QUEUE)
 
 
 def test_a_list_that_crosses_a_queue_bound_is_refused_whole(

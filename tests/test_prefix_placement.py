@@ -88,6 +88,16 @@ def test_each_worker_takes_the_prefixes_it_owns_and_no_other_while_they_are_youn
     assert not by_worker["w1"] & by_worker["w2"], "a prefix is one worker's"
 
 
+def test_one_tenants_prefixes_are_served_first_come_first_served(redis_client: redis.Redis, keys: Keys) -> None:
+    """Each prefix has its own partition; within one tenant none goes ahead of an older job of
+    another (a busy prefix must not starve a quiet one)."""
+    prompts = [instruction(n % 5) + f"text {n}" for n in range(15)]
+    for prompt in prompts:  # one at a time, each in its own millisecond (a stream id's clock)
+        submit(redis_client, keys, [prompt])
+        time.sleep(0.002)
+    assert take_all(redis_client, keys, "w1") == prompts
+
+
 def test_a_dead_owners_prefixes_belong_to_the_live_at_once(redis_client: redis.Redis, keys: Keys) -> None:
     live(redis_client, keys, "w1", "w2")
     prompts = [instruction(n) + "text" for n in range(12)]
