@@ -20,6 +20,7 @@ from jobcontract.keys import CONSUMER_GROUP, Keys
 from jobcontract.models import GenerationResult
 from producer.client import Client, GenqUnavailable
 from tests.harness import SERVER_MARKERS, WorkerHandle
+from tests.queues import partition_streams
 
 POISON_SITE = Path(__file__).resolve().parent / "poison_site"
 POISON_MARKER = "GENQ-POISON-PILL"
@@ -68,11 +69,15 @@ def worker_processes(handle: WorkerHandle) -> list[WorkerProcess]:
     return found
 
 
+def _all_partitions(client: redis.Redis, keys: Keys) -> list[str]:
+    """Every stream of every queue: each queue's own and its partitions (tenants, prefix shards)."""
+    return [s for raw in client.smembers(keys.queues) for s in partition_streams(client, keys, _text(raw))]
+
+
 def pending_jobs(client: redis.Redis, keys: Keys) -> dict[str, list[str]]:
     """Consumer name -> ids of the jobs whose stream entries it holds unacked, across every queue."""
     held: dict[str, list[str]] = {}
-    for raw in client.smembers(keys.queues):
-        stream = keys.stream(_text(raw))
+    for stream in _all_partitions(client, keys):
         try:
             entries = client.xpending_range(stream, CONSUMER_GROUP, min="-", max="+", count=10_000)
         except redis.ResponseError:
@@ -195,8 +200,7 @@ def attempts_generating(client: redis.Redis, keys: Keys, job_id: str) -> int:
 
 def held_message(client: redis.Redis, keys: Keys, job_id: str) -> dramatiq.Message[object] | None:
     """The dramatiq message of a job as its pending stream entry holds it (what the worker runs now)."""
-    for raw in client.smembers(keys.queues):
-        stream = keys.stream(_text(raw))
+    for stream in _all_partitions(client, keys):
         try:
             entries = client.xpending_range(stream, CONSUMER_GROUP, min="-", max="+", count=10_000)
         except redis.ResponseError:

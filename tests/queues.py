@@ -29,3 +29,12 @@ def entries(client: redis.Redis, keys: Keys, queue: str) -> list[tuple[Any, Any]
     return sorted(
         found, key=lambda e: tuple(int(p) for p in (e[0].decode() if isinstance(e[0], bytes) else e[0]).split("-"))
     )
+
+
+def stream_of(client: redis.Redis, keys: Keys, queue: str, job_id: str) -> str:
+    """The partition stream of a queue that holds the job's entry (its tenant's, in its prefix shard)."""
+    for stream in partition_streams(client, keys, queue):
+        for _id, fields in client.xrange(stream):  # type: ignore[union-attr]
+            if job_id.encode() in fields.get(b"m", b""):
+                return stream
+    raise AssertionError(f"no entry of job {job_id} in any partition of {queue}")

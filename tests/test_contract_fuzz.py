@@ -19,6 +19,7 @@ from jobcontract.jobs import IdempotencyConflict
 from jobcontract.keys import Keys
 from jobcontract.models import GenerationRequest
 from producer.client import Client
+from tests.queues import entries as entries_of
 from tests.reliability_figures import Figure, FigureBook
 
 FIELDS = [
@@ -111,7 +112,7 @@ def fuzz_examples(request: pytest.FixtureRequest) -> int:
 def _footprint(r: redis.Redis, keys: Keys) -> tuple[int, int]:
     """How many job records exist and how many entries wait in all queues of this namespace."""
     jobs = sum(1 for k in r.scan_iter(f"{keys.namespace}:job:*") if not k.endswith(b":events"))
-    entries = sum(r.xlen(k) for k in r.scan_iter(f"{keys.namespace}:q:*"))
+    entries = sum(r.xlen(k) for k in r.scan_iter(f"{keys.namespace}:q:*", _type="stream"))
     return jobs, entries
 
 
@@ -180,7 +181,7 @@ def test_submit_queues_exactly_the_valid_requests(
         seen["queued"] += 1
         assert (jobs, entries) == (before[0] + 1, before[1] + 1)
         status = client.status(job_id)
-        [(_id, fields)] = [e for e in client.redis.xrange(keys.stream(status.queue)) if job_id.encode() in e[1][b"m"]]
+        [(_id, fields)] = [e for e in entries_of(client.redis, keys, status.queue) if job_id.encode() in e[1][b"m"]]
         message = dramatiq.Message.decode(fields[b"m"])
         queued = GenerationRequest.model_validate(message.kwargs["request"])
         assert queued == client.validate(data), "the worker would read another request than the one checked"

@@ -21,6 +21,7 @@ from jobcontract.models import Backend, GenerationResult, JobError, JobState, Ti
 from jobcontract.protocol.entry import DeadLetterCap
 from jobcontract.settings import GenqSettings
 from producer.client import Client
+from tests.queues import partition_streams, stream_of
 
 QUEUE = "tiny.mlx.interactive"
 
@@ -75,8 +76,9 @@ def test_dead_letters_from_every_path_are_listed_with_their_reasons_and_purged(
     given_up = give_up(client, _consumer(broker), "every backend failed (mlx); last: server died")
     assert given_up == gave_up
     killer = client.submit({"model": "tiny", "prompt": "kills its workers"})
+    partition = stream_of(redis_client, keys, QUEUE, killer)
     for _ in range(broker.max_redeliveries + 1):
-        redis_client.xreadgroup(CONSUMER_GROUP, "doomed", {keys.stream(QUEUE): ">"}, count=1)
+        redis_client.xreadgroup(CONSUMER_GROUP, "doomed", {partition: ">"}, count=1)
         broker.reclaim_dead_consumers()
     redis_client.xadd(keys.stream(QUEUE), {"m": b"{garbage", "r": 0})
     assert next(m for m in (next(_consumer(broker)) for _ in range(3)) if m is None) is None  # filed, not run
@@ -161,12 +163,13 @@ def test_a_job_that_died_in_a_delay_queue_is_replayed_to_its_own_queue_at_once(
     client: Client, letters: DeadLetters, redis_client: redis.Redis, keys: Keys
 ) -> None:
     job_id = client.submit({"model": "tiny", "prompt": "x"})
-    [(entry_id, fields)] = redis_client.xrange(keys.stream(QUEUE))
+    [stream] = [s for s in partition_streams(redis_client, keys, QUEUE) if redis_client.xlen(s)]
+    [(entry_id, fields)] = redis_client.xrange(stream)
     delayed = dramatiq.Message.decode(fields[b"m"]).copy(queue_name=QUEUE + ".DQ", options={"eta": 1})
     redis_client.xadd(keys.dead_letters, {"m": delayed.encode(), "queue": QUEUE + ".DQ", "reason": "r"})
-    redis_client.xdel(keys.stream(QUEUE), entry_id)
+    redis_client.xdel(stream, entry_id)
     assert letters.replay(job_id).queue == QUEUE
-    [(_id, fields)] = redis_client.xrange(keys.stream(QUEUE))
+    [(_id, fields)] = redis_client.xrange(stream)  # back in its own partition (its prefix shard)
     again = dramatiq.Message.decode(fields[b"m"])
     assert again.queue_name == QUEUE and "eta" not in again.options
 

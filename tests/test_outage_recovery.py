@@ -18,6 +18,7 @@ from jobcontract.keys import CONSUMER_GROUP, Keys
 from jobcontract.models import Backend, JobState
 from jobcontract.settings import GenqSettings
 from producer.client import Client
+from tests.queues import stream_of
 
 QUEUE = "tiny.mlx.interactive"
 
@@ -33,7 +34,7 @@ def test_a_job_whose_workers_keep_dying_is_dead_lettered_and_finished_as_failed(
     client: Client, broker: StreamsBroker, redis_client: redis.Redis, keys: Keys
 ) -> None:
     job_id = client.submit({"model": "tiny", "prompt": "kills its worker", "max_tokens": 4})
-    stream = keys.stream(QUEUE)
+    stream = stream_of(redis_client, keys, QUEUE, job_id)  # its partition (its prefix shard)
     for _ in range(broker.max_redeliveries + 1):
         assert redis_client.xreadgroup(CONSUMER_GROUP, "doomed", {stream: ">"}, count=1)
         client.store.start(job_id, "doomed", Backend.MLX, QUEUE)
@@ -56,9 +57,10 @@ def test_a_finished_job_is_left_alone_when_its_entry_is_dead_lettered(
     client: Client, broker: StreamsBroker, redis_client: redis.Redis, keys: Keys
 ) -> None:
     job_id = client.submit({"model": "tiny", "prompt": "finished, then its worker died", "max_tokens": 4})
+    stream = stream_of(redis_client, keys, QUEUE, job_id)
     before = None
     for n in range(broker.max_redeliveries + 1):
-        redis_client.xreadgroup(CONSUMER_GROUP, "doomed", {keys.stream(QUEUE): ">"}, count=1)
+        redis_client.xreadgroup(CONSUMER_GROUP, "doomed", {stream: ">"}, count=1)
         if n == 0:
             redis_client.hset(keys.job(job_id), "state", "succeeded")
             before = redis_client.hgetall(keys.job(job_id))

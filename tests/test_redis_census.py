@@ -41,9 +41,11 @@ BOUNDED: dict[str, str] = {
     "and an entry is deleted once settled",
     r"q:[^:]+\.(interactive|batch)\.DQ": "a delay queue: at most one entry per admitted job waiting to retry, "
     "deleted when due",
-    r"q:[^:]+\.(interactive|batch)(\.DQ)?:tenant:[A-Za-z0-9._-]+": "a tenant's lane of a queue: bounded like "
-    "the queue's stream (per lane), one per configured tenant",
-    r"q:[^:]+\.(interactive|batch)(\.DQ)?:tenants": "a queue's partition set: one member per configured tenant",
+    r"q:[^:]+\.(interactive|batch)(\.DQ)?:part:[A-Za-z0-9._-]+(#[0-9]+)?": "a partition of a queue (a tenant's, "
+    "or a tenant's prefix shard): submit refuses past GENQ_MAX_QUEUED_JOBS entries per tenant of a queue, an entry "
+    "is deleted once settled; configured tenants x (PREFIX_SHARDS + 1) per queue",
+    r"q:[^:]+\.(interactive|batch)(\.DQ)?:partitions": "a queue's partition set: configured tenants x "
+    "(PREFIX_SHARDS + 1) members at most",
     r"q:[^:]+\.(interactive|batch)(\.DQ)?:fair": "a queue's fair-share account: one field per configured tenant",
     r"tenant_shares": "the tenants' shares: one field per configured tenant, rewritten when a gateway starts",
     r"queues": "the set of queue names: the routes' models x backends x lanes",

@@ -50,6 +50,7 @@ from tests.faults import (
     write_routes,
 )
 from tests.harness import WorkerHandle, alive, start_worker
+from tests.queues import entries
 from workers import rerouting
 from workers.circuit import CircuitBreaker
 from workers.metrics import WorkerMetrics
@@ -377,7 +378,7 @@ def test_a_bug_while_deciding_dead_letters_the_job_instead_of_redelivering_it_fo
 def held_message_or_queued(raw: redis.Redis, keys: Keys, job_id: str) -> dramatiq.Message[object]:
     """The job's dramatiq message, read from its queue's stream (nobody has taken it yet)."""
     for queue in raw.smembers(keys.queues):
-        for _id, fields in raw.xrange(keys.stream(queue.decode())):
+        for _id, fields in entries(raw, keys, queue.decode()):
             message = dramatiq.Message.decode(fields[b"m"])
             if message.message_id == job_id:
                 return message
