@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 
 import httpx
 
@@ -52,7 +52,29 @@ def _die_with_parent() -> Callable[[], None] | None:
     return set_pdeathsig
 
 
+class JobServer(Protocol):
+    """What a job needs of the server it runs on: a ServerSupervisor, or a multi-model worker's handle
+    on one of its models (workers.models.manager.ModelHandle), which loads the model on demand."""
+
+    @property
+    def spec(self) -> ServerSpec: ...
+    @property
+    def base_url(self) -> str: ...
+    @property
+    def pid(self) -> int | None: ...
+    @property
+    def load_wait_s(self) -> float:
+        """How long a job may wait for the server to come up beyond its first-token timeout: a load."""
+        ...
+
+    def wait_ready(self, timeout_s: float) -> bool: ...
+    def died_since(self, pid: int | None) -> bool: ...
+    def silent_s(self) -> float: ...
+
+
 class ServerSupervisor:
+    load_wait_s = 0.0  # started with its worker: a job never waits for its load
+
     def __init__(
         self,
         spec: ServerSpec,
