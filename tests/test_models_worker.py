@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+import redis
 
 from genq.local_redis import LocalRedis
 from genq.tiny_model import ensure_tiny_model
@@ -27,7 +28,7 @@ from jobcontract.admission import ModelTooLarge
 from jobcontract.connection import connect
 from jobcontract.keys import Keys
 from jobcontract.models import JobState
-from jobcontract.protocol.placement import ReadModels, WorkerModels
+from jobcontract.protocol.placement import PublishModels, ReadModels, WithdrawModels, WorkerModels, records_key
 from jobcontract.settings import GenqSettings
 from producer.client import Client
 from tests.callers import start_gateway
@@ -103,12 +104,17 @@ def multi_worker(
     return handle
 
 
+def holds(settings: GenqSettings, *models: str) -> bool:
+    """Whether the one worker's record (renewed every second) says it holds exactly these models."""
+    return wait_until(lambda: fleet(settings)[0].loaded == models, timeout=10, interval=0.1)
+
+
 def run_jobs(client: Client, model: str, n: int = 2) -> list[str]:
     ids = client.submit_many([{"model": model, "prompt": f"Once upon a time {i}", "max_tokens": 6} for i in range(n)])
     results = client.results(ids, timeout=120)
-    assert all(results[i].state is JobState.SUCCEEDED for i in ids), [results[i].error for i in ids]
-    assert {results[i].model for i in ids} == {model}
-    return [results[i].text or "" for i in ids]
+    assert all(r.state is JobState.SUCCEEDED for r in results), [r.error for r in results]
+    assert {r.model for r in results} == {model}
+    return [r.text or "" for r in results]
 
 
 def server_of(handle: WorkerHandle, model_dir: str) -> int | None:
@@ -132,6 +138,19 @@ def servers_rss(handle: WorkerHandle) -> int:
     return total
 
 
+def test_worker_records_hold_until_their_ttl_and_go_when_withdrawn(redis_client: redis.Redis, keys: Keys) -> None:
+    def record(name: str) -> WorkerModels:
+        return WorkerModels(worker=name, host="h", backend="mlx", budget_bytes=GIB, serves=("a",), loaded=("a",))
+
+    assert protocol.run(redis_client, PublishModels(keys, record("w1"), ttl_ms=60_000)) == 0
+    protocol.run(redis_client, PublishModels(keys, record("w2"), ttl_ms=1))
+    assert wait_until(lambda: protocol.run(redis_client, ReadModels(keys)) == [record("w1")])
+    assert protocol.run(redis_client, PublishModels(keys, record("w1"), ttl_ms=60_000)) == 1  # w2 dropped for good
+    assert redis_client.hlen(records_key(keys)) == 1
+    assert protocol.run(redis_client, WithdrawModels(keys, ["w1"])) == 1
+    assert protocol.run(redis_client, ReadModels(keys)) == []
+
+
 def test_one_worker_serves_jobs_of_two_models_and_unloads_them_after_the_keep_alive(
     settings: GenqSettings, client: Client, tmp_path: Path
 ) -> None:
@@ -143,8 +162,8 @@ def test_one_worker_serves_jobs_of_two_models_and_unloads_them_after_the_keep_al
             [{"model": m, "prompt": f"Once upon a time {i}", "max_tokens": 6} for i in range(6) for m in ("a", "b")]
         )
         results = client.results(ids, timeout=120)
-        assert all(r.state is JobState.SUCCEEDED for r in results.values()), [r.error for r in results.values()]
-        texts = {m: {r.text for r in results.values() if r.model == m} for m in ("a", "b")}
+        assert all(r.state is JobState.SUCCEEDED for r in results), [r.error for r in results]
+        texts = {m: {r.text for r in results if r.model == m} for m in ("a", "b")}
         assert texts["a"] != texts["b"]  # two models (other seeds), each job on its own
         assert len(worker.server_pids()) <= 2
         listed = subprocess.run(
@@ -174,14 +193,14 @@ def test_a_budget_for_one_model_swaps_and_a_model_over_every_budget_is_refused_a
     gateway = None
     try:
         run_jobs(client, "a")
-        assert fleet(settings)[0].loaded == ("a",)
+        assert holds(settings, "a"), fleet(settings)
         size_a = fleet(settings)[0].sizes["a"]
         assert budget * GIB / 2 < size_a <= budget * GIB  # measured: one fits, two do not
         run_jobs(client, "b")
-        assert fleet(settings)[0].loaded == ("b",)  # a made room for b
+        assert holds(settings, "b"), fleet(settings)  # a made room for b
         assert servers_rss(worker) <= budget * GIB
         run_jobs(client, "a")
-        assert fleet(settings)[0].loaded == ("a",)
+        assert holds(settings, "a"), fleet(settings)
         assert servers_rss(worker) <= budget * GIB
         assert len(worker.server_pids()) == 1
 
@@ -222,6 +241,6 @@ def test_a_killed_server_raises_its_models_recorded_size_and_its_jobs_still_fini
         assert wait_until(lambda: fleet(settings)[0].sizes["a"] == 2 * GIB, timeout=30, interval=0.2), fleet(settings)
         run_jobs(client, "b", 1)
         run_jobs(client, "a", 1)  # a loads again, alone now: b made room
-        assert fleet(settings)[0].loaded == ("a",)
+        assert holds(settings, "a"), fleet(settings)
     finally:
         worker.stop()
