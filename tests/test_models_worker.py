@@ -227,20 +227,29 @@ def test_a_budget_for_one_model_swaps_and_a_model_over_every_budget_is_refused_a
         worker.stop()
 
 
-def test_a_killed_server_raises_its_models_recorded_size_and_its_jobs_still_finish(
+def test_a_server_killed_under_its_jobs_raises_its_models_recorded_size_and_its_jobs_still_finish(
     settings: GenqSettings, client: Client, tmp_path: Path, models_dir: Path
 ) -> None:
     worker = multi_worker(settings, tmp_path, "a,b", budget_gb=2, keep_alive_s=600)
     try:
-        run_jobs(client, "a", 1)
-        before = fleet(settings)[0].sizes["a"]
-        assert before < 2 * GIB
-        pid = server_of(worker, str(models_dir / "tiny-llama"))
+        run_jobs(client, "b", 1)  # b is loaded: a will die beside it
+        ids = client.submit_many([{"model": "a", "prompt": f"Once {i}", "max_tokens": 400} for i in range(8)])
+        a_dir = str(models_dir / "tiny-llama")
+
+        def generating() -> bool:
+            """A job runs (or waits for a's load: a kill then hits the load, which counts the same)."""
+            states = [client.status(i).state for i in ids]
+            return server_of(worker, a_dir) is not None and JobState.RUNNING in states
+
+        assert wait_until(generating, timeout=60, interval=0.01)
+        assert fleet(settings)[0].sizes["a"] < 2 * GIB
+        pid = server_of(worker, a_dir)
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
         assert wait_until(lambda: fleet(settings)[0].sizes["a"] == 2 * GIB, timeout=30, interval=0.2), fleet(settings)
-        run_jobs(client, "b", 1)
-        run_jobs(client, "a", 1)  # a loads again, alone now: b made room
-        assert holds(settings, "a"), fleet(settings)
+        results = client.results(ids, timeout=120)
+        assert all(r.ok for r in results), [r.error for r in results]  # retried, a loaded again
+        run_jobs(client, "a", 1)
+        assert holds(settings, "a"), fleet(settings)  # a counts as the whole budget now: b made room
     finally:
         worker.stop()

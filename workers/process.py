@@ -120,6 +120,7 @@ def serve(
             start_timeout_s=settings.server_start_timeout_s,
             hang_timeout_s=settings.server_hang_timeout_s,
             on_state=on_server_state,
+            start_again_on_exit=not settings.multi_model,
         )
 
     model_set: ModelSet | None = None

@@ -102,6 +102,7 @@ class ModelSet:
         self._last_used: dict[str, float] = dict.fromkeys(self.specs, 0.0)
         self._asked_at: dict[str, float] = {}  # a job waits for this model to load, since
         self._crashed: set[str] = set()  # its server died: unload it, load it again alone
+        self._died_loading: set[str] = set()
         self._refused: dict[str, str] = {}
         self._retry_at: dict[str, float] = {}  # a failed load is not tried again before this instant
         self._load_failures: dict[str, int] = {}
@@ -227,11 +228,15 @@ class ModelSet:
         try:
             server.start()
         except ServerFailed as error:
+            # Its servers are not started again on exit (start_again_on_exit): a load that died here
+            # is tried again after a back-off, planned with its raised size, so alone.
             log.error("model %s failed to load: %s", model, error)
             with self._lock:
                 self._servers.pop(model, None)
             server.stop()
-            self.sizes.raise_to(model, self.budget_bytes)  # died loading: most likely out of memory
+            if model in self._died_loading:  # not a mere timeout: most likely out of memory
+                self._died_loading.discard(model)
+                self.sizes.raise_to(model, self.budget_bytes)
             self.metrics.failed_loads.labels(**self._labels(model)).inc()
             failures = self._load_failures[model] = self._load_failures.get(model, 0) + 1
             self._retry_at[model] = time.monotonic() + min(60.0, 2.0**failures)  # a broken model backs off
@@ -263,10 +268,12 @@ class ModelSet:
         return True
 
     def _on_state(self, model: str, state: str) -> None:
-        """From a server's watch thread. A death is recorded and left to the manager thread: the model
-        counts as the whole budget from now on (it died beside others, out of memory most likely), and
-        is loaded again, alone, when its retried jobs ask for it."""
-        if state == "down":
+        """From a server's threads. A death is recorded and left to the manager thread: the model counts
+        as the whole budget from now on (it died beside others, out of memory most likely), and is
+        loaded again, alone, when its retried jobs ask for it. A death during the load is _load's."""
+        if state == "exited":  # during its start (the manager thread is in _load)
+            self._died_loading.add(model)
+        elif state == "down":
             log.warning("the server of %s died: its recorded size is raised to the budget", model)
             self.sizes.raise_to(model, self.budget_bytes)
             self._ready[model].clear()

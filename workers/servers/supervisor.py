@@ -84,8 +84,14 @@ class ServerSupervisor:
         probe_interval_s: float = 0.25,
         hang_timeout_s: float = 2.0,
         on_state: Callable[[str], None] | None = None,
+        start_again_on_exit: bool = True,
     ) -> None:
+        """`start_again_on_exit`: a server that exits during its start is started again (on another
+        port: the usual cause is a port taken between choosing and binding it). A multi-model worker
+        turns it off: there the likelier cause is memory, and its manager decides what to unload
+        before it loads that model again."""
         self.spec = spec
+        self.start_again_on_exit = start_again_on_exit
         self.log_path = log_path
         self.start_timeout_s = start_timeout_s
         self.probe_interval_s = probe_interval_s
@@ -160,8 +166,11 @@ class ServerSupervisor:
             exited = self.process.poll() is not None
             with self._lock:
                 self._terminate(1.0)
-            if not exited or attempt == 2:
+            if not exited or attempt == 2 or not self.start_again_on_exit:
                 break
+        if exited:
+            code = None if self.process is None else self.process.returncode
+            raise ServerFailed(f"{self.spec.name} exited with {code} during start; see {self.log_path}")
         raise ServerFailed(f"{self.spec.name} did not become ready in {self.start_timeout_s:.0f}s; see {self.log_path}")
 
     def _launch(self) -> None:
@@ -191,6 +200,7 @@ class ServerSupervisor:
         while time.monotonic() < deadline and not self._stopping.is_set():
             if self.process.poll() is not None:
                 log.error("%s exited with %s during start", self.spec.name, self.process.returncode)
+                self.on_state("exited")  # died loading (out of memory?), though it may be started again
                 return False
             if self._answers():
                 return True
