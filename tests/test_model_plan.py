@@ -3,12 +3,15 @@ functions: every rule, no servers needed."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from jobcontract.admission import ModelTooLarge, refuse_too_large
 from jobcontract.protocol.placement import WorkerModels
 from workers.models.plan import Load, ModelState, TooLarge, Unload, UnloadReason, Wait, plan
 from workers.models.sizes import ModelSizes
+from workers.settings import WorkerSettings
 
 GB = 1_000_000_000
 
@@ -145,3 +148,30 @@ def test_admission_lets_a_model_through_when_one_worker_fits_it_or_nobody_publis
 def test_a_worker_record_reads_back_as_written() -> None:
     record = worker("w", 5, {"a": 1, "b": 2}, loaded=("a",))
     assert WorkerModels.from_json(record.to_json()) == record
+
+
+def test_models_setting_reads_a_list_all_or_the_one_model(tmp_path: Path) -> None:
+    routes = tmp_path / "routes.toml"
+    routes.write_text(
+        "\n".join(
+            [
+                '[[models]]\nname = "a"\n[[models.backends]]\npath = "a-folder"',
+                '[[models]]\nname = "g"\n[[models.backends]]\npath = "g.gguf"',
+                '[[models]]\nname = "b"\n[[models.backends]]\npath = "b-folder"\n[[models.backends]]\npath = "b.gguf"',
+            ]
+        )
+    )
+
+    def served(**given: object) -> list[str]:
+        return WorkerSettings(routes_file=routes, **given).served_models()  # type: ignore[arg-type]
+
+    assert served(model="a") == ["a"]
+    assert served(models="all") == ["a", "b"]  # g has no mlx route
+    assert served(models="all", backend="llamacpp") == ["g", "b"]
+    assert served(models=" b, a,b ") == ["b", "a"]
+    with pytest.raises(ValueError, match="no mlx route"):
+        served(models="a,g")
+    with pytest.raises(KeyError):
+        served(models="a,nope")
+    settings = WorkerSettings(routes_file=routes, models="all", memory_budget_gb=3, processes=2)
+    assert settings.budget_bytes_per_process() == 3 * 1024**3 // 2
