@@ -166,12 +166,12 @@ def test_models_setting_reads_a_list_all_or_the_one_model(tmp_path: Path) -> Non
         return WorkerSettings(routes_file=routes, **given).served_models()  # type: ignore[arg-type]
 
     assert served(model="a") == ["a"]
-    assert served(models="all") == ["a", "b"]  # g has no mlx route
-    assert served(models="all", backend="llamacpp") == ["g", "b"]
-    assert served(models=" b, a,b ") == ["b", "a"]
+    assert served(serve_models="all") == ["a", "b"]  # g has no mlx route
+    assert served(serve_models="all", backend="llamacpp") == ["g", "b"]
+    assert served(serve_models=" b, a,b ") == ["b", "a"]
     with pytest.raises(ValueError, match="no mlx route"):
-        served(models="a,g")
+        served(serve_models="a,g")
     with pytest.raises(KeyError):
-        served(models="a,nope")
-    settings = WorkerSettings(routes_file=routes, models="all", memory_budget_gb=3, processes=2)
+        served(serve_models="a,nope")
+    settings = WorkerSettings(routes_file=routes, serve_models="all", memory_budget_gb=3, processes=2)
     assert settings.budget_bytes_per_process() == 3 * 1024**3 // 2

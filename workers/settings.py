@@ -14,10 +14,11 @@ from workers.models.sizes import GIB, default_budget_bytes
 
 class WorkerSettings(GenqSettings):
     model: str = Field(default="tiny", description="The logical model this worker serves (from the routes).")
-    models: str | None = Field(
+    # GENQ_SERVE_MODELS, not GENQ_MODELS: docker-compose's .env already names the host's models folder so.
+    serve_models: str | None = Field(
         default=None,
-        description="Serve several models, loaded on demand within the memory budget: `a,b,c`, or `all` (every "
-        "model of the routes this backend can serve). Unset: the one `model`, always loaded.",
+        description="`genq worker --models`: serve several models, loaded on demand within the memory budget: "
+        "`a,b,c`, or `all` (every model of the routes this backend can serve). Unset: the one `model`, always loaded.",
     )
     memory_budget_gb: float | None = Field(
         default=None,
@@ -60,16 +61,16 @@ class WorkerSettings(GenqSettings):
 
     @property
     def multi_model(self) -> bool:
-        return self.models is not None
+        return self.serve_models is not None
 
     def served_models(self) -> list[str]:
-        """The models this worker serves: `models` (`all` read from the routes) or the one `model`.
+        """The models this worker serves: `serve_models` (`all` read from the routes) or the one `model`.
         A model the routes do not have, or have for another backend only, is refused at start."""
-        if self.models is None:
+        if self.serve_models is None:
             return [self.model]
-        if self.models.strip() == "all":
+        if self.serve_models.strip() == "all":
             return [m.name for m in self.routes.models if self.backend in m.order]
-        names = list(dict.fromkeys(n.strip() for n in self.models.split(",") if n.strip()))
+        names = list(dict.fromkeys(n.strip() for n in self.serve_models.split(",") if n.strip()))
         if not names:
             raise ValueError("--models names no model")
         for name in names:

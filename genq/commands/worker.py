@@ -11,7 +11,7 @@ def register(sub: Any) -> None:
     worker.add_argument("--model", help="logical model from the routes, always loaded (GENQ_MODEL)")
     worker.add_argument(
         "--models",
-        help="several models loaded on demand within the memory budget: a,b,c or all (GENQ_MODELS)",
+        help="several models loaded on demand within the memory budget: a,b,c or all (GENQ_SERVE_MODELS)",
     )
     worker.add_argument(
         "--memory-budget-gb", type=float, help="memory for loaded models, GiB (GENQ_MEMORY_BUDGET_GB; 0.75 of RAM)"
@@ -33,7 +33,7 @@ def _worker(args: argparse.Namespace) -> int:
 
     given = {
         "model": args.model,
-        "models": args.models,
+        "serve_models": args.models,
         "memory_budget_gb": args.memory_budget_gb,
         "model_keep_alive_s": args.keep_alive,
         "backend": args.backend,
