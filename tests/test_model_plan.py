@@ -9,40 +9,52 @@ import pytest
 
 from jobcontract.admission import ModelTooLarge, refuse_too_large
 from jobcontract.protocol.placement import WorkerModels
-from workers.models.plan import Load, ModelState, TooLarge, Unload, UnloadReason, Wait, plan
+from workers.models.plan import Drain, Load, ModelState, TooLarge, Unload, UnloadReason, Wait, plan
 from workers.models.sizes import ModelSizes
 from workers.settings import WorkerSettings
 
 GB = 1_000_000_000
 
 
-def state(size_gb: float, *, loaded: bool = False, in_flight: int = 0, last_used: float = 0.0) -> ModelState:
-    return ModelState(size_bytes=int(size_gb * GB), loaded=loaded, in_flight=in_flight, last_used=last_used)
+def state(
+    size_gb: float,
+    *,
+    loaded: bool = False,
+    generating: int = 0,
+    waiting: int = 0,
+    last_used: float = 0.0,
+    draining: bool = False,
+    since: float = 0.0,
+) -> ModelState:
+    return ModelState(
+        size_bytes=int(size_gb * GB),
+        loaded=loaded,
+        generating=generating,
+        waiting=waiting,
+        last_used=last_used,
+        draining=draining,
+        waiting_since=since,
+    )
 
 
 def run(
-    models: dict[str, ModelState],
-    wanted: list[str],
-    *,
-    budget_gb: float = 10,
-    keep_alive_s: float = 300,
-    now: float = 1000,
+    models: dict[str, ModelState], *, budget_gb: float = 10, keep_alive_s: float = 300, now: float = 1000
 ) -> tuple[object, ...]:
-    return plan(models=models, wanted=wanted, budget_bytes=int(budget_gb * GB), keep_alive_s=keep_alive_s, now=now)
+    return plan(models=models, budget_bytes=int(budget_gb * GB), keep_alive_s=keep_alive_s, now=now)
 
 
 def test_a_wanted_model_that_fits_beside_the_loaded_ones_is_loaded_with_nothing_unloaded() -> None:
-    models = {"a": state(4, loaded=True, last_used=990), "b": state(4)}
-    assert run(models, ["b"]) == (Load("b"),)
+    models = {"a": state(4, loaded=True, last_used=990), "b": state(4, waiting=1)}
+    assert run(models) == (Load("b"),)
 
 
 def test_the_least_recently_used_idle_model_is_swapped_out_to_make_room() -> None:
     models = {
         "a": state(4, loaded=True, last_used=900),
         "b": state(4, loaded=True, last_used=950),
-        "c": state(4),
+        "c": state(4, waiting=3),
     }
-    assert run(models, ["c"]) == (Unload("a", UnloadReason.SWAP), Load("c"))
+    assert run(models) == (Unload("a", UnloadReason.SWAP), Load("c"))
 
 
 def test_as_many_idle_models_go_as_the_new_one_needs_and_no_more() -> None:
@@ -50,54 +62,80 @@ def test_as_many_idle_models_go_as_the_new_one_needs_and_no_more() -> None:
         "a": state(3, loaded=True, last_used=900),
         "b": state(3, loaded=True, last_used=910),
         "c": state(3, loaded=True, last_used=920),
-        "d": state(6),
+        "d": state(6, waiting=1),
     }
-    assert run(models, ["d"]) == (Unload("a", UnloadReason.SWAP), Unload("b", UnloadReason.SWAP), Load("d"))
+    assert run(models) == (Unload("a", UnloadReason.SWAP), Unload("b", UnloadReason.SWAP), Load("d"))
 
 
-def test_a_busy_model_is_never_unloaded_and_the_wanted_one_waits_for_it() -> None:
-    models = {"a": state(6, loaded=True, in_flight=2, last_used=10), "b": state(6)}
-    assert run(models, ["b"]) == (Wait("b", 6 * GB, 4 * GB),)
+def test_a_generating_model_is_drained_not_unloaded_and_the_wanted_one_waits() -> None:
+    models = {"a": state(6, loaded=True, generating=2, last_used=990), "b": state(6, waiting=1)}
+    assert run(models) == (Wait("b", 6 * GB, 4 * GB), Drain("a", "b"))
 
 
-def test_a_model_wanted_by_a_waiting_job_is_not_evicted_for_another() -> None:
-    models = {"a": state(6, loaded=True, last_used=10), "b": state(6)}
-    # a is loaded but still wanted (its jobs ask for it): b must wait
-    decisions = run(models, ["a", "b"])
-    assert decisions == (Wait("b", 6 * GB, 4 * GB),)
+def test_a_drained_model_is_swapped_out_once_its_jobs_are_done_even_with_jobs_waiting_for_it() -> None:
+    models = {
+        "a": state(6, loaded=True, waiting=3, draining=True, last_used=990),
+        "b": state(6, waiting=1, since=5),
+    }
+    assert run(models) == (Unload("a", UnloadReason.SWAP), Load("b"))
+
+
+def test_a_loaded_model_with_jobs_about_to_run_is_not_evicted() -> None:
+    models = {"a": state(6, loaded=True, waiting=2, last_used=10), "b": state(6, waiting=1)}
+    assert run(models) == (Wait("b", 6 * GB, 4 * GB), Drain("a", "b"))
+
+
+def test_only_the_busy_models_needed_are_drained_least_recently_used_first() -> None:
+    models = {
+        "a": state(3, loaded=True, generating=1, last_used=990),
+        "b": state(3, loaded=True, generating=1, last_used=900),
+        "c": state(3, loaded=True, generating=1, last_used=950),
+        "d": state(3, waiting=1),
+    }
+    assert run(models) == (Wait("d", 3 * GB, GB), Drain("b", "d"))
+
+
+def test_the_longest_waiting_model_goes_first_and_alone_drains() -> None:
+    models = {
+        "a": state(6, loaded=True, generating=1, last_used=990),
+        "b": state(6, waiting=1, since=20),
+        "c": state(6, waiting=4, since=10),
+    }
+    assert run(models) == (Wait("c", 6 * GB, 4 * GB), Drain("a", "c"), Wait("b", 6 * GB, 4 * GB))
 
 
 def test_a_model_larger_than_the_whole_budget_is_refused_and_nothing_is_unloaded_for_it() -> None:
-    models = {"a": state(2, loaded=True, last_used=990), "big": state(12)}
-    assert run(models, ["big"]) == (TooLarge("big", 12 * GB, 10 * GB),)
+    models = {"a": state(2, loaded=True, last_used=990), "big": state(12, waiting=1)}
+    assert run(models) == (TooLarge("big", 12 * GB, 10 * GB),)
 
 
 def test_keep_alive_unloads_idle_models_only() -> None:
     models = {
         "old": state(1, loaded=True, last_used=600),
-        "busy_old": state(1, loaded=True, in_flight=1, last_used=600),
+        "busy_old": state(1, loaded=True, generating=1, last_used=600),
+        "awaited_old": state(1, loaded=True, waiting=1, last_used=600),
         "recent": state(1, loaded=True, last_used=900),
     }
-    assert run(models, [], keep_alive_s=300) == (Unload("old", UnloadReason.KEEP_ALIVE),)
+    assert run(models, keep_alive_s=300) == (Unload("old", UnloadReason.KEEP_ALIVE),)
 
 
 def test_a_model_over_budget_after_a_crash_sheds_idle_models_least_recent_first() -> None:
     models = {
-        "crashed": state(10, loaded=True, in_flight=1, last_used=999),
+        "crashed": state(10, loaded=True, generating=1, last_used=999),
         "a": state(2, loaded=True, last_used=800),
         "b": state(2, loaded=True, last_used=700),
     }
-    assert run(models, []) == (Unload("b", UnloadReason.OVER_BUDGET), Unload("a", UnloadReason.OVER_BUDGET))
+    assert run(models) == (Unload("b", UnloadReason.OVER_BUDGET), Unload("a", UnloadReason.OVER_BUDGET))
 
 
-def test_two_wanted_models_that_fit_together_are_both_loaded_in_the_order_asked() -> None:
-    models = {"a": state(3), "b": state(3)}
-    assert run(models, ["b", "a"]) == (Load("b"), Load("a"))
+def test_two_wanted_models_that_fit_together_are_both_loaded_longest_waiting_first() -> None:
+    models = {"a": state(3, waiting=1, since=20), "b": state(3, waiting=1, since=10)}
+    assert run(models) == (Load("b"), Load("a"))
 
 
 def test_a_second_wanted_model_does_not_evict_the_first_just_planned() -> None:
-    models = {"a": state(6), "b": state(6)}
-    assert run(models, ["a", "b"]) == (Load("a"), Wait("b", 6 * GB, 4 * GB))
+    models = {"a": state(6, waiting=1, since=1), "b": state(6, waiting=1, since=2)}
+    assert run(models) == (Load("a"), Wait("b", 6 * GB, 4 * GB))
 
 
 def test_sizes_start_from_files_then_measure_then_add_the_overhead_seen_to_unmeasured_models() -> None:

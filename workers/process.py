@@ -133,7 +133,6 @@ def serve(
             budget_bytes=settings.budget_bytes_per_process(),
             keep_alive_s=settings.model_keep_alive_s,
             make_server=make_server,
-            in_flight=lambda m: runners[m].in_flight if m in runners else 0,
             metrics=model_metrics,
             load_wait_s=settings.server_start_timeout_s,
         )

@@ -157,7 +157,7 @@ class JobRunner:
         if ticket.remaining_s <= 0:
             raise fail(AttemptOutcome.TIMEOUT, "deadline passed before the job started", False)
         try:
-            with self.gate.enter(solo=solo, deadline=deadline, cancelled=cancelled):
+            with self.server.using(), self.gate.enter(solo=solo, deadline=deadline, cancelled=cancelled):
                 waited = self._await_server(deadline, cancelled)
                 if waited == "cancelled":
                     finish_cancelled()

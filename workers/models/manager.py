@@ -14,13 +14,14 @@ the servers' measured memory, and which server died.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from workers.metrics import ModelMetrics
-from workers.models.plan import Load, ModelState, TooLarge, Unload, UnloadReason, Wait, plan
+from workers.models.plan import Drain, Load, ModelState, TooLarge, Unload, UnloadReason, plan
 from workers.models.sizes import ModelSizes, resident_bytes
 from workers.servers.specs import ServerSpec
 from workers.servers.supervisor import ServerFailed, ServerSupervisor
@@ -32,13 +33,18 @@ TEND_EVERY_S = 0.25
 
 class ModelHandle:
     """What a JobRunner sees as its server for one model: the model's server while it is loaded, and
-    a request to load it when a job needs it (the job then waits for the load within its deadline)."""
+    a request to load it when a job needs it (the job then waits for the load within its deadline).
+
+    Each attempt runs inside `using()`: waiting first (for a load, or for a drain to end), then, once
+    `wait_ready` lets it through, generating. The manager never unloads a model with a job
+    generating, and plans from both counts (see workers.models.plan)."""
 
     def __init__(self, models: ModelSet, model: str, spec: ServerSpec, load_wait_s: float) -> None:
         self.models = models
         self.model = model
         self.spec = spec
         self._load_wait_s = load_wait_s
+        self._phase = threading.local()  # this job thread's: "waiting" or "generating"
 
     @property
     def load_wait_s(self) -> float:
@@ -59,11 +65,24 @@ class ModelHandle:
         server = self._server()
         return None if server is None else server.pid
 
+    @contextlib.contextmanager
+    def using(self) -> Iterator[None]:
+        self._phase.value = "waiting"
+        self.models.enter(self.model)
+        try:
+            yield
+        finally:
+            self.models.leave(self.model, generating=self._phase.value == "generating")
+            self._phase.value = None
+
     def wait_ready(self, timeout_s: float) -> bool:
-        server = self.models.use(self.model)
-        if server is not None and server.ready.is_set():
-            return server.wait_ready(timeout_s)
-        return self.models.wait_loaded(self.model, timeout_s)
+        if getattr(self._phase, "value", None) == "generating":  # asked again within one attempt
+            server = self._server()
+            return server is not None and server.wait_ready(timeout_s)
+        if self.models.acquire(self.model, timeout_s):
+            self._phase.value = "generating"
+            return True
+        return False
 
     def died_since(self, pid: int | None) -> bool:
         server = self._server()
@@ -85,7 +104,6 @@ class ModelSet:
         budget_bytes: int,
         keep_alive_s: float,
         make_server: Callable[[str, Callable[[str], None]], ServerSupervisor],
-        in_flight: Callable[[str], int],
         metrics: ModelMetrics,
         load_wait_s: float,
     ) -> None:
@@ -94,13 +112,15 @@ class ModelSet:
         self.budget_bytes = budget_bytes
         self.keep_alive_s = keep_alive_s
         self._make_server = make_server
-        self._in_flight = in_flight
         self.metrics = metrics
         self.handles = {m: ModelHandle(self, m, spec, load_wait_s) for m, spec in self.specs.items()}
         self._servers: dict[str, ServerSupervisor] = {}  # loaded, or loading
         self._ready: dict[str, threading.Event] = {m: threading.Event() for m in self.specs}
         self._last_used: dict[str, float] = dict.fromkeys(self.specs, 0.0)
-        self._asked_at: dict[str, float] = {}  # a job waits for this model to load, since
+        self._waiting: dict[str, int] = dict.fromkeys(self.specs, 0)
+        self._generating: dict[str, int] = dict.fromkeys(self.specs, 0)
+        self._waiting_since: dict[str, float] = {}
+        self._draining: set[str] = set()
         self._crashed: set[str] = set()  # its server died: unload it, load it again alone
         self._died_loading: set[str] = set()
         self._refused: dict[str, str] = {}
@@ -119,21 +139,46 @@ class ModelSet:
         with self._lock:
             return self._servers.get(model)
 
-    def use(self, model: str) -> ServerSupervisor | None:
-        """The model's server if loaded; else ask for it to be loaded. Either way it was just used."""
+    def enter(self, model: str) -> None:
+        """A job starts waiting to use the model."""
         with self._lock:
-            self._last_used[model] = time.monotonic()
-            server = self._servers.get(model)
-            if server is None or not self._ready[model].is_set():
-                self._asked_at.setdefault(model, time.monotonic())
-                self._wake.set()
-            return server
+            self._waiting[model] += 1
+            self._waiting_since.setdefault(model, time.monotonic())
+        self._wake.set()
 
-    def wait_loaded(self, model: str, timeout_s: float) -> bool:
-        if not self._ready[model].wait(max(0.0, timeout_s)):
-            return False
-        server = self.server(model)
-        return server is not None and server.wait_ready(0)
+    def leave(self, model: str, *, generating: bool) -> None:
+        """A job's attempt is over, after generating on the model or while still waiting for it."""
+        with self._lock:
+            if generating:
+                self._generating[model] -= 1
+            else:
+                self._waiting[model] -= 1
+                if self._waiting[model] == 0:
+                    self._waiting_since.pop(model, None)
+            self._last_used[model] = time.monotonic()
+        self._wake.set()
+
+    def acquire(self, model: str, timeout_s: float) -> bool:
+        """Let a waiting job generate on the model if it is loaded and not drained, waiting up to
+        `timeout_s` for that; the job then counts as generating until it leaves."""
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        while True:
+            with self._lock:
+                if model in self._servers and self._ready[model].is_set() and model not in self._draining:
+                    self._waiting[model] -= 1
+                    if self._waiting[model] == 0:
+                        self._waiting_since.pop(model, None)
+                    self._generating[model] += 1
+                    self._last_used[model] = time.monotonic()
+                    return True
+                loaded = model in self._servers and self._ready[model].is_set()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if loaded:
+                self._stop.wait(min(left, 0.02))  # drained: its turn comes when the drain ends
+            else:
+                self._ready[model].wait(left)
 
     def refused(self, model: str) -> str | None:
         return self._refused.get(model)
@@ -178,28 +223,24 @@ class ModelSet:
             self._unload(model, UnloadReason.CRASHED, force=True)
         now = time.monotonic()
         with self._lock:
-            for model in self._servers:
-                if self._in_flight(model) > 0:
-                    self._last_used[model] = now
-            for model in list(self._asked_at):
-                if model in self._servers or self._in_flight(model) == 0:
-                    self._asked_at.pop(model)  # loaded, or nobody waits any more
             states = {
                 m: ModelState(
                     size_bytes=self.sizes.size(m),
                     loaded=m in self._servers,
-                    in_flight=self._in_flight(m),
+                    generating=self._generating[m],
+                    waiting=self._waiting[m] if self._retry_at.get(m, 0.0) <= now else 0,
                     last_used=self._last_used[m],
+                    draining=m in self._draining,
+                    waiting_since=self._waiting_since.get(m, now),
                 )
                 for m in self.specs
             }
-            wanted = sorted(
-                (m for m in self._asked_at if self._retry_at.get(m, 0.0) <= now),
-                key=lambda m: (self._asked_at[m], m),
-            )
-        decisions = plan(
-            models=states, wanted=wanted, budget_bytes=self.budget_bytes, keep_alive_s=self.keep_alive_s, now=now
-        )
+        decisions = plan(models=states, budget_bytes=self.budget_bytes, keep_alive_s=self.keep_alive_s, now=now)
+        drains = {d.model for d in decisions if isinstance(d, Drain)}
+        with self._lock:
+            if drains - self._draining:
+                log.info("draining %s: a waiting job needs the memory", ", ".join(sorted(drains - self._draining)))
+            self._draining = drains
         swapped = False
         for decision in decisions:
             if isinstance(decision, Unload):
@@ -214,8 +255,6 @@ class ModelSet:
                 if self._refused.get(decision.model) != reason:
                     log.error("model %s %s: not loaded", decision.model, reason)
                 self._refused[decision.model] = reason
-            elif isinstance(decision, Wait):
-                log.debug("model %s waits for memory: %d needed, %d free", *decision.__dict__.values())
         self._publish_gauges()
 
     def _load(self, model: str, *, swap: bool) -> None:
@@ -244,7 +283,6 @@ class ModelSet:
         self._load_failures.pop(model, None)
         with self._lock:
             self._last_used[model] = time.monotonic()
-            self._asked_at.pop(model, None)
         self._ready[model].set()
         self._measure_one(model, server)
         self.metrics.loads.labels(**self._labels(model)).inc()
@@ -255,10 +293,11 @@ class ModelSet:
 
     def _unload(self, model: str, reason: UnloadReason, *, force: bool = False) -> bool:
         with self._lock:
-            if not force and self._in_flight(model) > 0:
+            if not force and self._generating[model] > 0:
                 return False
             server = self._servers.pop(model, None)
             self._ready[model].clear()
+            self._draining.discard(model)
         if server is None:
             return True
         log.info("unloading %s (%s)", model, reason.value)

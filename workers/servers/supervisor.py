@@ -67,6 +67,10 @@ class JobServer(Protocol):
         """How long a job may wait for the server to come up beyond its first-token timeout: a load."""
         ...
 
+    def using(self) -> contextlib.AbstractContextManager[None]:
+        """Held for one attempt: a multi-model worker never unloads a model a job generates on."""
+        ...
+
     def wait_ready(self, timeout_s: float) -> bool: ...
     def died_since(self, pid: int | None) -> bool: ...
     def silent_s(self) -> float: ...
@@ -74,6 +78,9 @@ class JobServer(Protocol):
 
 class ServerSupervisor:
     load_wait_s = 0.0  # started with its worker: a job never waits for its load
+
+    def using(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()  # never unloaded under a job: nothing to hold
 
     def __init__(
         self,
