@@ -176,6 +176,15 @@ def test_one_worker_serves_jobs_of_two_models_and_unloads_them_after_the_keep_al
         )
         shown = [json.loads(line) for line in listed.stdout.splitlines()]
         assert [w["serves"] for w in shown] == [["a", "b"]]
+        table = subprocess.run(
+            [sys.executable, "-m", "genq", "models"],
+            env=worker_env(settings),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        assert shown[0]["worker"] in table and "4.00G" in table  # the worker and its budget
         # Idle past the keep-alive: both unloaded, their servers gone.
         assert wait_until(lambda: fleet(settings)[0].loaded == (), timeout=30, interval=0.2), fleet(settings)
         assert wait_until(lambda: not worker.server_pids(), timeout=10)
