@@ -212,6 +212,13 @@ def test_a_budget_for_one_model_swaps_and_a_model_over_every_budget_is_refused_a
         assert holds(settings, "a"), fleet(settings)
         assert servers_rss(worker) <= budget * GIB
         assert len(worker.server_pids()) == 1
+        # Mixed at once: the model generating is drained for the other, none waits forever.
+        mixed = client.submit_many(
+            [{"model": m, "prompt": f"mixed {i}", "max_tokens": 16} for i in range(6) for m in ("a", "b")]
+        )
+        results = client.results(mixed, timeout=180)
+        assert all(r.ok for r in results), [r.error for r in results]
+        assert len(worker.server_pids()) <= 1
 
         with pytest.raises(ModelTooLarge) as refused:
             client.submit({"model": "big", "prompt": "x", "max_tokens": 2})
