@@ -6,10 +6,11 @@ to the OS at once and for sure (no allocator caches or Metal heaps left behind),
 out-of-memory kill takes one model down, not the others. The cost is a process start per load,
 small beside reading the weights.
 
-The decisions (what to load, what to unload and why) are workers.models.plan.plan(), a pure
+The decisions (what to load, unload and drain, and why) are workers.models.plan.plan(), a pure
 function; this module only carries them out from one thread, so loads happen one at a time (memory
-is freed before it is taken) and feeds the next plan what happened: which models jobs wait for,
-the servers' measured memory, and which server died.
+is freed before it is taken), and feeds the next plan what happened: how many jobs wait for and
+generate on each model (counted through the lease each attempt holds, ModelHandle.using), the
+servers' measured memory, and which server died.
 """
 
 from __future__ import annotations
