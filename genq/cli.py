@@ -8,10 +8,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from genq.commands import batch, bench, demo, dlq, gateway, jobs, metrics, worker
+from genq.commands import batch, bench, demo, dlq, gateway, jobs, metrics, models, worker
 
 # Each module adds its own subcommands; a new group is one module and one entry here.
-COMMAND_GROUPS = [demo, worker, jobs, metrics, batch, bench, gateway, dlq]
+COMMAND_GROUPS = [demo, worker, models, jobs, metrics, batch, bench, gateway, dlq]
 
 
 def quiet_libraries() -> None:

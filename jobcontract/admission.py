@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +33,7 @@ from jobcontract.keys import DEFAULT_TENANT as DEFAULT_TENANT  # whose a job is 
 from jobcontract.keys import Keys, actor_name
 from jobcontract.models import Backend, GenerationRequest, Lane
 from jobcontract.prefix import PREFIX_OPTION
+from jobcontract.protocol.placement import WorkerModels
 from jobcontract.routes import ModelRoute
 
 # What EVAL runs for an admission (jobcontract/protocol/submit.lua, includes expanded); the operation
@@ -60,6 +61,35 @@ class IdempotencyConflict(Exception):
         super().__init__(f"idempotency key {key!r} was used for another request (job {job_id!r})")
         self.key = key
         self.job_id = job_id
+
+
+class ModelTooLarge(Exception):
+    """No live worker serving the model has a memory budget it fits in: queued, it would wait for a
+    load that never comes (or kill a server trying). Refused before anything is written."""
+
+    def __init__(self, model: str, size_bytes: int, largest_budget_bytes: int) -> None:
+        super().__init__(
+            f"model {model!r} needs {size_bytes / GIB:.2f} GiB ({size_bytes} bytes), more than the largest memory "
+            f"budget of any live worker serving it: {largest_budget_bytes / GIB:.2f} GiB ({largest_budget_bytes} bytes)"
+        )
+        self.model = model
+        self.size_bytes = size_bytes
+        self.largest_budget_bytes = largest_budget_bytes
+
+
+GIB = 1024**3
+
+
+def refuse_too_large(models: Iterable[str], fleet: Sequence[WorkerModels]) -> None:
+    """Raise ModelTooLarge for the first model that live workers serve but none can hold. A model no
+    published worker serves passes (a worker may come; today's no-worker handling applies), and so
+    does one served by a single-model worker (no budget: its model is always loaded)."""
+    for model in dict.fromkeys(models):
+        serving = [w for w in fleet if model in w.serves]
+        if not serving or any(w.fits(model) for w in serving):
+            continue
+        size = min(w.sizes.get(model, 0) for w in serving)
+        raise ModelTooLarge(model, size, max(w.budget_bytes or 0 for w in serving))
 
 
 @dataclass(frozen=True)

@@ -20,12 +20,14 @@ import redis
 
 from jobcontract import results
 from jobcontract.admission import SUBMIT_SCRIPT as SUBMIT_SCRIPT
-from jobcontract.admission import Admission, Receipt
+from jobcontract.admission import Admission, Receipt, refuse_too_large
 from jobcontract.admission import IdempotencyConflict as IdempotencyConflict  # callers catch these from here
+from jobcontract.admission import ModelTooLarge as ModelTooLarge
 from jobcontract.admission import QueueFull as QueueFull
 from jobcontract.admission import candidate_backends as candidate_backends
 from jobcontract.connection import stream_reply
 from jobcontract.durability import add_wait, admitted, durability_of, finished
+from jobcontract.fleet import FleetCache
 from jobcontract.keys import Keys
 from jobcontract.models import (
     Backend,
@@ -41,6 +43,7 @@ from jobcontract.outage import ride_out
 from jobcontract.protocol.jobs import Finish, Start, Submit
 from jobcontract.protocol.jobs import StartTicket as StartTicket  # workers read tickets from here
 from jobcontract.protocol.operation import run, send
+from jobcontract.protocol.placement import ReadModels
 from jobcontract.routes import ModelRoute
 from jobcontract.waiting import (
     RESULTS_PER_READ,
@@ -75,6 +78,7 @@ class JobStore:
         self.result_ttl_s = result_ttl_s
         self.max_queued = max_queued
         self.outage_patience_s = outage_patience_s
+        self.fleet = FleetCache()
 
     # -- callers -------------------------------------------------------------------------------------
     def submit(
@@ -108,9 +112,11 @@ class JobStore:
     ) -> list[Receipt]:
         """Admit the whole list in one script, or none of it: QueueFull or IdempotencyConflict
         means nothing of the list was queued, so retrying the same list cannot duplicate a part of it
-        (see jobcontract.admission). A list larger than a queue's bound is never admitted: split it."""
+        (see jobcontract.admission). A list larger than a queue's bound is never admitted: split it.
+        ModelTooLarge: a model no live worker's memory budget can hold (nothing queued either)."""
         if not requests:
             return []
+        refuse_too_large((r.model for r in requests), self.fleet.get(lambda: run(self.client, ReadModels(self.keys))))
         ids = list(job_ids) if job_ids is not None else [new_job_id() for _ in requests]
         submit = Submit(self.admission(default_timeout_s), requests, ids, route_for, batch_id, tenant)
         if not durability_of(self.client).waits:  # one EVALSHA: a pipeline would first ask SCRIPT EXISTS

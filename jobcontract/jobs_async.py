@@ -12,10 +12,11 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 
-from jobcontract.admission import Admission, Receipt
+from jobcontract.admission import Admission, Receipt, refuse_too_large
 from jobcontract.connection import connect_async as connect_async  # where the gateway and clients look
 from jobcontract.connection import stream_reply
 from jobcontract.durability import add_wait, admitted, durability_of
+from jobcontract.fleet import FleetCache
 from jobcontract.jobs import (
     UnknownJob,
     cancelled_before_it_ran,
@@ -32,6 +33,7 @@ from jobcontract.models import (
 )
 from jobcontract.protocol.jobs import Finish, Submit
 from jobcontract.protocol.operation import run_async, send_async
+from jobcontract.protocol.placement import ReadModels
 from jobcontract.routes import ModelRoute
 from jobcontract.waiting import (
     RESULTS_PER_READ,
@@ -50,6 +52,7 @@ class AsyncJobStore:
         self.keys = keys
         self.result_ttl_s = result_ttl_s
         self.max_queued = max_queued
+        self.fleet = FleetCache()
 
     async def submit(
         self,
@@ -85,6 +88,8 @@ class AsyncJobStore:
         gateway tenant of the jobs in that same script (see jobcontract.protocol.jobs.Submit)."""
         if not requests:
             return []
+        fleet = await self.fleet.get_async(lambda: run_async(self.client, ReadModels(self.keys)))
+        refuse_too_large((r.model for r in requests), fleet)
         ids = list(job_ids) if job_ids is not None else [new_job_id() for _ in requests]
         admission = Admission(self.keys, self.max_queued, self.result_ttl_s, default_timeout_s)
         submit = Submit(admission, requests, ids, route_for, batch_id, tenant)

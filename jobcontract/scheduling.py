@@ -6,8 +6,8 @@ Every rule about the order of work is decided in one of two places, each with on
   tiers): the queue it serves, which of the queue's partitions (its own prefix shards first, the shards
   other workers own only for the room left and once their jobs waited `steal_after_s`), and an age
   bound for a queue whose model this worker would first have to load while another live worker has
-  it loaded (so a swap happens only when it pays, and nothing waits for ever: past the bound
-  anyone takes it).
+  it loaded, or while its own loaded models have work (so a swap happens only when it pays, jobs of
+  one model are grouped while they last, and nothing waits for ever: past the bound anyone takes it).
 - `jobcontract/protocol/take.lua` (the Take operation) takes the entries, atomically, in Redis: the
   tiers in order, the owner of each prefix shard by rendezvous hashing over the pool's live workers,
   and within a tier the tenants' partitions in turn by start-time fair queueing weighted by each tenant's
@@ -72,16 +72,20 @@ class Placement:
 
     loaded_here: bool = True
     loaded_elsewhere: bool = False
+    busy_here: bool = False  # jobs generate on (or wait for) models this worker has loaded
     max_swap_wait_s: float = DEFAULT_MAX_SWAP_WAIT_S
     prefix_affinity: bool = True
     steal_after_s: float = DEFAULT_STEAL_AFTER_S
 
 
 def plan(queue: str, placement: Placement = Placement()) -> TakePlan:
-    """A worker that has the queue's model loaded, or one that would load it when nobody has, takes at
-    once (its own prefix shards first); one that would load it while another worker has it loaded
-    takes only what waited past the swap bound (that worker could not start it in time)."""
-    swap_ms = 0 if placement.loaded_here or not placement.loaded_elsewhere else _ms(placement.max_swap_wait_s)
+    """A worker that has the queue's model loaded takes at once (its own prefix shards first). One
+    that would have to load it takes at once only when it is idle and no other live worker has the
+    model loaded; else only what waited past the swap bound: a worker that has the model could not
+    start it in time, or this worker's own models had their turn (jobs of one model are grouped
+    while they last, within the bound, instead of a swap for every job)."""
+    must_swap = not placement.loaded_here and (placement.loaded_elsewhere or placement.busy_here)
+    swap_ms = _ms(placement.max_swap_wait_s) if must_swap else 0
     if not placement.prefix_affinity:
         return TakePlan((Tier(queue, swap_ms),))
     steal_ms = max(swap_ms, _ms(placement.steal_after_s))

@@ -14,7 +14,7 @@ drawn from numpy with a fixed seed. It writes
 Both backends see bit-identical float32 weights, so greedy (temperature 0) generation from mlx-lm and
 llama.cpp agrees token for token, which is what lets tests compare the two workers.
 
-Usage: ``python ops/build_tiny_model.py OUT_DIR [--seed 0] [--force]``. Other code can load this file by
+Usage: ``python ops/build_tiny_model.py OUT_DIR [--seed 0] [--layers 2] [--force]``. Other code can load this file by
 path and call :func:`build`. The work is done by the modules of ``ops/tinymodel/`` (one job each,
 listed in its ``__init__.py``); this file is their command line and the one place that loads them.
 
@@ -81,12 +81,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", type=Path, help="folder to write tiny-llama/ and tiny-llama.gguf into")
     parser.add_argument("--seed", type=int, default=0, help="seed for the random weights (default 0)")
     parser.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
+    parser.add_argument(
+        "--layers", type=int, default=2, help="transformer blocks, about 150 KB of weights each: the size (default 2)"
+    )
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
-    reused = not args.force and _stamp.is_current(args.out_dir, args.seed)
-    mlx_dir, gguf_path = build(args.out_dir, seed=args.seed, force=args.force)
+    reused = not args.force and _stamp.is_current(args.out_dir, args.seed, args.layers)
+    mlx_dir, gguf_path = build(args.out_dir, seed=args.seed, force=args.force, layers=args.layers)
     verb = "kept" if reused else "built"
-    print(f"{verb} {mlx_dir} and {gguf_path} (seed {args.seed}) in {time.perf_counter() - t0:.2f} s")
+    took = time.perf_counter() - t0
+    print(f"{verb} {mlx_dir} and {gguf_path} (seed {args.seed}, {args.layers} layers) in {took:.2f} s")
     return 0
 
 

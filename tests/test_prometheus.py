@@ -63,7 +63,7 @@ def test_promtool_accepts_the_config_and_rules_and_the_alerts_fire_when_they_sho
     assert config.returncode == 0, config.stdout + config.stderr
     rules = promtool("check", "rules", PROMETHEUS_DIR / "alerts.yml")
     assert rules.returncode == 0, rules.stdout + rules.stderr
-    assert "SUCCESS: 10 rules found" in rules.stdout
+    assert "SUCCESS: 11 rules found" in rules.stdout
     # alerts_test.yml: each alert fires on the series that should fire it, with its text.
     unit = promtool("test", "rules", PROMETHEUS_DIR / "alerts_test.yml")
     assert unit.returncode == 0, unit.stdout + unit.stderr
@@ -126,8 +126,14 @@ def stack(redis_server: LocalRedis, models_dir: Path, tmp_path_factory: pytest.T
     worker_port, cluster_port, gateway_port, prometheus_port = (free_port() for _ in range(4))
     # Each process is stopped on the way out, whatever step fails (a missing promtool included).
     with ExitStack() as started:
+        # A multi-model worker (serving the one model): it exports the Models row's budget and loads too.
         worker = start_worker(
-            settings, directory, processes=1, concurrency=4, wait=False, extra_args=["--metrics-port", str(worker_port)]
+            settings,
+            directory,
+            processes=1,
+            concurrency=4,
+            wait=False,
+            extra_args=["--metrics-port", str(worker_port), "--models", "tiny", "--memory-budget-gb", "2"],
         )
         started.callback(worker.stop)
         cluster = spawn(
@@ -161,7 +167,7 @@ def stack(redis_server: LocalRedis, models_dir: Path, tmp_path_factory: pytest.T
         )
         started.callback(processes.stop, prometheus, timeout_s=30)
         handle = Prometheus(f"http://127.0.0.1:{prometheus_port}", prometheus, log)
-        worker.wait_ready()
+        worker.wait_ready(servers=False)  # its model loads with the first job
         assert wait_until(lambda: _ready(handle), 60), log.read_text()
         assert wait_until(lambda: _all_targets_up(handle), 60), handle.api("targets")
         _traffic(settings, gateway_url)
@@ -257,6 +263,7 @@ def test_every_alert_parses_and_its_signal_returns_data(stack: Prometheus) -> No
         "GenqTimeToFirstTokenHigh",
         "GenqInteractiveJobWaitingTooLong",
         "GenqRerouteRateHigh",
+        "GenqModelSwapThrash",
     }
     for rule in rules:
         assert rule.get("for") and rule["annotations"].get("summary") and rule["annotations"].get("runbook"), rule

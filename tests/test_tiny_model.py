@@ -205,3 +205,32 @@ def test_generated_text_matches(llama: Any, mlx_model: tuple[Any, Any]) -> None:
         llama.reset()
         cpp = llama.create_completion(prompt, max_tokens=N_TOKENS, temperature=0.0, repeat_penalty=1.0)
         assert cpp["choices"][0]["text"] == mlx_text, prompt
+
+
+def test_a_larger_build_loads_in_both_backends_and_they_still_agree(
+    btm: ModuleType, built: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """`layers` gives models of several sizes (for workers holding several within a budget)."""
+    from llama_cpp import Llama
+    from mlx_lm import load
+
+    mlx_dir, gguf_path = btm.build(tmp_path / "larger", seed=0, layers=6)
+    assert (mlx_dir / "model.safetensors").stat().st_size > 2 * (built[0] / "model.safetensors").stat().st_size
+    assert json.loads((mlx_dir / "config.json").read_text())["num_hidden_layers"] == 6
+    stamp = json.loads((tmp_path / "larger" / btm.STAMP_NAME).read_text())
+    assert stamp["layers"] == 6
+    assert "layers" not in json.loads((built[0].parent / btm.STAMP_NAME).read_text())  # old stamps still match
+
+    mlx_model = load(str(mlx_dir))
+    llm = Llama(model_path=str(gguf_path), n_ctx=512, n_threads=2, verbose=False)
+    try:
+        ids = mlx_model[1].encode(PROMPTS[0])
+        assert _llama_greedy(llm, ids, N_TOKENS) == _mlx_greedy(mlx_model, ids, N_TOKENS)
+    finally:
+        llm.close()
+
+    mtime = (mlx_dir / "model.safetensors").stat().st_mtime_ns
+    assert btm.build(tmp_path / "larger", seed=0, layers=6) == (mlx_dir, gguf_path)  # kept
+    assert (mlx_dir / "model.safetensors").stat().st_mtime_ns == mtime
+    btm.build(tmp_path / "larger", seed=0)  # the default size asked of a larger build: rebuilt
+    assert (mlx_dir / "model.safetensors").read_bytes() == (built[0] / "model.safetensors").read_bytes()

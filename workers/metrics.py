@@ -22,6 +22,7 @@ which copy the message's kwargs. Attempts, retries and the servers stay per pool
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
@@ -159,6 +160,14 @@ class WorkerMetrics:
         self.in_flight = self._in_flight.labels(**pool)
         self._create_series_at_zero(model, backend)
 
+    def also_serving(self, model: str, backend: str) -> WorkerMetrics:
+        """The same metrics for another pool of this process (a multi-model worker has one per model):
+        only the in-flight gauge is bound to a pool; the rest take the model from each job."""
+        view = copy.copy(self)
+        view.in_flight = self._in_flight.labels(model=model, backend=backend)
+        view._create_series_at_zero(model, backend)
+        return view
+
     def _create_series_at_zero(self, model: str, backend: str) -> None:
         """A series that does not exist yet is absent, not 0: rate() and alerts would see nothing
         until the first failure. So every series of this pool starts at zero."""
@@ -217,3 +226,103 @@ class WorkerMetrics:
 def tenant_label(tenant: Any) -> str:
     """A job message's `tenant` kwarg as a label: `default` when it names none."""
     return tenant if isinstance(tenant, str) and tenant else DEFAULT_TENANT
+
+
+MODEL = ("model", "backend")
+# Why a multi-model worker unloads a model (workers.models.plan.UnloadReason).
+UNLOAD_REASONS = ("keep_alive", "swap", "over_budget", "crashed")
+# A model's load: from a job asking to the server answering, seconds to minutes for large weights.
+LOAD_BUCKETS = (0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
+class ModelMetrics:
+    """A multi-model worker's models: which are loaded, loads, unloads and swaps, load time, and memory
+    against the budget. Per process; the endpoint sums live processes (a worker's budget is their sum).
+    A single-model worker exports the sizes and the loaded gauge too, so one panel shows every worker."""
+
+    def __init__(self, backend: str, registry: CollectorRegistry = REGISTRY) -> None:
+        self.backend = backend
+        self.loaded = Gauge(
+            "genq_model_loaded",
+            "1 while this worker holds the model loaded (its server runs), by model.",
+            MODEL,
+            multiprocess_mode="livesum",
+            registry=registry,
+        )
+        self._loaded_count = Gauge(
+            "genq_models_loaded",
+            "Models this worker holds loaded now.",
+            ("backend",),
+            multiprocess_mode="livesum",
+            registry=registry,
+        )
+        self.loads = Counter("genq_model_loads_total", "Models loaded (servers started).", MODEL, registry=registry)
+        self.failed_loads = Counter(
+            "genq_model_failed_loads_total",
+            "Loads whose server died or never became ready (its size is then raised to the budget).",
+            MODEL,
+            registry=registry,
+        )
+        self.unloads = Counter(
+            "genq_model_unloads_total",
+            "Models unloaded, by reason (keep_alive, swap, over_budget, crashed).",
+            (*MODEL, "reason"),
+            registry=registry,
+        )
+        self._swaps = Counter(
+            "genq_model_swaps_total",
+            "Loads that first unloaded another model to make room.",
+            ("backend",),
+            registry=registry,
+        )
+        self.load_seconds = Histogram(
+            "genq_model_load_seconds",
+            "From starting a model's server to it answering.",
+            MODEL,
+            buckets=LOAD_BUCKETS,
+            registry=registry,
+        )
+        self.size = Gauge(
+            "genq_model_size_bytes",
+            "A model's recorded size: its files, then its server's measured memory, raised after a crash.",
+            MODEL,
+            multiprocess_mode="livemax",
+            registry=registry,
+        )
+        self._used = Gauge(
+            "genq_model_memory_used_bytes",
+            "Recorded sizes of the models this worker holds loaded.",
+            ("backend",),
+            multiprocess_mode="livesum",
+            registry=registry,
+        )
+        self._budget = Gauge(
+            "genq_model_memory_budget_bytes",
+            "Memory this worker's loaded models may take (GENQ_MEMORY_BUDGET_GB).",
+            ("backend",),
+            multiprocess_mode="livesum",
+            registry=registry,
+        )
+        pool = {"backend": backend}
+        self.loaded_count = self._loaded_count.labels(**pool)
+        self.swaps = self._swaps.labels(**pool)
+        self.used = self._used.labels(**pool)
+        self.loaded_count.set(0)
+        self.used.set(0)
+
+    def set_budget(self, budget_bytes: int) -> None:
+        """Only a multi-model worker has a budget: a single-model one exports no budget series."""
+        self._budget.labels(backend=self.backend).set(budget_bytes)
+
+    def labels(self, model: str) -> dict[str, str]:
+        return {"model": model, "backend": self.backend}
+
+    def create_series(self, model: str) -> None:
+        """Every series of a model starts at zero (see WorkerMetrics._create_series_at_zero)."""
+        labels = self.labels(model)
+        self.loaded.labels(**labels).set(0)
+        self.loads.labels(**labels)
+        self.failed_loads.labels(**labels)
+        self.load_seconds.labels(**labels)
+        for reason in UNLOAD_REASONS:
+            self.unloads.labels(**labels, reason=reason)

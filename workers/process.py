@@ -1,4 +1,5 @@
-"""One worker process: its backend server, a dramatiq Worker on the streams broker, its actors.
+"""One worker process: its backend server (or, with --models, a server per loaded model), a dramatiq
+Worker on the streams broker, its actors.
 
 Started by workers.supervisor, which vouches for it in Redis and replaces it if it dies. The
 process leads its own process group, so its server (in that group) can be killed with it.
@@ -15,22 +16,30 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import dramatiq
 import httpx
+import redis
 
+from jobcontract import protocol
 from jobcontract.broker import StreamsBroker
 from jobcontract.connection import connect
+from jobcontract.fleet import FleetCache
 from jobcontract.jobs import JobStore
-from jobcontract.keys import Keys, actor_name, queue_name
+from jobcontract.keys import Keys, actor_name, parse_queue, queue_name
 from jobcontract.models import Backend, Lane
+from jobcontract.protocol.placement import ReadModels, WorkerModels
 from jobcontract.routes import BackendRoute
 from jobcontract.scheduling import Placement, TakePlan, plan
 from workers.cancellation import CancelWatch
 from workers.circuit import CircuitBreaker
-from workers.metrics import WorkerMetrics
-from workers.rerouting import Rerouting
+from workers.metrics import ModelMetrics, WorkerMetrics
+from workers.models.manager import ModelSet
+from workers.models.publisher import ModelsPublisher
+from workers.models.sizes import ModelSizes, file_size_bytes, resident_bytes
+from workers.rerouting import Rerouting, ReroutingByModel
 from workers.runner import JobRunner
 from workers.servers.specs import (
     ServerSpec,
@@ -39,7 +48,7 @@ from workers.servers.specs import (
     llama_server_spec,
     mlx_spec,
 )
-from workers.servers.supervisor import ServerSupervisor
+from workers.servers.supervisor import JobServer, ServerSupervisor
 from workers.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -89,26 +98,61 @@ def main(settings_json: str, consumer_name: str, ready: Any = None) -> None:
 def serve(
     settings: WorkerSettings, consumer_name: str, stop: threading.Event, *, on_ready: Callable[[], None] | None = None
 ) -> int:
-    route = settings.routes.get(settings.model).backend(settings.backend)
-    model_route = settings.routes.get(settings.model)
+    """Serve the worker's model (`--model`, its server started first) or models (`--models`, each
+    loaded on demand by a ModelSet): one JobRunner and one Rerouting per model, one dramatiq Worker
+    reading every model's queues."""
+    models = settings.served_models()
+    backend = settings.backend
     keys = Keys(settings.namespace)
     client = connect(settings.redis_url)
-    metrics = WorkerMetrics(settings.model, settings.backend.value)
-    labels = {"model": settings.model, "backend": settings.backend.value}
+    metrics = WorkerMetrics(models[0], backend.value)
+    views = {m: metrics if i == 0 else metrics.also_serving(m, backend.value) for i, m in enumerate(models)}
+    model_metrics = ModelMetrics(backend.value)
+    routes = {m: settings.routes.get(m).backend(backend) for m in models}
+    sizes = ModelSizes({m: file_size_bytes(routes[m].path) for m in models})
+    runners: dict[str, JobRunner] = {}
 
-    def on_server_state(state: str) -> None:
-        metrics.server_up.labels(**labels).set(1 if state in ("ready", "restarted") else 0)
-        if state == "restarted":
-            metrics.server_restarts.labels(**labels).inc()
+    def make_server(model: str, on_state: Callable[[str], None] | None = None) -> ServerSupervisor:
+        labels = {"model": model, "backend": backend.value}
 
-    server = ServerSupervisor(
-        server_spec(settings, route),
-        log_path=settings.log_dir.expanduser() / f"{settings.model}.{settings.backend.value}.{os.getpid()}.log",
-        start_timeout_s=settings.server_start_timeout_s,
-        hang_timeout_s=settings.server_hang_timeout_s,
-        on_state=on_server_state,
-    )
-    server.start()
+        def on_server_state(state: str) -> None:
+            metrics.server_up.labels(**labels).set(1 if state in ("ready", "restarted") else 0)
+            if state == "restarted":
+                metrics.server_restarts.labels(**labels).inc()
+            if on_state is not None:
+                on_state(state)
+
+        return ServerSupervisor(
+            server_spec(settings, routes[model]),
+            log_path=settings.log_dir.expanduser() / f"{model}.{backend.value}.{os.getpid()}.log",
+            start_timeout_s=settings.server_start_timeout_s,
+            hang_timeout_s=settings.server_hang_timeout_s,
+            on_state=on_server_state,
+            start_again_on_exit=not settings.multi_model,
+        )
+
+    model_set: ModelSet | None = None
+    single: ServerSupervisor | None = None
+    servers: dict[str, JobServer]
+    if settings.multi_model:
+        model_set = ModelSet(
+            specs={m: server_spec(settings, routes[m]) for m in models},
+            sizes=sizes,
+            budget_bytes=settings.budget_bytes_per_process(),
+            keep_alive_s=settings.model_keep_alive_s,
+            make_server=make_server,
+            metrics=model_metrics,
+            load_wait_s=settings.server_start_timeout_s,
+        )
+        servers = dict(model_set.handles)
+    else:
+        single = make_server(models[0])
+        model_metrics.create_series(models[0])
+        started = time.monotonic()
+        single.start()  # its one load, counted as one
+        model_metrics.loads.labels(**model_metrics.labels(models[0])).inc()
+        model_metrics.load_seconds.labels(**model_metrics.labels(models[0])).observe(time.monotonic() - started)
+        servers = {models[0]: single}
     store = JobStore(
         client,
         keys,
@@ -123,71 +167,165 @@ def serve(
             max_connections=settings.concurrency + 4, max_keepalive_connections=settings.concurrency + 4
         )
     )
-    queues = {lane.value: queue_name(settings.model, settings.backend, lane) for lane in Lane}
-    runner = JobRunner(
-        store=store,
-        server=server,
-        route=route,
-        worker_name=consumer_name,
-        queue_for_lane=queues,
-        http=http,
-        cancels=cancels,
-        metrics=metrics,
-    )
-    rerouting = Rerouting(
-        store=store,
-        route=model_route,
-        backend=settings.backend,
-        circuit=CircuitBreaker(
-            client,
-            keys,
-            settings.model,
-            threshold=settings.circuit_threshold,
-            cool_down_s=settings.circuit_cool_down_s,
-        ),
-        metrics=metrics,
-        worker_name=consumer_name,
-    )
+    queues = {m: {lane.value: queue_name(m, backend, lane) for lane in Lane} for m in models}
+    reroutings: dict[str, Rerouting] = {}
+    for model in models:
+        runners[model] = JobRunner(
+            store=store,
+            server=servers[model],
+            route=routes[model],
+            worker_name=consumer_name,
+            queue_for_lane=queues[model],
+            http=http,
+            cancels=cancels,
+            metrics=views[model],
+        )
+        reroutings[model] = Rerouting(
+            store=store,
+            route=settings.routes.get(model),
+            backend=backend,
+            circuit=CircuitBreaker(
+                client,
+                keys,
+                model,
+                threshold=settings.circuit_threshold,
+                cool_down_s=settings.circuit_cool_down_s,
+            ),
+            metrics=views[model],
+            worker_name=consumer_name,
+        )
     broker = StreamsBroker(
         client,
         keys,
         consumer_name=consumer_name,
-        middleware=[rerouting],
+        middleware=[reroutings[models[0]] if single is not None else ReroutingByModel(reroutings)],
         outage_patience_s=settings.redis_outage_patience_s,
         dead_letter_cap=settings.dead_letter_cap,
-        planner=planner(settings),
+        planner=planner(settings, model_set, others_loaded(client, keys, consumer_name)),
     )
-    declare_actors(broker, runner, queues)
+    declare_actors(broker, runners, queues)
+
+    def record() -> WorkerModels:
+        if model_set is not None:
+            loaded, used, budget = model_set.loaded(), model_set.used_bytes(), model_set.budget_bytes
+        else:
+            assert single is not None
+            resident = None if single.pid is None else resident_bytes(single.pid)
+            if resident is not None:
+                sizes.measured(models[0], resident)
+            loaded = models if single.ready.is_set() else []
+            used, budget = sizes.size(models[0]), None
+            model_metrics.loaded.labels(**model_metrics.labels(models[0])).set(1 if loaded else 0)
+            model_metrics.size.labels(**model_metrics.labels(models[0])).set(used)
+            model_metrics.loaded_count.set(len(loaded))
+            model_metrics.used.set(used)
+        return WorkerModels(
+            worker=consumer_name,
+            host=settings.host,
+            backend=backend.value,
+            budget_bytes=budget,
+            serves=tuple(models),
+            loaded=tuple(loaded),
+            sizes={m: sizes.size(m) for m in models},
+            used_bytes=used,
+        )
+
+    publisher = ModelsPublisher(client, keys, record, ttl_s=settings.liveness_ttl_s)
+    if model_set is not None:
+        model_set.start()
+    publisher.start()
     worker = dramatiq.Worker(broker, worker_threads=settings.concurrency, worker_timeout=1000)
     # Hold no more than can run, plus a little, so other processes get the rest of the queue.
     worker.queue_prefetch = settings.concurrency + 2
     worker.start()
     if on_ready is not None:
         on_ready()
-    log.info(
-        "serving %s on %s at %s with %d slots", settings.model, server.spec.name, server.base_url, settings.concurrency
-    )
+    if single is not None:
+        log.info(
+            "serving %s on %s at %s with %d slots", models[0], single.spec.name, single.base_url, settings.concurrency
+        )
+    else:
+        log.info("serving %s on demand within %d bytes", ", ".join(models), settings.budget_bytes_per_process())
     stop.wait()
     log.info("stopping: finishing in-flight jobs (grace %.0fs)", settings.shutdown_grace_s)
     worker.stop(timeout=int(settings.shutdown_grace_s * 1000))
+    publisher.stop()
     cancels.stop()
-    server.stop()
+    if model_set is not None:
+        model_set.stop()
+    if single is not None:
+        single.stop()
     http.close()
     return 0
 
 
-def planner(settings: WorkerSettings) -> Callable[[str], TakePlan]:
-    """Where this process's consumers take from next (jobcontract.scheduling)."""
-    placement = Placement(prefix_affinity=settings.prefix_affinity, steal_after_s=settings.prefix_steal_after_s)
-    return lambda queue: plan(queue, placement)
+def planner(
+    settings: WorkerSettings,
+    model_set: ModelSet | None,
+    others_loaded: Callable[[], frozenset[str]],
+) -> Callable[[str], TakePlan]:
+    """Where this process's consumers take from next (jobcontract.scheduling): by prompt prefix, and
+    with several models by what this worker and the others have loaded."""
+    base = Placement(
+        prefix_affinity=settings.prefix_affinity,
+        steal_after_s=settings.prefix_steal_after_s,
+        max_swap_wait_s=settings.max_swap_wait_s,
+    )
+
+    def for_queue(queue: str) -> TakePlan:
+        ref = parse_queue(queue)
+        if model_set is None or ref is None:
+            return plan(queue, base)
+        placement = replace(
+            base,
+            loaded_here=ref.model in model_set.loaded(),
+            loaded_elsewhere=ref.model in others_loaded(),
+            busy_here=model_set.busy(),
+        )
+        return plan(queue, placement)
+
+    return for_queue
 
 
-def declare_actors(broker: dramatiq.Broker, runner: JobRunner, queues: dict[str, str]) -> None:
+def others_loaded(client: redis.Redis, keys: Keys, me: str) -> Callable[[], frozenset[str]]:
+    """The models other live workers hold loaded, from their published records (read at most once a
+    second: jobcontract.fleet)."""
+    cache = FleetCache()
+
+    def read() -> frozenset[str]:
+        try:
+            fleet = cache.get(lambda: protocol.run(client, ReadModels(keys)))
+        except redis.RedisError:
+            return frozenset()  # Redis away: the take fails too, and is tried again
+        return frozenset(m for record in fleet if record.worker != me for m in record.loaded)
+
+    return read
+
+
+def declare_actors(broker: dramatiq.Broker, runners: dict[str, JobRunner], queues: dict[str, dict[str, str]]) -> None:
+    """One actor per lane (a message names its lane's actor, not its model), declared on the first
+    model's queue; every other model's queues are declared too, so the worker reads them all, and
+    the actor hands each job to its model's runner."""
+    first = next(iter(runners))
     for lane in Lane:
         declare = dramatiq.actor(
-            actor_name=actor_name(lane), queue_name=queues[lane.value], priority=LANE_PRIORITY[lane], broker=broker
+            actor_name=actor_name(lane),
+            queue_name=queues[first][lane.value],
+            priority=LANE_PRIORITY[lane],
+            broker=broker,
         )
-        declare(_named(runner.run, actor_name(lane)))
+        run = runners[first].run if len(runners) == 1 else _by_model(runners)
+        declare(_named(run, actor_name(lane)))
+        for model in runners:
+            if model != first:
+                broker.declare_queue(queues[model][lane.value])
+
+
+def _by_model(runners: dict[str, JobRunner]) -> Callable[..., None]:
+    def run(job_id: str, request: dict[str, Any], attempts: list[dict[str, Any]], **kwargs: Any) -> None:
+        runners[str(request["model"])].run(job_id, request, attempts, **kwargs)
+
+    return run
 
 
 def _named(function: Any, name: str) -> Any:

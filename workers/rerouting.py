@@ -190,3 +190,23 @@ class Rerouting(dramatiq.Middleware):
 def _elapsed_s(failure: AttemptFailed, attempt: Attempt) -> float:
     started_us = int(attempt.started_at.timestamp() * 1_000_000)
     return (started_us - failure.enqueued_us) / 1e6 + attempt.duration_s
+
+
+class ReroutingByModel(dramatiq.Middleware):
+    """A multi-model worker's middleware: each failed attempt goes to its own model's Rerouting (each
+    has its model's route and circuit breaker)."""
+
+    def __init__(self, by_model: dict[str, Rerouting]) -> None:
+        self.by_model = by_model
+
+    def after_process_message(
+        self,
+        broker: dramatiq.Broker,
+        message: dramatiq.MessageProxy,
+        *,
+        result: Any = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        request = message.kwargs.get("request") or {}
+        rerouting = self.by_model.get(str(request.get("model")), next(iter(self.by_model.values())))
+        rerouting.after_process_message(broker, message, result=result, exception=exception)

@@ -39,7 +39,7 @@ from workers.attempts import cancelled_result
 from workers.backend_client import BackendError, Cancelled, Timeouts, complete
 from workers.cancellation import CancelWatch
 from workers.metrics import WorkerMetrics, tenant_label
-from workers.servers.supervisor import ServerSupervisor
+from workers.servers.supervisor import JobServer
 from workers.solo import POLL_S, GateClosed, SoloGate
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class JobRunner:
         self,
         *,
         store: JobStore,
-        server: ServerSupervisor,
+        server: JobServer,
         route: BackendRoute,
         worker_name: str,
         queue_for_lane: dict[str, str],
@@ -156,7 +156,7 @@ class JobRunner:
         if ticket.remaining_s <= 0:
             raise fail(AttemptOutcome.TIMEOUT, "deadline passed before the job started", False)
         try:
-            with self.gate.enter(solo=solo, deadline=deadline, cancelled=cancelled):
+            with self.server.using(), self.gate.enter(solo=solo, deadline=deadline, cancelled=cancelled):
                 waited = self._await_server(deadline, cancelled)
                 if waited == "cancelled":
                     finish_cancelled()
@@ -179,9 +179,10 @@ class JobRunner:
             finish_cancelled()
 
     def _await_server(self, deadline: float, cancelled: threading.Event) -> str:
-        """Wait for the server (restarting after a crash) as long as a first token may take: 'ready',
-        'not ready', or 'deadline' / 'cancelled' when those come first."""
-        ready_by = min(deadline, time.monotonic() + self.route.first_token_timeout_s)
+        """Wait for the server (restarting after a crash, or a model loading on demand) as long as a first
+        token, or a load, may take: 'ready', 'not ready', or 'deadline' / 'cancelled' when those come first."""
+        patience = max(self.route.first_token_timeout_s, self.server.load_wait_s)
+        ready_by = min(deadline, time.monotonic() + patience)
         while not self.server.wait_ready(min(POLL_S, ready_by - time.monotonic())):
             if cancelled.is_set():
                 return "cancelled"

@@ -8,12 +8,35 @@ from pathlib import Path
 from pydantic import Field
 
 from jobcontract.models import Backend
-from jobcontract.scheduling import DEFAULT_STEAL_AFTER_S
+from jobcontract.scheduling import DEFAULT_MAX_SWAP_WAIT_S, DEFAULT_STEAL_AFTER_S
 from jobcontract.settings import GenqSettings
+from workers.models.sizes import GIB, default_budget_bytes
 
 
 class WorkerSettings(GenqSettings):
     model: str = Field(default="tiny", description="The logical model this worker serves (from the routes).")
+    # GENQ_SERVE_MODELS, not GENQ_MODELS: docker-compose's .env already names the host's models folder so.
+    serve_models: str | None = Field(
+        default=None,
+        description="`genq worker --models`: serve several models, loaded on demand within the memory budget: "
+        "`a,b,c`, or `all` (every model of the routes this backend can serve). Unset: the one `model`, always loaded.",
+    )
+    memory_budget_gb: float | None = Field(
+        default=None,
+        gt=0,
+        description="Memory the loaded models of all processes may take together (GiB); by default "
+        "0.75 of physical memory (see workers.models.sizes for why). Split evenly between processes.",
+    )
+    model_keep_alive_s: float = Field(
+        default=300.0, ge=0, description="A loaded model with no job for this long is unloaded (with --models)."
+    )
+    max_swap_wait_s: float = Field(
+        default=DEFAULT_MAX_SWAP_WAIT_S,
+        ge=0,
+        description="With --models: a job for a model this worker has not loaded is taken at once only when "
+        "the worker is idle and no other live worker has the model loaded; otherwise once it waited this long "
+        "(jobs of one model are grouped; a swap happens when it pays; nothing waits for ever).",
+    )
     backend: Backend = Backend.MLX
     processes: int = Field(default=1, ge=1, le=64, description="Worker processes, each with its own server.")
     concurrency: int = Field(
@@ -65,3 +88,27 @@ class WorkerSettings(GenqSettings):
     host: str = Field(default_factory=socket.gethostname)
     log_dir: Path = Field(default=Path("~/.cache/genq/logs").expanduser())
     hub_cache: Path = Field(default=Path("~/.cache/huggingface/hub").expanduser())
+
+    @property
+    def multi_model(self) -> bool:
+        return self.serve_models is not None
+
+    def served_models(self) -> list[str]:
+        """The models this worker serves: `serve_models` (`all` read from the routes) or the one `model`.
+        A model the routes do not have, or have for another backend only, is refused at start."""
+        if self.serve_models is None:
+            return [self.model]
+        if self.serve_models.strip() == "all":
+            return [m.name for m in self.routes.models if self.backend in m.order]
+        names = list(dict.fromkeys(n.strip() for n in self.serve_models.split(",") if n.strip()))
+        if not names:
+            raise ValueError("--models names no model")
+        for name in names:
+            if self.backend not in self.routes.get(name).order:
+                raise ValueError(f"model {name!r} has no {self.backend.value} route")
+        return names
+
+    def budget_bytes_per_process(self) -> int:
+        """Each process loads its own servers, so each gets an equal share of the budget."""
+        total = default_budget_bytes() if self.memory_budget_gb is None else int(self.memory_budget_gb * GIB)
+        return total // self.processes

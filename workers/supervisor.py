@@ -30,6 +30,7 @@ from jobcontract.broker import StreamsBroker
 from jobcontract.connection import connect, redact
 from jobcontract.keys import Keys, pool_name
 from jobcontract.protocol.liveness import Vouch
+from jobcontract.protocol.placement import WithdrawModels
 from workers import process as worker_process
 from workers.rescue import Rescuer
 from workers.settings import WorkerSettings
@@ -53,8 +54,11 @@ class WorkerPool:
         self.settings = settings
         self.keys = Keys(settings.namespace)
         self.client = connect(settings.redis_url)
-        self.pool_name = pool_name(settings.model, settings.backend)
-        self.pool = self.keys.pool(self.pool_name)
+        self.models = settings.served_models()
+        # A multi-model worker joins every model's pool: it can take any of their jobs (loading the
+        # model on demand), so none of them is "served by nobody" while it lives.
+        self.pool_names = [pool_name(m, settings.backend) for m in self.models]
+        self.pools = [self.keys.pool(p) for p in self.pool_names]
         self.broker = StreamsBroker(
             self.client,
             self.keys,
@@ -78,7 +82,7 @@ class WorkerPool:
         log.info(
             "genq worker: %d x %s on %s, redis %s",
             self.settings.processes,
-            self.settings.model,
+            ",".join(self.models),
             self.settings.backend.value,
             redact(self.settings.redis_url),
         )
@@ -122,17 +126,19 @@ class WorkerPool:
         """Renew each child's liveness key; add the ready ones to the pool set unless `serving` is off."""
         if not children:
             return
-        vouch = Vouch(
-            self.keys,
-            self.pool_name,
-            workers=[c.name for c in children],
-            ready=[serving and c.ready.is_set() for c in children],
-            ttl_ms=int(self.settings.liveness_ttl_s * 1000),
-        )
-        protocol.run(self.client, vouch)
+        for pool in self.pool_names:
+            vouch = Vouch(
+                self.keys,
+                pool,
+                workers=[c.name for c in children],
+                ready=[serving and c.ready.is_set() for c in children],
+                ttl_ms=int(self.settings.liveness_ttl_s * 1000),
+            )
+            protocol.run(self.client, vouch)
 
     def _spawn(self) -> Child:
-        name = f"{self.settings.host}:{self.settings.model}.{self.settings.backend.value}:{uuid.uuid4().hex[:8]}"
+        label = self.models[0] if not self.settings.multi_model else "models"
+        name = f"{self.settings.host}:{label}.{self.settings.backend.value}:{uuid.uuid4().hex[:8]}"
         ready = self._context.Event()
         child = Child(
             name=name,
@@ -154,7 +160,9 @@ class WorkerPool:
         self._mark_metrics_dead(child)
         with contextlib.suppress(redis.RedisError):
             self.client.delete(self.keys.alive(child.name))
-            self.client.zrem(self.pool, child.name)
+            for pool in self.pools:
+                self.client.zrem(pool, child.name)
+            protocol.run(self.client, WithdrawModels(self.keys, [child.name]))
             moved = self.broker.reclaim_dead_consumers()
             if moved:
                 log.info("handed back %d job(s) of %s", moved, child.name)
@@ -166,7 +174,8 @@ class WorkerPool:
         log.info("stopping %d worker(s), grace %.0fs", len(self.children), self.settings.shutdown_grace_s)
         with contextlib.suppress(redis.RedisError):
             if self.children:
-                self.client.zrem(self.pool, *(c.name for c in self.children))
+                for pool in self.pools:
+                    self.client.zrem(pool, *(c.name for c in self.children))
         for child in self.children:
             with contextlib.suppress(ProcessLookupError):
                 if child.process.pid:

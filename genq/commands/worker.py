@@ -8,7 +8,17 @@ from typing import Any
 
 def register(sub: Any) -> None:
     worker = sub.add_parser("worker", help="run worker processes that each own a backend server")
-    worker.add_argument("--model", help="logical model from the routes (GENQ_MODEL)")
+    worker.add_argument("--model", help="logical model from the routes, always loaded (GENQ_MODEL)")
+    worker.add_argument(
+        "--models",
+        help="several models loaded on demand within the memory budget: a,b,c or all (GENQ_SERVE_MODELS)",
+    )
+    worker.add_argument(
+        "--memory-budget-gb", type=float, help="memory for loaded models, GiB (GENQ_MEMORY_BUDGET_GB; 0.75 of RAM)"
+    )
+    worker.add_argument(
+        "--keep-alive", type=float, help="unload a model idle this many seconds (GENQ_MODEL_KEEP_ALIVE_S)"
+    )
     worker.add_argument("--backend", choices=["mlx", "llamacpp"], help="GENQ_BACKEND")
     worker.add_argument("--processes", type=int, help="GENQ_PROCESSES")
     worker.add_argument("--concurrency", type=int, help="requests in flight per process (GENQ_CONCURRENCY)")
@@ -36,6 +46,9 @@ def _worker(args: argparse.Namespace) -> int:
 
     given = {
         "model": args.model,
+        "serve_models": args.models,
+        "memory_budget_gb": args.memory_budget_gb,
+        "model_keep_alive_s": args.keep_alive,
         "backend": args.backend,
         "processes": args.processes,
         "concurrency": args.concurrency,

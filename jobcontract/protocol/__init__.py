@@ -3,7 +3,8 @@ script, keys, arguments and reply), and every caller executes the same one (see 
 
 Operations: Submit, Start, Finish (jobs.py); Requeue, Reclaim, Reject, RescueMove, Replay, Enqueue (queue.py);
 Take (take.py: the scheduler's pick of the next entries, see jobcontract.scheduling); Vouch,
-LiveWorkers (liveness.py); QuotaReserve, FileReserve (gateway.py); BatchAdvance,
+LiveWorkers (liveness.py); PublishModels, WithdrawModels, ReadModels (placement.py: which models each
+worker serves and holds, and its memory budget); QuotaReserve, FileReserve (gateway.py); BatchAdvance,
 BatchLease, BatchRecordJobs, MarkWritten (batch.py). The broker's failing of a job it gives up
 (fail_job.lua) runs inside Requeue and Reclaim; every dead letter is filed by add_dead_letter
 (entry.lua), which trims the stream to its DeadLetterCap. Codecs: the queue entry (entry.py and entry.lua).

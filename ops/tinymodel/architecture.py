@@ -34,14 +34,14 @@ CHAT_TEMPLATE = (
 )
 
 
-def model_config(vocab_size: int, tok: Any) -> dict[str, Any]:
+def model_config(vocab_size: int, tok: Any, layers: int = LAYERS) -> dict[str, Any]:
     """The llama config.json both transformers and mlx-lm read."""
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": HIDDEN,
         "intermediate_size": INTERMEDIATE,
-        "num_hidden_layers": LAYERS,
+        "num_hidden_layers": layers,
         "num_attention_heads": HEADS,
         "num_key_value_heads": KV_HEADS,
         "head_dim": HIDDEN // HEADS,

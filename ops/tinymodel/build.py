@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .architecture import LAYERS
 from .gguf_file import write_gguf
 from .hf_folder import write_hf_folder
 from .stamp import GGUF_NAME, MLX_DIRNAME, STAMP_NAME, is_current, write_stamp
@@ -19,8 +20,9 @@ from .tokenizer import train_tokenizer
 from .weights import make_weights, suppressed_ids
 
 
-def build(out_dir: Path, seed: int = 0, force: bool = False) -> tuple[Path, Path]:
+def build(out_dir: Path, seed: int = 0, force: bool = False, layers: int = LAYERS) -> tuple[Path, Path]:
     """Build (or reuse) the tiny model under ``out_dir`` and return ``(mlx_folder, gguf_path)``.
+    ``layers`` sets its size (weights grow about 150 KB per layer), for models of several sizes.
 
     Idempotent: an existing build with a matching stamp is kept unless ``force``. A new build is written
     into a scratch folder next to the targets and moved into place, so a crash never leaves a half
@@ -28,7 +30,7 @@ def build(out_dir: Path, seed: int = 0, force: bool = False) -> tuple[Path, Path
     """
     out_dir = Path(out_dir)
     mlx_dir, gguf_path = out_dir / MLX_DIRNAME, out_dir / GGUF_NAME
-    if not force and is_current(out_dir, seed):
+    if not force and is_current(out_dir, seed, layers):
         return mlx_dir, gguf_path
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -36,7 +38,7 @@ def build(out_dir: Path, seed: int = 0, force: bool = False) -> tuple[Path, Path
     try:
         tok = train_tokenizer()
         vocab_size = tok.get_vocab_size()
-        weights = make_weights(seed, vocab_size, suppressed_ids(tok))
+        weights = make_weights(seed, vocab_size, suppressed_ids(tok), layers)
 
         new_mlx = scratch / MLX_DIRNAME
         new_mlx.mkdir()
@@ -54,7 +56,7 @@ def build(out_dir: Path, seed: int = 0, force: bool = False) -> tuple[Path, Path
             shutil.rmtree(mlx_dir)
         new_mlx.rename(mlx_dir)
         os.replace(new_gguf, gguf_path)
-        write_stamp(out_dir, seed, vocab_size)
+        write_stamp(out_dir, seed, vocab_size, layers)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return mlx_dir, gguf_path

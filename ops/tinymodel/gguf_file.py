@@ -21,7 +21,6 @@ from .architecture import (
     HIDDEN,
     INTERMEDIATE,
     KV_HEADS,
-    LAYERS,
     MAX_POSITIONS,
     PAD,
     RMS_EPS,
@@ -53,10 +52,15 @@ _GGUF_NAMES = {
 }
 
 
+def layer_count(weights: dict[str, np.ndarray]) -> int:
+    """How many blocks the weights hold (LAYERS unless built with another size)."""
+    return len({name.split(".")[2] for name in weights if name.startswith("model.layers.")})
+
+
 def gguf_tensors(weights: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
     """Map HF tensor names to llama.cpp's, permuting Q and K, in a fixed order."""
     out: list[tuple[str, np.ndarray]] = [("token_embd.weight", weights["model.embed_tokens.weight"])]
-    for i in range(LAYERS):
+    for i in range(layer_count(weights)):
         for hf, gg in _GGUF_NAMES.items():
             t = weights[f"model.layers.{i}.{hf}"]
             if hf == "self_attn.q_proj.weight":
@@ -87,7 +91,7 @@ def write_gguf(path: Path, weights: dict[str, np.ndarray], tok: Any) -> None:
     w.add_name("genq tiny llama")
     w.add_context_length(MAX_POSITIONS)
     w.add_embedding_length(HIDDEN)
-    w.add_block_count(LAYERS)
+    w.add_block_count(layer_count(weights))
     w.add_feed_forward_length(INTERMEDIATE)
     w.add_head_count(HEADS)
     w.add_head_count_kv(KV_HEADS)

@@ -22,7 +22,8 @@ def write_hf_folder(folder: Path, weights: dict[str, np.ndarray], tok: Any) -> N
     from safetensors.numpy import save_file
 
     vocab_size = tok.get_vocab_size()
-    write_json(folder / "config.json", model_config(vocab_size, tok))
+    layers = len({name.split(".")[2] for name in weights if name.startswith("model.layers.")})
+    write_json(folder / "config.json", model_config(vocab_size, tok, layers))
     write_json(
         folder / "generation_config.json",
         {

@@ -31,12 +31,14 @@ def suppressed_ids(tok: Any) -> list[int]:
     return sorted(ids)
 
 
-def make_weights(seed: int, vocab_size: int, suppressed: list[int]) -> dict[str, np.ndarray]:
+def make_weights(seed: int, vocab_size: int, suppressed: list[int], layers: int = LAYERS) -> dict[str, np.ndarray]:
     """Random float32 llama weights in Hugging Face layout, drawn in a fixed order from ``seed``.
 
     Scales are 1/sqrt(fan_in) for projections so every layer moves the residual stream (a model that
     only echoes the embedding would loop on one token), and a wider output head so the top logits are
     far apart: greedy decoding then does not hinge on float rounding, and mlx and llama.cpp agree.
+    `layers` sets the size (about 150 KB of weights per layer): models of several sizes, for workers
+    that hold several models within a memory budget.
     """
     rng = np.random.default_rng(seed)
     head_dim = HIDDEN // HEADS
@@ -45,7 +47,7 @@ def make_weights(seed: int, vocab_size: int, suppressed: list[int]) -> dict[str,
         return (rng.standard_normal(shape, dtype=np.float64) * std).astype(np.float32)
 
     w: dict[str, np.ndarray] = {"model.embed_tokens.weight": normal((vocab_size, HIDDEN), 1.0)}
-    for i in range(LAYERS):
+    for i in range(layers):
         p = f"model.layers.{i}."
         w[p + "input_layernorm.weight"] = np.ones(HIDDEN, dtype=np.float32)
         w[p + "self_attn.q_proj.weight"] = normal((HEADS * head_dim, HIDDEN), HIDDEN**-0.5)

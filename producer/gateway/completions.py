@@ -26,6 +26,8 @@ from fastapi import APIRouter, Depends, Header
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from jobcontract.models import GenerationRequest, JobState, Lane
+from jobcontract.protocol.operation import run_async
+from jobcontract.protocol.placement import ReadModels
 from producer.gateway.api_keys import Caller
 from producer.gateway.draining import ShuttingDown
 from producer.gateway.errors import ApiError
@@ -73,7 +75,10 @@ async def chat_completions(
 
 @router.get("/v1/models", summary="The models in the routes (OpenAI-compatible)")
 async def models(s: Annotated[Services, Depends(services)]) -> dict[str, Any]:
+    """Each model with, beside OpenAI's fields, the live workers that hold it loaded (`loaded_on`) and
+    those that may load it on demand (`served_by`), as the workers publish them."""
     created = now_s()
+    fleet = await run_async(s.store.client, ReadModels(s.store.keys))
     data = [
         {
             "id": m.name,
@@ -81,6 +86,8 @@ async def models(s: Annotated[Services, Depends(services)]) -> dict[str, Any]:
             "created": created,
             "owned_by": "genq",
             "backends": [b.value for b in m.order],
+            "loaded_on": [w.worker for w in fleet if m.name in w.loaded],
+            "served_by": [w.worker for w in fleet if m.name in w.serves],
         }
         for m in s.settings.routes.models
     ]

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from jobcontract.durability import NotReplicated
-from jobcontract.jobs import IdempotencyConflict, QueueFull, UnknownJob
+from jobcontract.jobs import IdempotencyConflict, ModelTooLarge, QueueFull, UnknownJob
 from jobcontract.outage import OUTAGE_ERRORS
 from producer.batch.book import UnknownBatch
 from producer.client import GenqUnavailable
@@ -81,6 +81,13 @@ def install(app: FastAPI) -> None:
         retry = str(max(1, math.ceil(error.retry_after_s)))
         body = error_body(str(error), "rate_limit_error", code="queue_full")
         return _json(429, body, {"Retry-After": retry})
+
+    @app.exception_handler(ModelTooLarge)
+    async def too_large(_request: Request, error: ModelTooLarge) -> JSONResponse:
+        """400, not 503: no live worker could ever hold the model, so retrying the same request is
+        useless until a worker with a larger budget joins."""
+        body = error_body(str(error), "invalid_request_error", param="model", code="model_too_large")
+        return _json(400, body)
 
     @app.exception_handler(IdempotencyConflict)
     async def reused_key(_request: Request, error: IdempotencyConflict) -> JSONResponse:

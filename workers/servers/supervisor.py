@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 
 import httpx
 
@@ -52,7 +52,36 @@ def _die_with_parent() -> Callable[[], None] | None:
     return set_pdeathsig
 
 
+class JobServer(Protocol):
+    """What a job needs of the server it runs on: a ServerSupervisor, or a multi-model worker's handle
+    on one of its models (workers.models.manager.ModelHandle), which loads the model on demand."""
+
+    @property
+    def spec(self) -> ServerSpec: ...
+    @property
+    def base_url(self) -> str: ...
+    @property
+    def pid(self) -> int | None: ...
+    @property
+    def load_wait_s(self) -> float:
+        """How long a job may wait for the server to come up beyond its first-token timeout: a load."""
+        ...
+
+    def using(self) -> contextlib.AbstractContextManager[None]:
+        """Held for one attempt: a multi-model worker never unloads a model a job generates on."""
+        ...
+
+    def wait_ready(self, timeout_s: float) -> bool: ...
+    def died_since(self, pid: int | None) -> bool: ...
+    def silent_s(self) -> float: ...
+
+
 class ServerSupervisor:
+    load_wait_s = 0.0  # started with its worker: a job never waits for its load
+
+    def using(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()  # never unloaded under a job: nothing to hold
+
     def __init__(
         self,
         spec: ServerSpec,
@@ -62,8 +91,14 @@ class ServerSupervisor:
         probe_interval_s: float = 0.25,
         hang_timeout_s: float = 2.0,
         on_state: Callable[[str], None] | None = None,
+        start_again_on_exit: bool = True,
     ) -> None:
+        """`start_again_on_exit`: a server that exits during its start is started again (on another
+        port: the usual cause is a port taken between choosing and binding it). A multi-model worker
+        turns it off: there the likelier cause is memory, and its manager decides what to unload
+        before it loads that model again."""
         self.spec = spec
+        self.start_again_on_exit = start_again_on_exit
         self.log_path = log_path
         self.start_timeout_s = start_timeout_s
         self.probe_interval_s = probe_interval_s
@@ -138,8 +173,11 @@ class ServerSupervisor:
             exited = self.process.poll() is not None
             with self._lock:
                 self._terminate(1.0)
-            if not exited or attempt == 2:
+            if not exited or attempt == 2 or not self.start_again_on_exit:
                 break
+        if exited:
+            code = None if self.process is None else self.process.returncode
+            raise ServerFailed(f"{self.spec.name} exited with {code} during start; see {self.log_path}")
         raise ServerFailed(f"{self.spec.name} did not become ready in {self.start_timeout_s:.0f}s; see {self.log_path}")
 
     def _launch(self) -> None:
@@ -169,6 +207,7 @@ class ServerSupervisor:
         while time.monotonic() < deadline and not self._stopping.is_set():
             if self.process.poll() is not None:
                 log.error("%s exited with %s during start", self.spec.name, self.process.returncode)
+                self.on_state("exited")  # died loading (out of memory?), though it may be started again
                 return False
             if self._answers():
                 return True
