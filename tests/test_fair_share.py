@@ -119,6 +119,8 @@ def test_the_plan_bounds_only_a_swap_while_another_worker_has_the_model() -> Non
     assert plan(QUEUE, bounded).tiers == (Tier(QUEUE, min_age_ms=2500),)
     placed = Placement(steal_after_s=0.25)
     assert plan(QUEUE, placed).tiers == (Tier(QUEUE, 0, Select.MINE), Tier(QUEUE, 250, Select.THEIRS))
+    busy = replace(flat, loaded_here=False, busy_here=True, max_swap_wait_s=2.5)  # its own models have work
+    assert plan(QUEUE, busy).tiers == (Tier(QUEUE, min_age_ms=2500),)
     swapping = replace(placed, loaded_here=False, loaded_elsewhere=True, max_swap_wait_s=2.5)
     assert plan(QUEUE, swapping).tiers == (Tier(QUEUE, 2500, Select.MINE), Tier(QUEUE, 2500, Select.THEIRS))
 
