@@ -88,14 +88,19 @@ class StreamsBroker(dramatiq.Broker):
         self.emit_after("declare_delay_queue", delayed)
 
     def ensure_group(self, queue_name: str) -> None:
-        """Create the stream's group from id 0, so jobs added before any worker existed are seen."""
-        stream = self.keys.stream(queue_name)
+        """Create the group of the queue's stream, and of each partition in its partition set, from
+        id 0, so jobs added before any worker existed are seen (a partition's stream deleted while
+        listed is made again, empty, rather than failing every blocking read on it)."""
         try:
             self.client.sadd(self.keys.queues, queue_name)
-            self.client.xgroup_create(stream, CONSUMER_GROUP, id="0", mkstream=True)
-        except redis.ResponseError as error:
-            if "BUSYGROUP" not in str(error):
-                raise
+            for stream in self.partition_streams(queue_name):
+                try:
+                    self.client.xgroup_create(stream, CONSUMER_GROUP, id="0", mkstream=True)
+                except redis.ResponseError as error:
+                    if "BUSYGROUP" not in str(error):
+                        raise
+        except redis.ResponseError:
+            raise
         except redis.RedisError as error:
             raise BrokerConnectionError(str(error)) from error
 

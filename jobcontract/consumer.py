@@ -144,8 +144,8 @@ class StreamsConsumer(dramatiq.Consumer):
         except redis.ResponseError as error:
             if "NOGROUP" not in str(error):
                 raise
-            log.warning("group for %s vanished (Redis restarted without persistence?); recreating", self.stream)
-            self.broker.ensure_group(self.queue_name)
+            log.warning("a group of %s vanished (Redis restarted without persistence?); recreating", self.stream)
+            self.broker.ensure_group(self.queue_name)  # the queue's own stream, and every partition's
             return None
         for stream, entries in stream_reply(reply):
             for entry_id, fields in entries:

@@ -216,3 +216,38 @@ def test_a_worker_serves_a_late_small_tenant_long_before_a_large_one_is_done(
     finished = sorted(results, key=lambda job_id: results[job_id].timings.finished_at or 0)
     last_small = max(finished.index(job_id) for job_id in small)
     assert last_small < 16, f"the small tenant's last job finished {last_small + 1}th of {len(finished)}"
+
+
+def test_a_take_whose_reply_was_lost_is_adopted_from_every_partition(redis_client: redis.Redis, keys: Keys) -> None:
+    """Redis ran a take for this consumer and its reply never arrived (a restart, a re-sent script):
+    the entries are pending on its name in two tenants' partitions; its orphan check takes them."""
+    broker = StreamsBroker(redis_client, keys, consumer_name="w1")
+    broker.declare_queue(QUEUE)
+    submit(redis_client, keys, "t1", 2)
+    submit(redis_client, keys, "t2", 2)
+    lost = protocol.run(redis_client, Take(keys, "w1", 3, plan(QUEUE)))  # the reply nobody read
+    assert len(lost.entries) == 3
+    consumer = broker.consume(QUEUE, prefetch=10, timeout=100)
+    consumer.next_orphan_check = 0.0  # type: ignore[attr-defined]
+    got = [m for m in (next(consumer) for _ in range(6)) if m is not None]
+    assert sorted(m.message_id for m in got) == ["t1-0", "t1-1", "t2-0", "t2-1"]  # each once
+    for message in got:
+        consumer.ack(message)
+    assert all(redis_client.xlen(s) == 0 for s in broker.partition_streams(QUEUE))
+
+
+def test_a_partition_deleted_while_listed_does_not_wedge_its_consumer(redis_client: redis.Redis, keys: Keys) -> None:
+    broker = StreamsBroker(redis_client, keys, consumer_name="w1")
+    broker.declare_queue(QUEUE)
+    submit(redis_client, keys, "gone", 1)
+    consumer = broker.consume(QUEUE, prefetch=2, timeout=100)
+    assert next(consumer) is not None
+    redis_client.delete(keys.partition(QUEUE, "gone"))  # an operator's DEL, a lost key: still listed
+    for _ in range(3):
+        assert next(consumer) is None
+    # Made again with its group at the first NOGROUP, so blocking reads block again instead of
+    # failing at once in a loop until the next submit happens to make it.
+    assert redis_client.xinfo_groups(keys.partition(QUEUE, "gone"))[0]["name"] == CONSUMER_GROUP.encode()
+    submit(redis_client, keys, "gone", 1, prefix="again")
+    got = [m for m in (next(consumer) for _ in range(3)) if m is not None]
+    assert [m.message_id for m in got] == ["again-0"]
