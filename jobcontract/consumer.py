@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +22,7 @@ from dramatiq.errors import BrokerConnectionError
 
 from jobcontract import protocol
 from jobcontract.connection import MAX_BLOCK_MS, stream_reply
-from jobcontract.keys import CONSUMER_GROUP, PARTITION_INFIX
+from jobcontract.keys import CONSUMER_GROUP, PARTITION_INFIX, SHARD_MARK
 from jobcontract.outage import OUTAGE_ERRORS
 from jobcontract.protocol.entry import QueueEntry
 from jobcontract.protocol.queue import Reject
@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 # A delay queue's consumer holding a delayed message wakes when its eta is due, and at least this often.
 DELAY_QUEUE_MIN_BLOCK_MS = 10
+# Prefix-shard partitions a consumer remembers taking from: about what a server's prompt cache holds.
+WARM_PARTITIONS = 8
 # How long a consumer whose plan has only age-bounded tiers (nothing to block on) sleeps between takes.
 POLL_MS = 250
 # How often a consumer looks for entries pending on its name that it never received.
@@ -94,6 +96,9 @@ class StreamsConsumer(dramatiq.Consumer):
         self.buffer: deque[StreamMessage] = deque()
         self.in_flight = 0
         self.held: set[tuple[str, str]] = set()
+        # Prefix-shard partitions taken from lately, newest last: the take reads them as this
+        # worker's own, so a prefix it stole stays with it (its server's cache holds it now).
+        self.warm: OrderedDict[str, None] = OrderedDict()
         self.lock = threading.Lock()
         self.slot_freed = threading.Event()
         self.reconnect_delay = 0.0
@@ -116,7 +121,8 @@ class StreamsConsumer(dramatiq.Consumer):
             if time.monotonic() >= self.next_orphan_check:
                 self._adopt_orphans()
             plan = self.broker.planner(self.queue_name)
-            taken = protocol.run(self.client, Take(self.broker.keys, self.broker.consumer_name, room, plan))
+            take = Take(self.broker.keys, self.broker.consumer_name, room, plan, tuple(self.warm))
+            taken = protocol.run(self.client, take)
             self.reconnect_delay = 0.0
             if taken.streams:
                 self.streams = taken.streams
@@ -188,6 +194,11 @@ class StreamsConsumer(dramatiq.Consumer):
             log.error("undecodable entry %s on %s moved to dead letters: %s", entry_id, stream, error)
             self._settle(stream, partition, entry_id, dead_reason=f"undecodable message: {error}", raw=raw)
             return
+        if partition is not None and SHARD_MARK in partition:
+            self.warm[partition] = None
+            self.warm.move_to_end(partition)
+            while len(self.warm) > WARM_PARTITIONS:
+                self.warm.popitem(last=False)
         with self.lock:
             self.in_flight += 1
             self.held.add((stream, entry_id))

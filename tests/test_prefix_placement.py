@@ -120,6 +120,24 @@ def test_a_worker_with_room_steals_what_waited_past_the_bound_after_its_own(
     assert len(own) + len(stolen) == 12 and stolen  # w2 never came: w1 took its jobs, after its own
 
 
+def test_a_prefix_a_worker_took_lately_is_read_as_its_own(redis_client: redis.Redis, keys: Keys) -> None:
+    """A worker that stole a prefix has it in its server's cache now: it keeps taking that partition
+    at once (no steal bound), instead of every thief stealing a little of every prefix."""
+    live(redis_client, keys, "w1", "w2")
+    with_group(redis_client, keys)
+    submit(redis_client, keys, [instruction(n) + "text" for n in range(12)])
+    theirs = [e for e in protocol.run(redis_client, Take(keys, "w2", 20, plan(QUEUE))).entries]
+    assert theirs, "w2 owns some of 12 prefixes"
+    partition = theirs[0].stream.split(":part:")[1]
+    prompt = dramatiq.Message.decode(QueueEntry.read(theirs[0].fields).message or b"").kwargs["request"]["prompt"]
+    take_all(redis_client, keys, "w1")  # w1's own prefixes
+    submit(redis_client, keys, [prompt])  # another job of that prefix: w2's shard
+    young = plan(QUEUE, Placement(steal_after_s=60))
+    assert protocol.run(redis_client, Take(keys, "w1", 5, young)).entries == []
+    warm = protocol.run(redis_client, Take(keys, "w1", 5, young, warm=(partition,))).entries
+    assert [e.stream for e in warm] == [theirs[0].stream]
+
+
 def test_without_affinity_any_worker_takes_any_prefix(redis_client: redis.Redis, keys: Keys) -> None:
     live(redis_client, keys, "w1", "w2")
     submit(redis_client, keys, [instruction(n) + "text" for n in range(12)])

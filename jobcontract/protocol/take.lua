@@ -6,7 +6,8 @@
 -- partition), and each in its partition set, a member `tenant` or `tenant#shard` (Keys.partition) whose
 -- stream is the queue's stream, the infix and the member. A tier selects its partitions:
 --   all     every partition;
---   mine    the partitions without a shard, and those whose shard this consumer owns;
+--   mine    the partitions without a shard, those whose shard this consumer owns, and those it
+--           took from lately (warm: its server's prompt cache likely holds their prefix);
 --   theirs  the partitions whose shard another live worker of the pool owns.
 -- A prefix shard's owner is the pool's live worker with the highest SHA-1 of `shard|worker`
 -- (rendezvous hashing): every worker computes the same owner from the same live set, a worker that
@@ -23,7 +24,8 @@
 --
 -- KEYS: the tenants' shares (hash tenant -> weight), then per tier: the queue's stream, its partition set,
 --       its fair tags, its pool (the live workers, for shard owners).
--- ARGV: group, consumer, room, partition infix, default tenant name, then per tier: min_age_ms, select.
+-- ARGV: group, consumer, room, partition infix, default tenant name, then per tier: min_age_ms, select;
+--       then the partitions this consumer took from lately (warm: read as its own).
 -- Answers {entries, streams, wake_ms}: entries as {stream, id, fields} in the order taken; the
 -- streams of every tier without an age bound, for the consumer to block on when nothing was taken
 -- (a blocking read takes whatever comes, so an age-bounded tier is looked at again instead); and in
@@ -92,17 +94,23 @@ local function owner(pool, shard)
   return best
 end
 
+-- Partitions this consumer took from lately (its server's prompt cache likely holds their prefix):
+-- its own as much as the shards it owns, so a worker that stole a prefix keeps to it.
+local tiers = (#KEYS - 1) / 4
+local warm = {}
+for i = 6 + 2 * tiers, #ARGV do warm[ARGV[i]] = true end
+
 local function selected(select, pool, member)
   if select == 'all' then return true end
   local shard = string.match(member, '#(.+)$')
   if shard == nil then return select == 'mine' end
-  local mine = owner(pool, shard) == consumer
+  local mine = warm[member] or owner(pool, shard) == consumer
   if select == 'mine' then return mine end
   return not mine
 end
 
 local taken, streams = {}, {}
-for t = 1, (#KEYS - 1) / 4 do
+for t = 1, tiers do
   local k = 2 + 4 * (t - 1)
   local base, lane_set, tags_key, pool = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
   local min_age_ms, select = tonumber(ARGV[4 + 2 * t]), ARGV[5 + 2 * t]
