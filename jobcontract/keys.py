@@ -122,6 +122,18 @@ class Keys:
         return self.stream(queue) + ":fair"
 
     @property
+    def placement(self) -> str:
+        """A hash: worker -> its WorkerModels record as JSON (the models it serves and holds loaded,
+        their sizes, its memory budget), for admission, `genq models` and the scheduler."""
+        return f"{self.namespace}:placement"
+
+    @property
+    def placement_until(self) -> str:
+        """A sorted set: worker -> the Redis-clock instant (µs) until which its placement record
+        holds; records past it are dropped on every publish."""
+        return f"{self.namespace}:placement:until"
+
+    @property
     def tenant_shares(self) -> str:
         """A hash: tenant -> its weight in fair share (the API key configuration's `share`), written
         by the gateway when it starts; a tenant not in it weighs 1."""

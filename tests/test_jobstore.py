@@ -21,6 +21,7 @@ from jobcontract.models import (
 )
 from jobcontract.settings import GenqSettings
 from producer.client import Client, GenqUnavailable
+from tests.queues import queued as queued_in
 
 
 def finished(store: JobStore, job_id: str, text: str = "ok") -> GenerationResult:
@@ -41,7 +42,7 @@ def test_submit_records_the_job_and_queues_it_on_the_first_backend(
     status = client.status(job_id)
     assert status.state is JobState.QUEUED
     assert status.queue == queue_name("tiny", Backend.MLX, Lane.INTERACTIVE)
-    assert redis_client.xlen(keys.stream(status.queue)) == 1
+    assert queued_in(redis_client, keys, status.queue) == 1
 
 
 def test_an_invalid_request_queues_nothing(client: Client, keys: Keys, redis_client: redis.Redis) -> None:
@@ -56,7 +57,7 @@ def test_a_repeated_idempotency_key_returns_the_first_job(
     first = client.submit({"model": "tiny", "prompt": "a", "idempotency_key": "order-17"})
     again = client.submit({"model": "tiny", "prompt": "a", "idempotency_key": "order-17"})
     assert again == first
-    assert redis_client.xlen(keys.stream(queue_name("tiny", Backend.MLX, Lane.INTERACTIVE))) == 1
+    assert queued_in(redis_client, keys, queue_name("tiny", Backend.MLX, Lane.INTERACTIVE)) == 1
 
 
 def test_a_full_queue_refuses_new_work(settings: GenqSettings) -> None:

@@ -24,6 +24,7 @@ from jobcontract.settings import GenqSettings
 from producer.client import Client
 from tests.harness import WorkerHandle, start_worker, wait_until
 from tests.metrics_helpers import Samples, free_port, gateway_app, scrape, serving, value
+from tests.queues import partition_streams
 from workers.circuit import CircuitBreaker
 
 # -- the cluster collector, on a real Redis with no worker ----------------------------------------------
@@ -35,16 +36,20 @@ def test_the_collector_reports_depth_age_pools_circuits_and_dead_letters(
     from workers.cluster_metrics import build_registry
 
     with Client(settings) as client:
-        client.submit_many([{"model": "tiny", "prompt": f"p{n}", "max_tokens": 4} for n in range(3)])
+        # One prompt_cache_key: one prefix shard, so the three wait in one partition, in order.
+        client.submit_many(
+            [{"model": "tiny", "prompt": f"p{n}", "max_tokens": 4, "prompt_cache_key": "k"} for n in range(3)]
+        )
         # No mlx worker is live, so admission picks the first backend of the route: mlx.
     queue = queue_name("tiny", Backend.MLX, Lane.INTERACTIVE)
     broker = StreamsBroker(redis_client, keys, consumer_name="probe")
     broker.declare_queue(queue)
     time.sleep(0.3)
     # One entry delivered (a worker took it and has not acked it): two still wait.
-    first = redis_client.xreadgroup("genq", "probe", {keys.stream(queue): ">"}, count=1)
+    (partition,) = [s for s in partition_streams(redis_client, keys, queue) if redis_client.xlen(s)]
+    first = redis_client.xreadgroup("genq", "probe", {partition: ">"}, count=1)
     assert first
-    second_id = redis_client.xrange(keys.stream(queue), "-", "+", count=2)[1][0].decode()
+    second_id = redis_client.xrange(partition, "-", "+", count=2)[1][0].decode()
     redis_client.zadd(keys.pool(pool_name("tiny", Backend.LLAMACPP)), {"w1": 1e18, "w2": 1e18, "gone": 1})
     breaker = CircuitBreaker(redis_client, keys, "tiny", threshold=2, cool_down_s=60)
     breaker.record_failure(Backend.MLX)
@@ -238,7 +243,8 @@ def test_counters_and_histograms_match_what_happened(pools: Pools) -> None:
             90,
         ), pools.mlx.log()
         # Streamed, so they have first tokens and inter-token gaps (plain jobs record neither).
-        succeeded = client.results(client.submit_many([ask(n, stream=True) for n in range(1, 9)]), timeout=90)
+        # 24: more than one process holds (8 slots + 2), so both serve whichever owns their prefixes.
+        succeeded = client.results(client.submit_many([ask(n, stream=True) for n in range(1, 25)]), timeout=120)
         # A deadline that has passed before any worker can start it: the job fails, nothing runs.
         failed = client.generate(ask(9, timeout_s=1e-6), timeout=60)
 

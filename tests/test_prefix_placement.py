@@ -33,7 +33,7 @@ from jobcontract.routes import BackendRoute, ModelRoute
 from jobcontract.scheduling import Placement, plan
 from jobcontract.settings import GenqSettings
 from producer.client import Client
-from tests.harness import WorkerHandle, start_worker
+from tests.harness import WorkerHandle, start_worker, wait_until
 
 ROUTE = ModelRoute(name="tiny", backends=[BackendRoute(path="tiny-mlx")])
 QUEUE = queue_name("tiny", Backend.MLX, Lane.BATCH)
@@ -202,14 +202,16 @@ def test_a_saturated_owner_spills_its_prefix_to_the_other_worker(
 def test_interactive_jobs_still_go_before_batch_lines(
     settings: GenqSettings, client: Client, two_workers: WorkerHandle
 ) -> None:
-    batch = client.submit_many([ask(5, i, max_tokens=64) for i in range(40)])
-    time.sleep(1.0)
-    urgent = client.results(client.submit_many([ask(5, 100 + i, lane="interactive") for i in range(4)]), timeout=120)
-    done = client.results(batch, timeout=300)
+    """Interactive jobs of a prefix whose batch lines fill both workers start before the batch lines
+    still waiting: a freed slot takes a prefetched interactive job before a prefetched batch line."""
+    batch = client.submit_many([ask(5, i, max_tokens=128) for i in range(80)])
+    assert wait_until(lambda: client.status(batch[0]).state is not JobState.QUEUED, 60)
+    urgent = client.results(client.submit_many([ask(5, 100 + i, lane="interactive") for i in range(4)]), timeout=180)
+    done = client.results(batch, timeout=600)
     assert all(r.ok for r in [*urgent, *done])
-    last_urgent = max(r.timings.finished_at for r in urgent if r.timings.finished_at)
-    after = [r for r in done if r.timings.finished_at and r.timings.finished_at > last_urgent]
-    assert len(after) >= 20, "interactive jobs waited behind the batch"
+    last_urgent = max(r.timings.started_at for r in urgent if r.timings.started_at)
+    after = [r for r in done if r.timings.started_at and r.timings.started_at > last_urgent]
+    assert len(after) >= 20, f"only {len(after)} of 80 batch lines started after the interactive jobs"
 
 
 def _kill_worker_named(handle: WorkerHandle, name: str) -> None:

@@ -48,6 +48,10 @@ BOUNDED: dict[str, str] = {
     "(PREFIX_SHARDS + 1) members at most",
     r"q:[^:]+\.(interactive|batch)(\.DQ)?:fair": "a queue's fair-share account: one field per configured tenant",
     r"tenant_shares": "the tenants' shares: one field per configured tenant, rewritten when a gateway starts",
+    r"placement": "the workers' published models: one field per live worker process; fields whose worker "
+    "stopped renewing are dropped on every publish",
+    r"placement:until": "when each worker's placement record lapses: one member per live worker process, "
+    "pruned on every publish",
     r"queues": "the set of queue names: the routes' models x backends x lanes",
     r"pool:[^:]+": "a pool's workers: entries past their vouch are pruned on every vouch",
     r"dead": "dead letters: XADD MAXLEN ~ GENQ_DEAD_LETTERS_MAX (and MINID by GENQ_DEAD_LETTERS_MAX_AGE_S)",

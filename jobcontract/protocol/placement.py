@@ -20,13 +20,11 @@ from jobcontract.protocol.operation import Operation, text
 
 
 def records_key(keys: Keys) -> str:
-    """A hash: worker -> its WorkerModels record as JSON."""
-    return f"{keys.namespace}:placement"
+    return keys.placement
 
 
 def until_key(keys: Keys) -> str:
-    """A sorted set: worker -> the Redis-clock instant (µs) until which its record holds."""
-    return f"{keys.namespace}:placement:until"
+    return keys.placement_until
 
 
 @dataclass(frozen=True)
