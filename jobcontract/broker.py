@@ -20,6 +20,7 @@ are operations of jobcontract.protocol; the consumer is jobcontract.consumer.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -73,6 +74,8 @@ class StreamsBroker(dramatiq.Broker):
         self.outage = OutagePolicy(outage_patience_s)  # its consumers' requeue and settle too
         self.queues: set[str] = set()
         self.planner = planner  # queue -> where its consumer takes from next (jobcontract.scheduling)
+        self.take_lock = threading.Lock()  # one plan-and-take at a time in this process
+        self.consumers: list[StreamsConsumer] = []
 
     # -- declaring -------------------------------------------------------------------------------------
     def declare_queue(self, queue_name: str) -> None:
@@ -128,7 +131,14 @@ class StreamsBroker(dramatiq.Broker):
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 1000) -> StreamsConsumer:
         if queue_name not in self.queues and queue_name not in self.delay_queues:
             raise QueueNotFound(queue_name)
-        return StreamsConsumer(self, queue_name, prefetch=prefetch, timeout_ms=timeout)
+        consumer = StreamsConsumer(self, queue_name, prefetch=prefetch, timeout_ms=timeout)
+        self.consumers.append(consumer)
+        return consumer
+
+    def held(self) -> dict[str, int]:
+        """Queue -> entries this process's consumers hold (taken, not yet settled); delay queues not
+        counted (a retry waiting out its backoff commits nobody to anything)."""
+        return {c.queue_name: c.in_flight for c in self.consumers if not c.delayed}
 
     def requeue_entries(self, queue_name: str, entry_ids: Iterable[str], *, partition: str | None = None) -> int:
         """Hand entries of a partition of a queue back to it."""

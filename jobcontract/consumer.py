@@ -39,6 +39,9 @@ DELAY_QUEUE_MIN_BLOCK_MS = 10
 WARM_PARTITIONS = 8
 # How long a consumer whose plan has only age-bounded tiers (nothing to block on) sleeps between takes.
 POLL_MS = 250
+# How often a consumer whose plan forbids blocking reads (its model is not loaded in this process)
+# looks again: a job for it waits for a load of seconds anyway.
+UNBLOCKED_POLL_MS = 1000
 # How often a consumer looks for entries pending on its name that it never received.
 ORPHAN_CHECK_S = 10.0
 # How soon an entry left pending (its job's next step could not be settled) is taken back.
@@ -120,14 +123,17 @@ class StreamsConsumer(dramatiq.Consumer):
         try:
             if time.monotonic() >= self.next_orphan_check:
                 self._adopt_orphans()
-            plan = self.broker.planner(self.queue_name)
-            take = Take(self.broker.keys, self.broker.consumer_name, room, plan, tuple(self.warm))
-            taken = protocol.run(self.client, take)
+            # One take at a time in a process: a plan reads what the process's other consumers hold
+            # (which models it is committed to), so two consumers never both decide on a stale view.
+            with self.broker.take_lock:
+                plan = self.broker.planner(self.queue_name)
+                take = Take(self.broker.keys, self.broker.consumer_name, room, plan, tuple(self.warm))
+                taken = protocol.run(self.client, take)
+                for entry in taken.entries:
+                    self._take(entry.stream, entry.entry_id, entry.fields)
             self.reconnect_delay = 0.0
             if taken.streams:
                 self.streams = taken.streams
-            for entry in taken.entries:
-                self._take(entry.stream, entry.entry_id, entry.fields)
             if self.buffer:
                 return self.buffer.popleft()
             # A job held back by an age bound (another worker's prefix shard, a model to swap in) is
@@ -135,6 +141,9 @@ class StreamsConsumer(dramatiq.Consumer):
             block_ms = self._block_ms() if taken.wake_ms is None else max(1, min(self._block_ms(), taken.wake_ms))
             if not taken.streams:  # only age-bounded tiers: nothing to block on
                 time.sleep(min(block_ms, POLL_MS) / 1000)
+                return None
+            if not plan.block:  # a blocking read would take whatever comes, past the plan: look again
+                time.sleep(min(block_ms, UNBLOCKED_POLL_MS) / 1000)
                 return None
             # Nothing waits: block on every partition until something comes (one entry each at most).
             reply = self.client.xreadgroup(

@@ -63,6 +63,7 @@ class TakePlan:
     """Tiers in order: a later one is read only for the room the earlier ones left."""
 
     tiers: tuple[Tier, ...]
+    block: bool = True  # may the consumer block in XREADGROUP (which takes whatever comes) when idle
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,9 @@ class Placement:
 
     loaded_here: bool = True
     loaded_elsewhere: bool = False
-    busy_here: bool = False  # jobs generate on (or wait for) models this worker has loaded
+    busy_here: bool = False  # this worker holds, runs or waits for jobs of other models
+    swap_needed: bool = True  # loading the queue's model here would unload another
+    may_block: bool = True  # False while the model is not loaded here: a blocking read bypasses the plan
     max_swap_wait_s: float = DEFAULT_MAX_SWAP_WAIT_S
     prefix_affinity: bool = True
     steal_after_s: float = DEFAULT_STEAL_AFTER_S
@@ -84,12 +87,15 @@ def plan(queue: str, placement: Placement = Placement()) -> TakePlan:
     model loaded; else only what waited past the swap bound: a worker that has the model could not
     start it in time, or this worker's own models had their turn (jobs of one model are grouped
     while they last, within the bound, instead of a swap for every job)."""
-    must_swap = not placement.loaded_here and (placement.loaded_elsewhere or placement.busy_here)
+    must_swap = (
+        not placement.loaded_here and placement.swap_needed and (placement.loaded_elsewhere or placement.busy_here)
+    )
     swap_ms = _ms(placement.max_swap_wait_s) if must_swap else 0
     if not placement.prefix_affinity:
-        return TakePlan((Tier(queue, swap_ms),))
+        return TakePlan((Tier(queue, swap_ms),), block=placement.may_block)
     steal_ms = max(swap_ms, _ms(placement.steal_after_s))
-    return TakePlan((Tier(queue, swap_ms, Select.MINE), Tier(queue, steal_ms, Select.THEIRS)))
+    tiers = (Tier(queue, swap_ms, Select.MINE), Tier(queue, steal_ms, Select.THEIRS))
+    return TakePlan(tiers, block=placement.may_block)
 
 
 def message_partition(kwargs: dict[str, Any], options: dict[str, Any]) -> str | None:

@@ -201,8 +201,8 @@ def serve(
         middleware=[reroutings[models[0]] if single is not None else ReroutingByModel(reroutings)],
         outage_patience_s=settings.redis_outage_patience_s,
         dead_letter_cap=settings.dead_letter_cap,
-        planner=planner(settings, model_set, others_loaded(client, keys, consumer_name)),
     )
+    broker.planner = planner(settings, model_set, others_loaded(client, keys, consumer_name), broker.held)
     declare_actors(broker, runners, queues)
 
     def record() -> WorkerModels:
@@ -263,9 +263,13 @@ def planner(
     settings: WorkerSettings,
     model_set: ModelSet | None,
     others_loaded: Callable[[], frozenset[str]],
+    held: Callable[[], dict[str, int]],
 ) -> Callable[[str], TakePlan]:
     """Where this process's consumers take from next (jobcontract.scheduling): by prompt prefix, and
-    with several models by what this worker and the others have loaded."""
+    with several models by what this worker holds and has loaded and what the others have loaded.
+    A model this process holds jobs of counts as loaded here (it is committed to it: the jobs wait
+    for its load), and jobs held of other models make it busy, so the first consumer to take for an
+    unloaded model commits the process and the others wait their turn (takes are serialised)."""
     base = Placement(
         prefix_affinity=settings.prefix_affinity,
         steal_after_s=settings.prefix_steal_after_s,
@@ -276,11 +280,20 @@ def planner(
         ref = parse_queue(queue)
         if model_set is None or ref is None:
             return plan(queue, base)
+        draining = model_set.draining(ref.model)  # being emptied for a swap: take nothing new for it
+        loaded = ref.model in model_set.loaded() and not draining
+        holding: dict[str, int] = {}
+        for held_queue, count in held().items():
+            held_ref = parse_queue(held_queue)
+            if held_ref is not None and count:
+                holding[held_ref.model] = holding.get(held_ref.model, 0) + count
         placement = replace(
             base,
-            loaded_here=ref.model in model_set.loaded(),
+            loaded_here=loaded or (holding.get(ref.model, 0) > 0 and not draining),
             loaded_elsewhere=ref.model in others_loaded(),
-            busy_here=model_set.busy(),
+            busy_here=model_set.busy() or any(m != ref.model for m in holding),
+            swap_needed=not loaded and model_set.would_swap(ref.model),
+            may_block=loaded,
         )
         return plan(queue, placement)
 

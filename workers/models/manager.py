@@ -195,6 +195,19 @@ class ModelSet:
         with self._lock:
             return any(self._generating[m] or self._waiting[m] for m in self._servers)
 
+    def draining(self, model: str) -> bool:
+        """Whether the model is being drained for a swap: its queue takes nothing new meanwhile."""
+        with self._lock:
+            return model in self._draining
+
+    def would_swap(self, model: str) -> bool:
+        """Whether loading `model` now would have to unload another (it does not fit beside them)."""
+        with self._lock:
+            if model in self._servers:
+                return False
+            used = sum(self.sizes.size(m) for m in self._servers)
+        return used + self.sizes.size(model) > self.budget_bytes
+
     def used_bytes(self) -> int:
         with self._lock:
             return sum(self.sizes.size(m) for m in self._servers)
