@@ -205,3 +205,41 @@ def test_generated_text_matches(llama: Any, mlx_model: tuple[Any, Any]) -> None:
         llama.reset()
         cpp = llama.create_completion(prompt, max_tokens=N_TOKENS, temperature=0.0, repeat_penalty=1.0)
         assert cpp["choices"][0]["text"] == mlx_text, prompt
+
+
+def test_small_shape_builds_beside_the_tiny_model_without_touching_it(
+    btm: ModuleType, built: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # bench/prefix.py needs prompts of 1,500 tokens (the tiny model holds 512 positions); the larger
+    # shape lives in its own files, so a folder holding both still serves the tiny model unchanged.
+    tiny_mlx, tiny_gguf = btm.build(tmp_path, seed=0)
+    stamp_before = (tmp_path / btm.STAMP_NAME).read_bytes()
+    small_mlx, small_gguf = btm.build(tmp_path, seed=0, shape=btm.SHAPES["small"])
+    assert small_mlx != tiny_mlx and small_gguf != tiny_gguf
+    assert (tmp_path / btm.STAMP_NAME).read_bytes() == stamp_before
+    assert (tiny_mlx / "model.safetensors").read_bytes() == (built[0] / "model.safetensors").read_bytes()
+    assert tiny_gguf.read_bytes() == built[1].read_bytes()
+    assert btm.build(tmp_path, seed=0) == (tiny_mlx, tiny_gguf)  # still current: not rebuilt
+
+    config = json.loads((small_mlx / "config.json").read_text())
+    assert (
+        config["max_position_embeddings"]
+        == 4096
+        > json.loads((tiny_mlx / "config.json").read_text())["max_position_embeddings"]
+    )
+    assert (small_mlx / "tokenizer.json").read_bytes() == (tiny_mlx / "tokenizer.json").read_bytes()
+
+    from llama_cpp import Llama
+    from mlx_lm import load
+
+    loaded = load(str(small_mlx))
+    model, tokenizer = loaded[0], loaded[1]
+    prompt = " ".join(["the quick brown fox jumps over the lazy dog"] * 120)  # over 512 tokens
+    ids = tokenizer.encode(prompt)
+    assert 512 < len(ids) < 4096
+    mlx_ids = _mlx_greedy((model, tokenizer), ids, 8)
+    llm = Llama(model_path=str(small_gguf), n_ctx=4096, n_threads=2, verbose=False)
+    try:
+        assert _llama_greedy(llm, ids, 8) == mlx_ids
+    finally:
+        llm.close()
