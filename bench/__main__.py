@@ -1,5 +1,5 @@
-"""`python -m bench all|throughput|overhead|failover|lifecycle|scale [--size ci|small|full]` (what
-`genq bench` runs): genq's figures measured beside what they are compared to, written as JSON and
+"""`python -m bench all|throughput|overhead|failover|lifecycle|scale|fairshare|prefix [--size ci|small|full]`
+(what `genq bench` runs): genq's figures measured beside what they are compared to, written as JSON and
 Markdown to bench/results/.
 
 The benchmarks use genq (its local stack, its client); genq does not import them: `genq bench`

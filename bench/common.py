@@ -231,9 +231,15 @@ class Lab:
             **extra,
         )
 
-    def routes(self, name: str, backends: Sequence[Mapping[str, Any]]) -> Path:
-        """A routes file for the tiny model; each backend a mapping of BackendRoute fields."""
-        lines = ["[[models]]", f'name = "{MODEL}"', ""]
+    def routes(self, name: str, backends: Sequence[Mapping[str, Any]], **model_fields: Any) -> Path:
+        """A routes file for the tiny model; each backend a mapping of BackendRoute fields, and
+        `model_fields` ModelRoute fields (prefix_chars)."""
+        lines = [
+            "[[models]]",
+            f'name = "{MODEL}"',
+            *(f"{key} = {json.dumps(v)}" for key, v in model_fields.items()),
+            "",
+        ]
         for backend in backends:
             lines.append("[[models.backends]]")
             lines += [f"{key} = {json.dumps(value)}" for key, value in backend.items()]

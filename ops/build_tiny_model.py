@@ -14,9 +14,13 @@ drawn from numpy with a fixed seed. It writes
 Both backends see bit-identical float32 weights, so greedy (temperature 0) generation from mlx-lm and
 llama.cpp agrees token for token, which is what lets tests compare the two workers.
 
-Usage: ``python ops/build_tiny_model.py OUT_DIR [--seed 0] [--layers 2] [--force]``. Other code can load this file by
-path and call :func:`build`. The work is done by the modules of ``ops/tinymodel/`` (one job each,
-listed in its ``__init__.py``); this file is their command line and the one place that loads them.
+Usage: ``python ops/build_tiny_model.py OUT_DIR [--seed 0] [--force] [--shape tiny|small]``. Other code
+can load this file by path and call :func:`build`. ``--shape small`` builds a larger model of the same
+tokenizer beside the tiny one (``small-llama/``, ``small-llama.gguf``, ``genq-small.json``), for the
+benchmarks where prefill must cost something (ops/tinymodel/architecture.py says its size); the tiny
+model, its files and its stamp are the same whether or not it exists. The work is done by the modules
+of ``ops/tinymodel/`` (one job each, listed in its ``__init__.py``); this file is their command line
+and the one place that loads them.
 
 Needs: numpy, safetensors, tokenizers, gguf (the ``tinymodel`` extra). No torch, no network.
 """
@@ -63,6 +67,7 @@ _stamp = importlib.import_module(f"{_PACKAGE_NAME}.stamp")
 _tokenizer = importlib.import_module(f"{_PACKAGE_NAME}.tokenizer")
 _weights = importlib.import_module(f"{_PACKAGE_NAME}.weights")
 _gguf_file = importlib.import_module(f"{_PACKAGE_NAME}.gguf_file")
+_architecture = importlib.import_module(f"{_PACKAGE_NAME}.architecture")
 
 # What callers of this file used before it was split: keep them reachable here.
 build = _build.build
@@ -73,6 +78,7 @@ SCRIPT_VERSION: int = _stamp.SCRIPT_VERSION
 MLX_DIRNAME: str = _stamp.MLX_DIRNAME
 GGUF_NAME: str = _stamp.GGUF_NAME
 STAMP_NAME: str = _stamp.STAMP_NAME
+SHAPES = _architecture.SHAPES  # name -> Shape: "tiny" (the default), "small"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,15 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed for the random weights (default 0)")
     parser.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
     parser.add_argument(
-        "--layers", type=int, default=2, help="transformer blocks, about 150 KB of weights each: the size (default 2)"
+        "--shape", choices=sorted(SHAPES), default="tiny", help="which model: tiny (default) or small (longer prompts)"
     )
     args = parser.parse_args(argv)
+    shape = SHAPES[args.shape]
     t0 = time.perf_counter()
-    reused = not args.force and _stamp.is_current(args.out_dir, args.seed, args.layers)
-    mlx_dir, gguf_path = build(args.out_dir, seed=args.seed, force=args.force, layers=args.layers)
+    reused = not args.force and _stamp.is_current(args.out_dir, args.seed, shape)
+    mlx_dir, gguf_path = build(args.out_dir, seed=args.seed, force=args.force, shape=shape)
     verb = "kept" if reused else "built"
-    took = time.perf_counter() - t0
-    print(f"{verb} {mlx_dir} and {gguf_path} (seed {args.seed}, {args.layers} layers) in {took:.2f} s")
+    print(f"{verb} {mlx_dir} and {gguf_path} (seed {args.seed}) in {time.perf_counter() - t0:.2f} s")
     return 0
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-BENCHMARKS = ("throughput", "overhead", "failover", "lifecycle", "scale", "fairshare")
+BENCHMARKS = ("throughput", "overhead", "failover", "lifecycle", "scale", "fairshare", "prefix")
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +131,17 @@ def test_fairshare_reports_each_tenant_alone_and_together(bench_run: tuple[Path,
     for run in ("fair", "fcfs"):
         assert set(results[run]) == {"A", "B"} and all(finite(v) and v > 0 for v in results[run].values())
     assert finite(results["b_alone"]["B"]) and finite(results["a_alone"]["A"])
+
+
+def test_prefix_reports_both_sides_of_placement(bench_run: tuple[Path, Any]) -> None:
+    results = load(bench_run[0], "prefix")["results"]
+    for side in ("affinity_on", "affinity_off"):
+        run = results[side]
+        assert run["jobs"] > 0 and run["prompt_tokens"] > 0 and finite(run["wall_s"]) and run["wall_s"] > 0
+        assert 0 <= run["cached_tokens"] <= run["prompt_tokens"] and 0 <= run["cached_share"] <= 1
+        assert sum(run["jobs_per_worker"].values()) == run["jobs"], "every job names the worker that ran it"
+        assert set(run["prefixes_per_worker"]) == set(run["jobs_per_worker"]) == set(run["idle_before_end_s"])
+        assert run["spread"] >= 1 and finite(run["completion_tokens_per_s"]) and finite(run["prompt_tokens_per_s"])
+        assert run["ttft_after_start_ms"]["n"] == run["jobs"]
+    # The batch shares 16 instructions: with placement on, the servers serve some of each from cache.
+    assert results["affinity_on"]["cached_tokens"] > 0

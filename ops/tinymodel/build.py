@@ -12,25 +12,25 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .architecture import LAYERS
+from .architecture import TINY, Shape
 from .gguf_file import write_gguf
 from .hf_folder import write_hf_folder
-from .stamp import GGUF_NAME, MLX_DIRNAME, STAMP_NAME, is_current, write_stamp
+from .stamp import gguf_name, is_current, mlx_dirname, stamp_name, write_stamp
 from .tokenizer import train_tokenizer
 from .weights import make_weights, suppressed_ids
 
 
-def build(out_dir: Path, seed: int = 0, force: bool = False, layers: int = LAYERS) -> tuple[Path, Path]:
-    """Build (or reuse) the tiny model under ``out_dir`` and return ``(mlx_folder, gguf_path)``.
-    ``layers`` sets its size (weights grow about 150 KB per layer), for models of several sizes.
+def build(out_dir: Path, seed: int = 0, force: bool = False, shape: Shape = TINY) -> tuple[Path, Path]:
+    """Build (or reuse) the model of ``shape`` (the tiny one unless told) under ``out_dir`` and return
+    ``(mlx_folder, gguf_path)``.
 
     Idempotent: an existing build with a matching stamp is kept unless ``force``. A new build is written
     into a scratch folder next to the targets and moved into place, so a crash never leaves a half
     model that a stamp claims is whole.
     """
     out_dir = Path(out_dir)
-    mlx_dir, gguf_path = out_dir / MLX_DIRNAME, out_dir / GGUF_NAME
-    if not force and is_current(out_dir, seed, layers):
+    mlx_dir, gguf_path = out_dir / mlx_dirname(shape), out_dir / gguf_name(shape)
+    if not force and is_current(out_dir, seed, shape):
         return mlx_dir, gguf_path
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -38,25 +38,25 @@ def build(out_dir: Path, seed: int = 0, force: bool = False, layers: int = LAYER
     try:
         tok = train_tokenizer()
         vocab_size = tok.get_vocab_size()
-        weights = make_weights(seed, vocab_size, suppressed_ids(tok), layers)
+        weights = make_weights(seed, vocab_size, suppressed_ids(tok), shape)
 
-        new_mlx = scratch / MLX_DIRNAME
+        new_mlx = scratch / mlx_dirname(shape)
         new_mlx.mkdir()
-        write_hf_folder(new_mlx, weights, tok)
-        new_gguf = scratch / GGUF_NAME
-        write_gguf(new_gguf, weights, tok)
+        write_hf_folder(new_mlx, weights, tok, shape)
+        new_gguf = scratch / gguf_name(shape)
+        write_gguf(new_gguf, weights, tok, shape)
         # safetensors writes its file 0600 (via a temp file) and mkdtemp is 0700: make the model
         # readable by the worker processes whatever user they run as.
         for f in [*new_mlx.iterdir(), new_gguf]:
             f.chmod(0o644)
         new_mlx.chmod(0o755)
 
-        (out_dir / STAMP_NAME).unlink(missing_ok=True)
+        (out_dir / stamp_name(shape)).unlink(missing_ok=True)
         if mlx_dir.exists():
             shutil.rmtree(mlx_dir)
         new_mlx.rename(mlx_dir)
         os.replace(new_gguf, gguf_path)
-        write_stamp(out_dir, seed, vocab_size, layers)
+        write_stamp(out_dir, seed, vocab_size, shape)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return mlx_dir, gguf_path

@@ -13,21 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .architecture import (
-    BOS,
-    CHAT_TEMPLATE,
-    EOS,
-    HEADS,
-    HIDDEN,
-    INTERMEDIATE,
-    KV_HEADS,
-    MAX_POSITIONS,
-    PAD,
-    RMS_EPS,
-    ROPE_THETA,
-    SPECIAL_TOKENS,
-    UNK,
-)
+from .architecture import BOS, CHAT_TEMPLATE, EOS, PAD, RMS_EPS, ROPE_THETA, SPECIAL_TOKENS, TINY, UNK, Shape
 
 
 def permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -52,28 +38,23 @@ _GGUF_NAMES = {
 }
 
 
-def layer_count(weights: dict[str, np.ndarray]) -> int:
-    """How many blocks the weights hold (LAYERS unless built with another size)."""
-    return len({name.split(".")[2] for name in weights if name.startswith("model.layers.")})
-
-
-def gguf_tensors(weights: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
+def gguf_tensors(weights: dict[str, np.ndarray], shape: Shape = TINY) -> list[tuple[str, np.ndarray]]:
     """Map HF tensor names to llama.cpp's, permuting Q and K, in a fixed order."""
     out: list[tuple[str, np.ndarray]] = [("token_embd.weight", weights["model.embed_tokens.weight"])]
-    for i in range(layer_count(weights)):
+    for i in range(shape.layers):
         for hf, gg in _GGUF_NAMES.items():
             t = weights[f"model.layers.{i}.{hf}"]
             if hf == "self_attn.q_proj.weight":
-                t = permute_rope(t, HEADS)
+                t = permute_rope(t, shape.heads)
             elif hf == "self_attn.k_proj.weight":
-                t = permute_rope(t, KV_HEADS)
+                t = permute_rope(t, shape.kv_heads)
             out.append((f"blk.{i}.{gg}", np.ascontiguousarray(t)))
     out.append(("output_norm.weight", weights["model.norm.weight"]))
     out.append(("output.weight", weights["lm_head.weight"]))
     return out
 
 
-def write_gguf(path: Path, weights: dict[str, np.ndarray], tok: Any) -> None:
+def write_gguf(path: Path, weights: dict[str, np.ndarray], tok: Any, shape: Shape = TINY) -> None:
     """Write the GGUF: llama hyper-parameters, a gpt2-style BPE vocabulary, and all tensors in F32."""
     import gguf
 
@@ -88,14 +69,14 @@ def write_gguf(path: Path, weights: dict[str, np.ndarray], tok: Any) -> None:
     token_types = [int(gguf.TokenType.CONTROL) if t in special else int(gguf.TokenType.NORMAL) for t in tokens]
 
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name("genq tiny llama")
-    w.add_context_length(MAX_POSITIONS)
-    w.add_embedding_length(HIDDEN)
-    w.add_block_count(layer_count(weights))
-    w.add_feed_forward_length(INTERMEDIATE)
-    w.add_head_count(HEADS)
-    w.add_head_count_kv(KV_HEADS)
-    w.add_rope_dimension_count(HIDDEN // HEADS)
+    w.add_name(f"genq {shape.name} llama")
+    w.add_context_length(shape.max_positions)
+    w.add_embedding_length(shape.hidden)
+    w.add_block_count(shape.layers)
+    w.add_feed_forward_length(shape.intermediate)
+    w.add_head_count(shape.heads)
+    w.add_head_count_kv(shape.kv_heads)
+    w.add_rope_dimension_count(shape.head_dim)
     w.add_rope_freq_base(ROPE_THETA)
     w.add_layer_norm_rms_eps(RMS_EPS)
     w.add_vocab_size(len(tokens))
@@ -114,7 +95,7 @@ def write_gguf(path: Path, weights: dict[str, np.ndarray], tok: Any) -> None:
     w.add_add_eos_token(False)
     w.add_chat_template(CHAT_TEMPLATE)
 
-    for name, t in gguf_tensors(weights):
+    for name, t in gguf_tensors(weights, shape):
         w.add_tensor(name, t)
     w.write_header_to_file()
     w.write_kv_data_to_file()

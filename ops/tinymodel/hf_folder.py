@@ -11,19 +11,18 @@ from typing import Any
 
 import numpy as np
 
-from .architecture import BOS, EOS, PAD, model_config
+from .architecture import BOS, EOS, PAD, TINY, Shape, model_config
 from .files import write_json
 from .tokenizer import write_tokenizer_files
 
 
-def write_hf_folder(folder: Path, weights: dict[str, np.ndarray], tok: Any) -> None:
+def write_hf_folder(folder: Path, weights: dict[str, np.ndarray], tok: Any, shape: Shape = TINY) -> None:
     """Fill the (existing, empty) ``folder`` with config.json, generation_config.json, the safetensors
     weights and the tokenizer files."""
     from safetensors.numpy import save_file
 
     vocab_size = tok.get_vocab_size()
-    layers = len({name.split(".")[2] for name in weights if name.startswith("model.layers.")})
-    write_json(folder / "config.json", model_config(vocab_size, tok, layers))
+    write_json(folder / "config.json", model_config(vocab_size, tok, shape))
     write_json(
         folder / "generation_config.json",
         {
@@ -35,4 +34,4 @@ def write_hf_folder(folder: Path, weights: dict[str, np.ndarray], tok: Any) -> N
     )
     # "format": "pt" is what transformers expects in the header; mlx ignores it.
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    write_tokenizer_files(tok, folder)
+    write_tokenizer_files(tok, folder, shape.max_positions)

@@ -8,59 +8,74 @@ rather than silently served.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .architecture import LAYERS
+from .architecture import TINY, Shape
 from .files import sha256, write_json
 
 # Bump when anything that changes the output bytes changes: the stamp then no longer matches and the
 # next build rewrites the model instead of silently keeping a stale one.
 SCRIPT_VERSION = 1
 
-MLX_DIRNAME = "tiny-llama"
-GGUF_NAME = "tiny-llama.gguf"
-STAMP_NAME = "genq-tiny.json"
+
+def mlx_dirname(shape: Shape = TINY) -> str:
+    """The transformers / mlx-lm folder of a shape: `tiny-llama`, `small-llama`."""
+    return f"{shape.name}-llama"
 
 
-def expected_stamp(seed: int, layers: int = LAYERS) -> dict[str, Any]:
-    """The stamp fields that must match for a previous build to be reused. `layers` is recorded only
-    when it is not the default, so stamps written before it existed still match."""
+def gguf_name(shape: Shape = TINY) -> str:
+    return f"{mlx_dirname(shape)}.gguf"
+
+
+def stamp_name(shape: Shape = TINY) -> str:
+    return f"genq-{shape.name}.json"
+
+
+MLX_DIRNAME = mlx_dirname(TINY)
+GGUF_NAME = gguf_name(TINY)
+STAMP_NAME = stamp_name(TINY)
+
+
+def expected_stamp(seed: int, shape: Shape = TINY) -> dict[str, Any]:
+    """The stamp fields that must match for a previous build to be reused. Another shape's stamp
+    records its dimensions too, so editing that shape rebuilds it; the tiny stamp stays as it was."""
     fields: dict[str, Any] = {"seed": seed, "script_version": SCRIPT_VERSION}
-    return fields | ({"layers": layers} if layers != LAYERS else {})
+    if shape != TINY:
+        fields["shape"] = asdict(shape)
+    return fields
 
 
-def _stamped_files(out_dir: Path) -> dict[str, Path]:
+def _stamped_files(out_dir: Path, shape: Shape) -> dict[str, Path]:
     """The files whose digests the stamp records, by their key in it."""
-    mlx_dir = out_dir / MLX_DIRNAME
+    mlx_dir = out_dir / mlx_dirname(shape)
     return {
         "model.safetensors": mlx_dir / "model.safetensors",
         "tokenizer.json": mlx_dir / "tokenizer.json",
-        GGUF_NAME: out_dir / GGUF_NAME,
+        gguf_name(shape): out_dir / gguf_name(shape),
     }
 
 
-def is_current(out_dir: Path, seed: int, layers: int = LAYERS) -> bool:
-    """True when a previous build with the same seed, size and script version is complete and untouched."""
+def is_current(out_dir: Path, seed: int, shape: Shape = TINY) -> bool:
+    """True when a previous build with the same seed, shape and script version is complete and untouched."""
     try:
-        stamp = json.loads((out_dir / STAMP_NAME).read_text(encoding="utf-8"))
+        stamp = json.loads((out_dir / stamp_name(shape)).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    if any(stamp.get(k) != v for k, v in expected_stamp(seed, layers).items()):
-        return False
-    if layers == LAYERS and "layers" in stamp:  # a build of another size
+    if any(stamp.get(k) != v for k, v in expected_stamp(seed, shape).items()):
         return False
     digests: dict[str, str] = stamp.get("sha256", {})
-    for key, path in _stamped_files(out_dir).items():
+    for key, path in _stamped_files(out_dir, shape).items():
         if not path.is_file() or digests.get(key) != sha256(path):
             return False
-    return (out_dir / MLX_DIRNAME / "config.json").is_file()
+    return (out_dir / mlx_dirname(shape) / "config.json").is_file()
 
 
-def write_stamp(out_dir: Path, seed: int, vocab_size: int, layers: int = LAYERS) -> None:
+def write_stamp(out_dir: Path, seed: int, vocab_size: int, shape: Shape = TINY) -> None:
     """Record the finished build; written last, so a stamp never vouches for a half-written model."""
-    stamp = expected_stamp(seed, layers) | {
+    stamp = expected_stamp(seed, shape) | {
         "vocab_size": vocab_size,
-        "sha256": {key: sha256(path) for key, path in _stamped_files(out_dir).items()},
+        "sha256": {key: sha256(path) for key, path in _stamped_files(out_dir, shape).items()},
     }
-    write_json(out_dir / STAMP_NAME, stamp)
+    write_json(out_dir / stamp_name(shape), stamp)

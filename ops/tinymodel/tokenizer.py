@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .architecture import BOS, CHAT_TEMPLATE, EOS, MAX_POSITIONS, PAD, SPECIAL_TOKENS, UNK
+from .architecture import BOS, CHAT_TEMPLATE, EOS, PAD, SPECIAL_TOKENS, TINY, UNK
 from .corpus import corpus_lines
 from .files import write_json
 
@@ -50,7 +50,7 @@ def train_tokenizer() -> Any:
     return tok
 
 
-def write_tokenizer_files(tok: Any, folder: Path) -> None:
+def write_tokenizer_files(tok: Any, folder: Path, max_positions: int = TINY.max_positions) -> None:
     """Write tokenizer.json and the transformers side files so ``AutoTokenizer`` loads the folder."""
     tok.save(str(folder / "tokenizer.json"))
     config = {
@@ -62,7 +62,7 @@ def write_tokenizer_files(tok: Any, folder: Path) -> None:
         "add_bos_token": True,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
-        "model_max_length": MAX_POSITIONS,
+        "model_max_length": max_positions,
         "chat_template": CHAT_TEMPLATE,
     }
     write_json(folder / "tokenizer_config.json", config)

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from .architecture import HEADS, HIDDEN, INTERMEDIATE, KV_HEADS, LAYERS, SPECIAL_TOKENS
+from .architecture import SPECIAL_TOKENS, TINY, Shape
 
 
 def suppressed_ids(tok: Any) -> list[int]:
@@ -31,35 +31,34 @@ def suppressed_ids(tok: Any) -> list[int]:
     return sorted(ids)
 
 
-def make_weights(seed: int, vocab_size: int, suppressed: list[int], layers: int = LAYERS) -> dict[str, np.ndarray]:
+def make_weights(seed: int, vocab_size: int, suppressed: list[int], shape: Shape = TINY) -> dict[str, np.ndarray]:
     """Random float32 llama weights in Hugging Face layout, drawn in a fixed order from ``seed``.
 
     Scales are 1/sqrt(fan_in) for projections so every layer moves the residual stream (a model that
     only echoes the embedding would loop on one token), and a wider output head so the top logits are
     far apart: greedy decoding then does not hinge on float rounding, and mlx and llama.cpp agree.
-    `layers` sets the size (about 150 KB of weights per layer): models of several sizes, for workers
-    that hold several models within a memory budget.
     """
     rng = np.random.default_rng(seed)
-    head_dim = HIDDEN // HEADS
+    hidden, heads, kv_heads, intermediate = shape.hidden, shape.heads, shape.kv_heads, shape.intermediate
+    head_dim = shape.head_dim
 
-    def normal(shape: tuple[int, ...], std: float) -> np.ndarray:
-        return (rng.standard_normal(shape, dtype=np.float64) * std).astype(np.float32)
+    def normal(dims: tuple[int, ...], std: float) -> np.ndarray:
+        return (rng.standard_normal(dims, dtype=np.float64) * std).astype(np.float32)
 
-    w: dict[str, np.ndarray] = {"model.embed_tokens.weight": normal((vocab_size, HIDDEN), 1.0)}
-    for i in range(layers):
+    w: dict[str, np.ndarray] = {"model.embed_tokens.weight": normal((vocab_size, hidden), 1.0)}
+    for i in range(shape.layers):
         p = f"model.layers.{i}."
-        w[p + "input_layernorm.weight"] = np.ones(HIDDEN, dtype=np.float32)
-        w[p + "self_attn.q_proj.weight"] = normal((HEADS * head_dim, HIDDEN), HIDDEN**-0.5)
-        w[p + "self_attn.k_proj.weight"] = normal((KV_HEADS * head_dim, HIDDEN), HIDDEN**-0.5)
-        w[p + "self_attn.v_proj.weight"] = normal((KV_HEADS * head_dim, HIDDEN), HIDDEN**-0.5)
-        w[p + "self_attn.o_proj.weight"] = normal((HIDDEN, HEADS * head_dim), HIDDEN**-0.5)
-        w[p + "post_attention_layernorm.weight"] = np.ones(HIDDEN, dtype=np.float32)
-        w[p + "mlp.gate_proj.weight"] = normal((INTERMEDIATE, HIDDEN), HIDDEN**-0.5)
-        w[p + "mlp.up_proj.weight"] = normal((INTERMEDIATE, HIDDEN), HIDDEN**-0.5)
-        w[p + "mlp.down_proj.weight"] = normal((HIDDEN, INTERMEDIATE), INTERMEDIATE**-0.5)
-    w["model.norm.weight"] = np.ones(HIDDEN, dtype=np.float32)
-    lm_head = normal((vocab_size, HIDDEN), 0.25)
+        w[p + "input_layernorm.weight"] = np.ones(hidden, dtype=np.float32)
+        w[p + "self_attn.q_proj.weight"] = normal((heads * head_dim, hidden), hidden**-0.5)
+        w[p + "self_attn.k_proj.weight"] = normal((kv_heads * head_dim, hidden), hidden**-0.5)
+        w[p + "self_attn.v_proj.weight"] = normal((kv_heads * head_dim, hidden), hidden**-0.5)
+        w[p + "self_attn.o_proj.weight"] = normal((hidden, heads * head_dim), hidden**-0.5)
+        w[p + "post_attention_layernorm.weight"] = np.ones(hidden, dtype=np.float32)
+        w[p + "mlp.gate_proj.weight"] = normal((intermediate, hidden), hidden**-0.5)
+        w[p + "mlp.up_proj.weight"] = normal((intermediate, hidden), hidden**-0.5)
+        w[p + "mlp.down_proj.weight"] = normal((hidden, intermediate), intermediate**-0.5)
+    w["model.norm.weight"] = np.ones(hidden, dtype=np.float32)
+    lm_head = normal((vocab_size, hidden), 0.25)
     lm_head[suppressed] = 0.0
     w["lm_head.weight"] = lm_head
     return w
