@@ -26,6 +26,8 @@ from workers.circuit import CircuitBreaker
 
 NAME = "lifecycle"
 MAX_TOKENS = 8
+# A worker is a server plus genq: it may take this much longer than the bare server (p50 to p50).
+BEYOND_BARE_S = 0.3
 
 
 def run(options: Options) -> Report:
@@ -91,7 +93,20 @@ def run(options: Options) -> Report:
         ["genq's own processes", "its mlx_lm.server", "bare mlx_lm.server", "genq processes"],
         [[num(mem["genq_mb"]), num(mem["servers_mb"]), num(mem["bare_server_mb"]), str(mem["genq_processes"])]],
     )
-    report.target("worker start to ready", "< 3 s", g["ready_s"]["max_ms"] / 1000, "s", lambda v: v < 3)
+    report.target(
+        "worker start to ready, beyond the bare server's",
+        f"<= {BEYOND_BARE_S} s",
+        (g["ready_s"]["p50_ms"] - bare_ready["p50_ms"]) / 1000,
+        "s",
+        lambda v: v <= BEYOND_BARE_S,
+    )
+    report.target(
+        "server crash to the next result, beyond a bare cold start",
+        f"<= {BEYOND_BARE_S} s",
+        (r["crash"]["serving_again_s"]["p50_ms"] - bare_first["p50_ms"]) / 1000,
+        "s",
+        lambda v: v <= BEYOND_BARE_S,
+    )
     report.target("worker start to first result", "< 5 s", g["first_result_s"]["max_ms"] / 1000, "s", lambda v: v < 5)
     report.target("later requests", "< 2 s", r["later"]["genq"]["max_ms"] / 1000, "s", lambda v: v < 2)
     report.target("genq memory beside the server", "< 500 MB", mem["genq_mb"], "MB", lambda v: v < 500)

@@ -17,7 +17,7 @@ from typing import Any
 from bench.report import Options, Table, machine, machine_line, num, targets_table
 
 # In the order `all` runs them: cheap and self-contained first.
-BENCHMARKS = ("throughput", "overhead", "failover", "lifecycle", "scale", "fairshare", "prefix")
+BENCHMARKS = ("throughput", "overhead", "failover", "lifecycle", "scale", "idle", "capacity", "fairshare", "prefix")
 
 
 def run_one(name: str, options: Options) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-BENCHMARKS = ("throughput", "overhead", "failover", "lifecycle", "scale", "fairshare", "prefix")
+BENCHMARKS = ("throughput", "overhead", "failover", "lifecycle", "scale", "idle", "capacity", "fairshare", "prefix")
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +91,11 @@ def test_overhead_has_genq_and_plain_dramatiq_idle_and_busy(bench_run: tuple[Pat
     results = load(bench_run[0], "overhead")["results"]
     for mode in ("idle", "busy"):
         genq = results["genq"][mode]
-        for part in ("overhead", "e2e", "backend_call", "direct", "queue_wait"):
+        for part in ("overhead", "e2e", "backend_call", "direct", "queue_wait", "gateway", "gateway_overhead"):
             assert genq[part]["n"] > 0 and finite(genq[part]["p50_ms"]), (mode, part)
         # What genq adds is what is left of its latency once the backend call is taken out.
         assert genq["overhead"]["p50_ms"] < genq["e2e"]["p50_ms"]
+        assert genq["gateway"]["n"] == genq["e2e"]["n"] == genq["direct"]["n"], mode
         assert results["dramatiq"][mode]["e2e"]["n"] > 0
     assert results["genq"]["background_jobs_done"] > 0 and results["dramatiq"]["background_jobs_done"] > 0
 
@@ -113,6 +114,8 @@ def test_lifecycle_times_starts_crashes_and_memory(bench_run: tuple[Path, Any]) 
     results = load(bench_run[0], "lifecycle")["results"]
     assert results["genq"][0]["first_result_s"] > 0 and results["bare"][0]["first_completion_s"] > 0
     assert results["crash"]["serving_again_s"]["n"] >= 1
+    names = {t["name"] for t in load(bench_run[0], "lifecycle")["targets"]}
+    assert "worker start to ready, beyond the bare server's" in names
     assert results["memory"]["genq_mb"] > 0 and results["memory"]["servers_mb"] > 0
 
 
@@ -145,3 +148,32 @@ def test_prefix_reports_both_sides_of_placement(bench_run: tuple[Path, Any]) -> 
         assert run["ttft_after_start_ms"]["n"] == run["jobs"]
     # The batch shares 16 instructions: with placement on, the servers serve some of each from cache.
     assert results["affinity_on"]["cached_tokens"] > 0
+
+
+def test_idle_reports_cpu_and_commands_by_process(bench_run: tuple[Path, Any]) -> None:
+    results = load(bench_run[0], "idle")["results"]
+    assert set(results["cpu_ms_per_s"]) == {"supervisor", "worker process", "server", "redis-server"}
+    assert all(finite(v) and v >= 0 for v in results["cpu_ms_per_s"].values())
+    # An idle worker still vouches and reads its queues: MONITOR names who sent what.
+    assert results["redis_commands_per_s"] > 0
+    assert set(results["commands_per_s_by_process"]) <= {"supervisor", "worker process"}
+    assert any("XREADGROUP" in c for c in results["commands_per_s_by_process"].get("worker process", {}))
+
+
+def test_capacity_compares_three_paths_with_cpu_by_process(bench_run: tuple[Path, Any]) -> None:
+    data = load(bench_run[0], "capacity")
+    blocks, summary = data["results"]["blocks"], data["results"]["summary"]
+    rounds = data["params"]["rounds"]
+    assert len(blocks) == rounds * 2 * 3
+    for size in ("4", "64"):
+        for path in ("direct", "client", "gateway"):
+            entry = summary[size][path]
+            assert entry["jobs_per_s"] > 0 and entry["tokens_per_job"] > 0, (size, path)
+            assert set(entry["cpu_ms_per_job"]) == {"caller", "gateway", "genq worker", "redis-server", "llama-server"}
+        # A direct call never touches genq; the other paths do.
+        assert summary[size]["direct"]["genq_cpu_ms_per_job"] is None
+        assert summary[size]["client"]["genq_cpu_ms_per_job"] >= 0
+        if rounds == 1:  # one round: the ratio is that round's own
+            for path in ("client", "gateway"):
+                expected = summary[size][path]["jobs_per_s"] / summary[size]["direct"]["jobs_per_s"]
+                assert summary[size][path]["ratio"] == pytest.approx(expected)
