@@ -54,6 +54,7 @@ from jobcontract.waiting import (
     TokenRead,
     cancel_step,
     redis_instant,
+    token_event,
 )
 
 
@@ -220,12 +221,18 @@ class JobStore:
         return ride_out(lambda: run(self.client, start), self.outage_patience_s)
 
     def publish_token(self, job_id: str, index: int, text: str) -> None:
+        self.publish_tokens(job_id, index, [text])
+
+    def publish_tokens(self, job_id: str, first: int, texts: list[str]) -> None:
+        """Tokens `first`, `first + 1`, ... in one event (`token` for one, `tokens` for several: see
+        jobcontract.waiting.TokenRead), so a worker grouping fast tokens sends one XADD for them."""
         key = self.keys.events(job_id)
+        event = token_event(first, texts)
 
         def publish() -> None:
             pipe = self.client.pipeline(transaction=False)
-            pipe.xadd(key, {"type": "token", "i": index, "t": text})
-            if index == 0:
+            pipe.xadd(key, event)
+            if first == 0:
                 pipe.expire(key, self.result_ttl_s)
             pipe.execute()
 

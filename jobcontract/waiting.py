@@ -8,6 +8,7 @@ cancel does to a job in a given state are decided here, once, so the two stores 
 from __future__ import annotations
 
 import enum
+import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -88,7 +89,9 @@ class TokenRead:
 
     A job retried after a failed attempt (here or on another backend) publishes its tokens again
     from index 0: an index already handed out is dropped, so every reader (Client.stream,
-    AsyncClient.stream, the gateway's SSE) yields each index once, the first attempt's text for it."""
+    AsyncClient.stream, the gateway's SSE) yields each index once, the first attempt's text for it.
+    An event holds one token (`token`: i, t) or several in a row (`tokens`: i of the first, ts a
+    JSON list): a worker groups tokens that come faster than Redis needs them (workers.token_batch)."""
 
     def __init__(self, keys: Keys, job_id: str, timeout_s: float | None) -> None:
         self.job_id = job_id
@@ -112,12 +115,21 @@ class TokenRead:
                 if fields.get(b"type") == b"done":
                     self.done = True
                     return fresh
-                index = int(fields[b"i"])
-                if index < self.next_index:
-                    continue  # a retried attempt replaying what an earlier one already streamed
-                self.next_index = index + 1
-                fresh.append(TokenEvent(job_id=self.job_id, index=index, text=text(fields[b"t"])))
+                first = int(fields[b"i"])
+                texts = json.loads(fields[b"ts"]) if b"ts" in fields else [text(fields[b"t"])]
+                for index, piece in enumerate(texts, start=first):
+                    if index < self.next_index:
+                        continue  # a retried attempt replaying what an earlier one already streamed
+                    self.next_index = index + 1
+                    fresh.append(TokenEvent(job_id=self.job_id, index=index, text=piece))
         return fresh
+
+
+def token_event(first: int, texts: list[str]) -> dict[Any, Any]:
+    """The event fields of tokens `first`, `first + 1`, ... (read back by TokenRead.take)."""
+    if len(texts) == 1:
+        return {"type": "token", "i": first, "t": texts[0]}
+    return {"type": "tokens", "i": first, "ts": json.dumps(texts, ensure_ascii=False)}
 
 
 @dataclass(frozen=True)

@@ -4,15 +4,16 @@ A failed attempt raises AttemptFailed carrying what happened; what to do next (r
 reroute to the next backend, give up) is the rerouting middleware's decision, not this code's.
 
 Two kinds of job (docs/metrics-and-ops.md): a job someone streams gets a streamed completion, its
-tokens published as they come, its first token and inter-token gaps timed. A job nobody streams
-gets one plain completion (a third of the worker CPU): bounded by first-token timeout + token
-timeout x max_tokens capped by the deadline, watched through the server's liveness probe (a server
-silent longer than the larger timeout fails the attempt), cancelled by closing the request; its
-result has no first token time (none is faked) and it feeds no first-token or inter-token metric.
+tokens published as they come (grouped within 5 ms: workers.token_batch), first token and gaps
+timed. A job nobody streams gets one plain completion (a third of the worker CPU), bounded by
+first-token timeout + token timeout x max_tokens capped by the deadline, watched through the
+server's probe (silent longer than the larger timeout fails the attempt), cancelled by closing the
+request; it has no first token time (none is faked) and feeds no first-token or inter-token metric.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -41,6 +42,7 @@ from workers.cancellation import CancelWatch
 from workers.metrics import WorkerMetrics, tenant_label
 from workers.servers.supervisor import JobServer
 from workers.solo import POLL_S, GateClosed, SoloGate
+from workers.token_batch import TokenBatch
 
 log = logging.getLogger(__name__)
 
@@ -203,26 +205,23 @@ class JobRunner:
         cancelled: threading.Event,
         fail: Callable[[AttemptOutcome, str, bool], AttemptFailed],
     ) -> None:
-        started_at = utc_from_micros(ticket.started_us)
-        server_before = self.server.pid
-        timeouts = Timeouts(
-            first_token_s=self.route.first_token_timeout_s,
-            between_tokens_s=self.route.token_timeout_s,
-            deadline=deadline,
-        )
-        publish = (lambda i, text: self.store.publish_token(job_id, i, text)) if request.stream else None
+        started_at, server_before = utc_from_micros(ticket.started_us), self.server.pid
+        route = self.route
+        timeouts = Timeouts(route.first_token_timeout_s, between_tokens_s=route.token_timeout_s, deadline=deadline)
+        tokens = TokenBatch(lambda i, texts: self.store.publish_tokens(job_id, i, texts)) if request.stream else None
         try:
-            completion = complete(
-                self.http,
-                self.server.base_url,
-                request,
-                self.server.spec,
-                timeouts,
-                on_text=publish,
-                cancelled=cancelled,
-                plain=not request.stream,
-                stalled=lambda: self.server.silent_s() > max(timeouts.first_token_s, timeouts.between_tokens_s),
-            )
+            with tokens or contextlib.nullcontext():
+                completion = complete(
+                    self.http,
+                    self.server.base_url,
+                    request,
+                    self.server.spec,
+                    timeouts,
+                    on_text=tokens.add if tokens else None,
+                    cancelled=cancelled,
+                    plain=not request.stream,
+                    stalled=lambda: self.server.silent_s() > max(timeouts.first_token_s, timeouts.between_tokens_s),
+                )
         except BackendError as error:
             outcome = error.outcome
             if outcome is AttemptOutcome.CONNECTION_ERROR and self.server.died_since(server_before):
