@@ -51,8 +51,10 @@ from jobcontract.waiting import (
     CancelStep,
     JobEnd,
     ResultWait,
+    StoredResult,
     TokenRead,
     cancel_step,
+    parse_result,
     redis_instant,
     token_event,
 )
@@ -131,24 +133,36 @@ class JobStore:
         return Admission(self.keys, self.max_queued, self.result_ttl_s, default_timeout_s)
 
     def result(self, job_id: str) -> GenerationResult | None:
-        raw = self.client.hget(self.keys.job(job_id), "result")
-        return None if raw is None else GenerationResult.model_validate_json(raw)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hmget(self.keys.job(job_id), *StoredResult.FIELDS)
+        pipe.xrevrange(self.keys.events(job_id), count=1)
+        fields, last = pipe.execute()
+        return parse_result(self._find(job_id, StoredResult(fields), last))
+
+    def _find(self, job_id: str, stored: StoredResult, last: list[Any]) -> bytes | None:
+        at = stored.missing(last)
+        return stored.find(self.client.xrange(self.keys.events(job_id), at, at) if at else last)
 
     def ends(self, job_ids: Sequence[str], *, mark: str) -> list[JobEnd]:
-        """Each job's state and result in one round trip, with whether the caller's own `mark` field
-        is set on its record (a batch marks a job whose line it wrote)."""
+        """Each job's state and result in one round trip (two for a result behind a stray token), with
+        whether the caller's own `mark` field is set on its record (a batch marks a job whose line it wrote)."""
         pipe = self.client.pipeline(transaction=False)
         for job_id in job_ids:
-            pipe.hmget(self.keys.job(job_id), "state", "result", mark)
-        return [
-            JobEnd(
-                job_id=job_id,
-                state=None if state is None else JobState(_text(state)),
-                result=None if raw is None else GenerationResult.model_validate_json(raw),
-                marked=marked is not None,
+            pipe.hmget(self.keys.job(job_id), "state", mark, *StoredResult.FIELDS)
+            pipe.xrevrange(self.keys.events(job_id), count=1)
+        replies = pipe.execute()
+        ends = []
+        for n, job_id in enumerate(job_ids):
+            (state, marked, *fields), last = replies[2 * n], replies[2 * n + 1]
+            ends.append(
+                JobEnd(
+                    job_id=job_id,
+                    state=None if state is None else JobState(_text(state)),
+                    result=parse_result(self._find(job_id, StoredResult(fields), last)),
+                    marked=marked is not None,
+                )
             )
-            for job_id, (state, raw, marked) in zip(job_ids, pipe.execute(), strict=True)
-        ]
+        return ends
 
     def wait(self, job_id: str, timeout_s: float | None) -> GenerationResult:
         """Block until the job has a terminal result; TimeoutError if it takes longer than timeout_s."""

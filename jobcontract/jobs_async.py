@@ -40,8 +40,10 @@ from jobcontract.waiting import (
     TOKENS_PER_READ,
     CancelStep,
     ResultWait,
+    StoredResult,
     TokenRead,
     cancel_step,
+    parse_result,
     redis_instant,
 )
 
@@ -101,8 +103,13 @@ class AsyncJobStore:
         return submit.parse(admitted(await pipe.execute(raise_on_error=True), durability, self.client))
 
     async def result(self, job_id: str) -> GenerationResult | None:
-        raw = await self.client.hget(self.keys.job(job_id), "result")
-        return None if raw is None else GenerationResult.model_validate_json(raw)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hmget(self.keys.job(job_id), *StoredResult.FIELDS)
+        pipe.xrevrange(self.keys.events(job_id), count=1)
+        fields, last = await pipe.execute()
+        stored = StoredResult(fields)
+        at = stored.missing(last)
+        return parse_result(stored.find(await self.client.xrange(self.keys.events(job_id), at, at) if at else last))
 
     async def wait(self, job_id: str, timeout_s: float | None) -> GenerationResult:
         return (await self.wait_many([job_id], timeout_s))[job_id]

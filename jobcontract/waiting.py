@@ -84,6 +84,41 @@ class ResultWait:
         return None if raw is None else GenerationResult.model_validate_json(raw)
 
 
+class StoredResult:
+    """Where a finished job's result is stored. finish.lua keeps it once, in the job's `done` event,
+    and names that event in the record (`result_at`); fail_job.lua (and records from before) keep it
+    in the record's `result` field. A reader fetches the record's two fields and the event stream's
+    last entry in one round trip (`FIELDS`, then `find`): the done event is its last entry but for a
+    token a stray attempt published after it, when `find` asks for the event by its id (`missing`)."""
+
+    FIELDS = ("result", "result_at")
+
+    def __init__(self, fields: list[Any]) -> None:
+        self.inline, at = fields
+        self.at = None if at is None else text(at)
+
+    def find(self, entries: Any) -> bytes | None:
+        """The result's JSON, given the event stream's last entry (XREVRANGE COUNT 1) or the entry
+        fetched by `missing`; None when there is none (not finished, expired, or replayed since)."""
+        if self.inline is not None:
+            return bytes(self.inline)
+        for entry_id, entry in entries:
+            if text(entry_id) == self.at:
+                raw = entry.get(b"result")
+                return None if raw is None else bytes(raw)
+        return None
+
+    def missing(self, entries: Any) -> str | None:
+        """The done event's id when `entries` do not hold it and it must be read by id."""
+        if self.inline is not None or self.at is None:
+            return None
+        return None if any(text(entry_id) == self.at for entry_id, _ in entries) else self.at
+
+
+def parse_result(raw: bytes | None) -> GenerationResult | None:
+    return None if raw is None else GenerationResult.model_validate_json(raw)
+
+
 class TokenRead:
     """One job's tokens from its event stream, from the start, so a late reader misses none.
 
