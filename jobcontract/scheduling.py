@@ -75,6 +75,8 @@ class Placement:
     loaded_elsewhere: bool = False
     busy_here: bool = False  # this worker holds, runs or waits for jobs of other models
     swap_needed: bool = True  # loading the queue's model here would unload another
+    committed_here: bool = False  # not loaded, but this worker holds jobs for it: they wait for its load
+    since_turn_s: float = 0.0  # how long the model has gone without serving a job on this worker
     may_block: bool = True  # False while the model is not loaded here: a blocking read bypasses the plan
     max_swap_wait_s: float = DEFAULT_MAX_SWAP_WAIT_S
     prefix_affinity: bool = True
@@ -82,15 +84,24 @@ class Placement:
 
 
 def plan(queue: str, placement: Placement = Placement()) -> TakePlan:
-    """A worker that has the queue's model loaded takes at once (its own prefix shards first). One
-    that would have to load it takes at once only when it is idle and no other live worker has the
-    model loaded; else only what waited past the swap bound: a worker that has the model could not
-    start it in time, or this worker's own models had their turn (jobs of one model are grouped
-    while they last, within the bound, instead of a swap for every job)."""
-    must_swap = (
-        not placement.loaded_here and placement.swap_needed and (placement.loaded_elsewhere or placement.busy_here)
-    )
-    swap_ms = _ms(placement.max_swap_wait_s) if must_swap else 0
+    """Several models on a worker: jobs of one model are grouped while they last, and a swap happens
+    when it pays, within a bound, so nothing starves (A A A B B C, not A B A C).
+
+    A worker takes at once for a model it has loaded (its own prefix shards first), or one that fits
+    beside what it holds, or any model when it is idle. For a model it would have to swap in, it
+    takes nothing while its own models keep it busy, until that model has gone `max_swap_wait_s`
+    without a turn here (its turn then: the bound is a turn's length, not a job's age, which a
+    backlog makes old at once); and while another live worker has the model loaded, only jobs that
+    waited the bound there (that worker could not start them in time). Once it holds jobs for a
+    model it has not loaded yet, it takes no more until the load: they are enough to start it."""
+    if placement.committed_here and not placement.loaded_here:
+        return TakePlan((), block=False)
+    must_swap = not placement.loaded_here and placement.swap_needed
+    if must_swap and placement.busy_here:
+        if placement.since_turn_s < placement.max_swap_wait_s:
+            return TakePlan((), block=False)  # not its turn yet
+        must_swap = False  # its turn: take at once
+    swap_ms = _ms(placement.max_swap_wait_s) if must_swap and placement.loaded_elsewhere else 0
     if not placement.prefix_affinity:
         return TakePlan((Tier(queue, swap_ms),), block=placement.may_block)
     steal_ms = max(swap_ms, _ms(placement.steal_after_s))

@@ -282,17 +282,20 @@ def planner(
             return plan(queue, base)
         draining = model_set.draining(ref.model)  # being emptied for a swap: take nothing new for it
         loaded = ref.model in model_set.loaded() and not draining
-        holding: dict[str, int] = {}
+        holding: set[str] = set()
         for held_queue, count in held().items():
             held_ref = parse_queue(held_queue)
             if held_ref is not None and count:
-                holding[held_ref.model] = holding.get(held_ref.model, 0) + count
+                holding.add(held_ref.model)
+        others = holding - {ref.model}
         placement = replace(
             base,
-            loaded_here=loaded or (holding.get(ref.model, 0) > 0 and not draining),
+            loaded_here=loaded,
             loaded_elsewhere=ref.model in others_loaded(),
-            busy_here=model_set.busy() or any(m != ref.model for m in holding),
-            swap_needed=not loaded and model_set.would_swap(ref.model),
+            busy_here=model_set.busy() or bool(others),
+            swap_needed=not loaded and model_set.would_swap(ref.model, also=others),
+            committed_here=ref.model in holding or draining,
+            since_turn_s=model_set.since_turn(ref.model),
             may_block=loaded,
         )
         return plan(queue, placement)

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from workers.metrics import ModelMetrics
 from workers.models.plan import Drain, Load, ModelState, TooLarge, Unload, UnloadReason, plan
@@ -127,6 +127,7 @@ class ModelSet:
         self._refused: dict[str, str] = {}
         self._retry_at: dict[str, float] = {}  # a failed load is not tried again before this instant
         self._load_failures: dict[str, int] = {}
+        self._started = time.monotonic()
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -200,13 +201,22 @@ class ModelSet:
         with self._lock:
             return model in self._draining
 
-    def would_swap(self, model: str) -> bool:
-        """Whether loading `model` now would have to unload another (it does not fit beside them)."""
+    def would_swap(self, model: str, also: Iterable[str] = ()) -> bool:
+        """Whether loading `model` now would have to unload another: it does not fit beside the models
+        loaded or loading, and `also` (models the worker has taken jobs for, to be loaded next)."""
         with self._lock:
             if model in self._servers:
                 return False
-            used = sum(self.sizes.size(m) for m in self._servers)
-        return used + self.sizes.size(model) > self.budget_bytes
+            held = set(self._servers) | set(also)
+        held.discard(model)
+        return sum(self.sizes.size(m) for m in held) + self.sizes.size(model) > self.budget_bytes
+
+    def since_turn(self, model: str) -> float:
+        """Seconds since the model last served a job here (or since the worker started): how long
+        it has gone without its turn."""
+        with self._lock:
+            last = max(self._last_used[model], self._started)
+        return time.monotonic() - last
 
     def used_bytes(self) -> int:
         with self._lock:
