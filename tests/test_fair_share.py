@@ -17,7 +17,7 @@ import redis
 from jobcontract import protocol, scripts
 from jobcontract.admission import Admission
 from jobcontract.broker import StreamsBroker
-from jobcontract.keys import CONSUMER_GROUP, Keys, pool_name, queue_name
+from jobcontract.keys import CONSUMER_GROUP, PREFIX_SHARDS, Keys, pool_name, queue_name
 from jobcontract.models import Backend, GenerationRequest, JobState, Lane
 from jobcontract.protocol.entry import QueueEntry
 from jobcontract.protocol.jobs import Submit
@@ -257,3 +257,9 @@ def test_a_partition_deleted_while_listed_does_not_wedge_its_consumer(redis_clie
     submit(redis_client, keys, "gone", 1, prefix="again")
     got = [m for m in (next(consumer) for _ in range(3)) if m is not None]
     assert [m.message_id for m in got] == ["again-0"]
+
+
+def test_the_lua_shard_count_is_the_keys_one() -> None:
+    entry = scripts.source(PACKAGE, "entry.lua")
+    match = re.search(r"local SHARDS = (\d+)", entry)
+    assert match is not None and int(match.group(1)) == PREFIX_SHARDS

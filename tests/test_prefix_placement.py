@@ -10,6 +10,7 @@ import contextlib
 import os
 import re
 import signal
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -23,6 +24,7 @@ import redis
 from genq.local_worker import port_of
 from jobcontract import protocol
 from jobcontract.admission import Admission
+from jobcontract.broker import StreamsBroker
 from jobcontract.keys import CONSUMER_GROUP, Keys, pool_name, queue_name
 from jobcontract.models import Backend, GenerationRequest, JobState, Lane
 from jobcontract.protocol.entry import QueueEntry
@@ -224,3 +226,25 @@ def _kill_worker_named(handle: WorkerHandle, name: str) -> None:
     worker = psutil.Process(server).ppid()
     os.kill(worker, signal.SIGKILL)
     os.kill(server, signal.SIGKILL)
+
+
+def test_a_blocked_consumer_wakes_for_a_prefix_its_tenant_never_used_before(
+    redis_client: redis.Redis, keys: Keys
+) -> None:
+    """Every prefix shard of a tenant is made with its first one, so a consumer blocked on the queue
+    wakes for a job of a new prefix in that block, not a block later (a 1 s latency before)."""
+    broker = StreamsBroker(redis_client, keys, consumer_name="w1")
+    broker.declare_queue(QUEUE)
+    submit(redis_client, keys, [instruction(0) + "first"])
+    consumer = broker.consume(QUEUE, prefetch=4, timeout=10_000)
+    first = next(consumer)
+    assert first is not None
+    consumer.ack(first)
+    later = threading.Timer(0.3, lambda: submit(redis_client, keys, [instruction(99) + "new prefix"]))
+    later.start()
+    try:
+        consumer.timeout_ms = 5_000  # type: ignore[attr-defined]
+        got = next(consumer)  # one take and one blocking read: woken by the new job, not timed out
+    finally:
+        later.cancel()
+    assert got is not None and "new prefix" in got.kwargs["request"]["prompt"]

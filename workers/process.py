@@ -276,6 +276,8 @@ def planner(
         max_swap_wait_s=settings.max_swap_wait_s,
     )
 
+    busy_since: list[float] = []  # when this worker last went from idle to busy (empty: idle)
+
     def for_queue(queue: str) -> TakePlan:
         ref = parse_queue(queue)
         if model_set is None or ref is None:
@@ -288,14 +290,23 @@ def planner(
             if held_ref is not None and count:
                 holding.add(held_ref.model)
         others = holding - {ref.model}
+        busy = model_set.busy() or bool(others)
+        now = time.monotonic()
+        if not busy:
+            busy_since.clear()
+        elif not busy_since:
+            busy_since.append(now)
+        # A model's turn comes once it has gone the bound without one while the worker was busy (a
+        # worker idle for an hour owes no model a turn the moment a mixed batch lands).
+        waited = min(model_set.since_turn(ref.model), now - busy_since[0]) if busy_since else 0.0
         placement = replace(
             base,
             loaded_here=loaded,
             loaded_elsewhere=ref.model in others_loaded(),
-            busy_here=model_set.busy() or bool(others),
+            busy_here=busy,
             swap_needed=not loaded and model_set.would_swap(ref.model, also=others),
             committed_here=ref.model in holding or draining,
-            since_turn_s=model_set.since_turn(ref.model),
+            since_turn_s=waited,
             may_block=loaded,
         )
         return plan(queue, placement)

@@ -8,13 +8,25 @@ local function add_entry(stream, message, redeliveries)
 end
 -- The consumer group every queue stream has: jobcontract.keys.CONSUMER_GROUP (a test checks they agree).
 local GROUP = 'genq'
--- A lane of a queue (jobcontract.keys.Keys.lane: a tenant's, or a tenant's prefix shard) is made with
--- its group before its first entry and its member is added to the queue's partition set, so consumers
--- find it and can read it at once. `member` '' is the queue's own stream: nothing to register.
+-- The prefix shards of a tenant's partitions: jobcontract.keys.PREFIX_SHARDS (a test checks they agree).
+local SHARDS = 32
+local function make_partition(stream, partitions, member)
+  if redis.call('EXISTS', stream) == 0 then redis.call('XGROUP', 'CREATE', stream, GROUP, '0', 'MKSTREAM') end
+  redis.call('SADD', partitions, member)
+end
+-- A partition of a queue (jobcontract.keys.Keys.partition: a tenant's, or a tenant's prefix shard) is
+-- made with its group before its first entry and its member added to the queue's partition set, so
+-- consumers find it and can read it at once. The first time a tenant's prefix shard is used, all its
+-- shards are made at once: a consumer blocked on the queue's partitions then wakes for the tenant's
+-- next prefix too, instead of a block later. `member` '' is the queue's own stream: nothing to register.
 local function add_partition_entry(stream, partitions, member, message, redeliveries)
-  if member ~= '' then
-    if redis.call('EXISTS', stream) == 0 then redis.call('XGROUP', 'CREATE', stream, GROUP, '0', 'MKSTREAM') end
-    redis.call('SADD', partitions, member)
+  if member ~= '' and redis.call('SISMEMBER', partitions, member) == 0 then
+    local tenant, shard = string.match(member, '^([^#]+)#(%d+)$')
+    if tenant then
+      local prefix = string.sub(stream, 1, #stream - #member)
+      for i = 0, SHARDS - 1 do make_partition(prefix .. tenant .. '#' .. i, partitions, tenant .. '#' .. i) end
+    end
+    make_partition(stream, partitions, member)
   end
   return add_entry(stream, message, redeliveries)
 end

@@ -41,6 +41,7 @@ local wake_ms = -1
 -- The first entry of a partition not yet delivered to anyone: {ms, seq} of its id, or nil. Its
 -- group's last-delivered id says where the undelivered entries start (settled ones are deleted).
 local function head(stream)
+  if redis.call('XLEN', stream) == 0 then return nil end  -- most partitions, cheaply
   local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', stream)
   if not ok then return nil end
   local last = nil
