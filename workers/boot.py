@@ -6,6 +6,10 @@ worker stack (pydantic, redis, dramatiq, the runner) most of a second on a small
 first, the server loads while the process imports, instead of after. So this module imports nothing
 but the standard library and the server supervisor (itself standard library only) before the
 server runs; workers.process, imported afterwards, does the rest.
+
+Only a single-model worker (`--model`) is given a command to start: its one server is always loaded.
+A multi-model worker (`--models`) starts its servers on demand, when a job needs a model
+(workers.models.manager.ModelSet), so it starts none here and loads nothing before its first job.
 """
 
 from __future__ import annotations
