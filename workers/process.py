@@ -1,22 +1,20 @@
 """One worker process: its backend server (or, with --models, a server per loaded model), a dramatiq
 Worker on the streams broker, its actors.
 
-Started by workers.supervisor, which vouches for it in Redis and replaces it if it dies. The
-process leads its own process group, so its server (in that group) can be killed with it.
+Started by workers.supervisor (its entry point is workers.boot, which launches a single-model
+worker's server first), which vouches for it in Redis and replaces it if it dies. The process leads
+its own process group, so its servers (in that group) can be killed with it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import logging
 import os
-import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import dramatiq
@@ -29,9 +27,8 @@ from jobcontract.connection import connect
 from jobcontract.fleet import FleetCache
 from jobcontract.jobs import JobStore
 from jobcontract.keys import Keys, actor_name, parse_queue, queue_name
-from jobcontract.models import Backend, Lane
+from jobcontract.models import Lane
 from jobcontract.protocol.placement import ReadModels, WorkerModels
-from jobcontract.routes import BackendRoute
 from jobcontract.scheduling import Placement, TakePlan, plan
 from workers.cancellation import CancelWatch
 from workers.circuit import CircuitBreaker
@@ -41,14 +38,8 @@ from workers.models.publisher import ModelsPublisher
 from workers.models.sizes import ModelSizes, file_size_bytes, resident_bytes
 from workers.rerouting import Rerouting, ReroutingByModel
 from workers.runner import JobRunner
-from workers.servers.specs import (
-    ServerSpec,
-    find_llama_server,
-    llama_cpp_python_spec,
-    llama_server_spec,
-    mlx_spec,
-)
-from workers.servers.supervisor import JobServer, ServerSupervisor
+from workers.servers import specs
+from workers.servers.supervisor import JobServer, Launched, ServerSupervisor
 from workers.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -57,50 +48,20 @@ log = logging.getLogger(__name__)
 LANE_PRIORITY = {Lane.INTERACTIVE: 0, Lane.BATCH: 10}
 
 
-def server_spec(settings: WorkerSettings, route: BackendRoute) -> ServerSpec:
-    if settings.backend is Backend.MLX:
-        return mlx_spec(
-            route.path,
-            concurrency=settings.concurrency,
-            max_tokens=settings.max_tokens_cap,
-            hub_cache=settings.hub_cache,
-            prompt_cache_size=settings.prompt_cache_size,
-            prompt_cache_bytes=settings.prompt_cache_bytes,
-            processes=settings.processes,
-        )
-    binary = find_llama_server(settings.llama_server_bin)
-    if binary is not None:
-        return llama_server_spec(
-            binary,
-            route.path,
-            slots=settings.concurrency,
-            context_length=route.context_length,
-            threads=settings.llama_threads,
-        )
-    return llama_cpp_python_spec(route.path, context_length=route.context_length, threads=settings.llama_threads)
-
-
-def main(settings_json: str, consumer_name: str, ready: Any = None) -> None:
-    """Entry point of a spawned worker process; `ready` is set once it serves."""
-    settings = WorkerSettings.model_validate_json(settings_json)
-    _lead_own_group_and_follow_parent()
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr, format=f"%(asctime)s {consumer_name} %(levelname)s %(name)s: %(message)s"
-    )
-    for noisy in ("httpx", "httpcore"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    sys.exit(serve(settings, consumer_name, stop, on_ready=ready.set if ready is not None else None))
-
-
 def serve(
-    settings: WorkerSettings, consumer_name: str, stop: threading.Event, *, on_ready: Callable[[], None] | None = None
+    settings: WorkerSettings,
+    consumer_name: str,
+    stop: threading.Event,
+    *,
+    on_ready: Callable[[], None] | None = None,
+    launched: Launched | None = None,
 ) -> int:
     """Serve the worker's model (`--model`, its server started first) or models (`--models`, each
     loaded on demand by a ModelSet): one JobRunner and one Rerouting per model, one dramatiq Worker
-    reading every model's queues."""
+    reading every model's queues, until `stop`, then finish in-flight jobs. A single-model worker's
+    server may be `launched` already (workers.boot starts it before importing this module); else it
+    is started here. A multi-model worker is never given one: its servers start on demand, when a
+    job needs their model, so there is nothing to start early."""
     models = settings.served_models()
     backend = settings.backend
     keys = Keys(settings.namespace)
@@ -123,8 +84,8 @@ def serve(
                 on_state(state)
 
         return ServerSupervisor(
-            server_spec(settings, routes[model]),
-            log_path=settings.log_dir.expanduser() / f"{model}.{backend.value}.{os.getpid()}.log",
+            specs.for_model(settings, model),
+            log_path=Path(specs.log_path(settings, model).format(pid=os.getpid())),
             start_timeout_s=settings.server_start_timeout_s,
             hang_timeout_s=settings.server_hang_timeout_s,
             on_state=on_server_state,
@@ -136,7 +97,7 @@ def serve(
     servers: dict[str, JobServer]
     if settings.multi_model:
         model_set = ModelSet(
-            specs={m: server_spec(settings, routes[m]) for m in models},
+            specs={m: specs.for_model(settings, m) for m in models},
             sizes=sizes,
             budget_bytes=settings.budget_bytes_per_process(),
             keep_alive_s=settings.model_keep_alive_s,
@@ -149,6 +110,9 @@ def serve(
         single = make_server(models[0])
         model_metrics.create_series(models[0])
         started = time.monotonic()
+        if launched is not None:  # loading since workers.boot started it, before this module's imports
+            single.adopt(launched)
+            started = launched.started
         single.start()  # its one load, counted as one
         model_metrics.loads.labels(**model_metrics.labels(models[0])).inc()
         model_metrics.load_seconds.labels(**model_metrics.labels(models[0])).observe(time.monotonic() - started)
@@ -361,22 +325,3 @@ def _named(function: Any, name: str) -> Any:
 
     call.__name__ = call.__qualname__ = name
     return call
-
-
-def _lead_own_group_and_follow_parent() -> None:
-    """Own process group (the server joins it; the supervisor kills it whole if this process dies),
-    and stop gracefully when the supervisor dies: the kernel tells us on Linux, a watcher elsewhere."""
-    with contextlib.suppress(PermissionError):
-        os.setpgid(0, 0)
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    parent = os.getppid()
-
-    def watch_parent() -> None:
-        while True:
-            time.sleep(0.5)
-            if os.getppid() != parent:
-                os.kill(os.getpid(), signal.SIGTERM)
-                return
-
-    threading.Thread(target=watch_parent, name="watch-parent", daemon=True).start()

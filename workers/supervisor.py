@@ -10,6 +10,7 @@ for, while a dead host's keys simply expire: Redis's own clock decides, so host 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import multiprocessing
 import os
@@ -22,23 +23,43 @@ import uuid
 from dataclasses import dataclass, field
 from multiprocessing.context import SpawnProcess
 from multiprocessing.synchronize import Event as ProcessEvent
+from typing import TYPE_CHECKING
 
 import redis
 
 from jobcontract import protocol
-from jobcontract.broker import StreamsBroker
 from jobcontract.connection import connect, redact
 from jobcontract.keys import Keys, pool_name
 from jobcontract.protocol.liveness import Vouch
 from jobcontract.protocol.placement import WithdrawModels
-from workers import process as worker_process
-from workers.rescue import Rescuer
+from workers import boot
+from workers.servers import specs
+from workers.servers.supervisor import Launch
 from workers.settings import WorkerSettings
+
+if TYPE_CHECKING:
+    from jobcontract.broker import StreamsBroker
+    from workers.rescue import Rescuer
 
 log = logging.getLogger(__name__)
 
-# How often liveness keys are renewed: well inside the shortest TTL allowed (2 s).
-VOUCH_EVERY_S = 0.5
+# Children are looked at (no Redis) this often, and this often while one is starting, so a worker
+# joins its pool the moment it serves instead of at the next look.
+CHECK_EVERY_S = 0.5
+READY_POLL_S = 0.02
+
+
+def vouch_every_s(liveness_ttl_s: float) -> float:
+    """Liveness keys are renewed four times per TTL (so two missed renewals never let a live worker's
+    key expire), no more often than every 0.5 s and at least every 5 s. Each renewal is one Redis call
+    per supervisor: a fleet of idle workers must not keep Redis busy."""
+    return min(5.0, max(0.5, liveness_ttl_s / 4))
+
+
+def chores_every_s(liveness_ttl_s: float) -> float:
+    """Handing back dead consumers' entries and rescuing orphaned pools cost a dozen Redis calls a
+    pass; a dead consumer is only found once its key expired (a TTL), so twice per TTL is enough."""
+    return min(10.0, max(0.5, liveness_ttl_s / 2))
 
 
 @dataclass
@@ -47,6 +68,7 @@ class Child:
     process: SpawnProcess
     ready: ProcessEvent
     started: float = field(default_factory=time.monotonic)
+    joined: bool = False  # vouched for as ready: in its pool
 
 
 class WorkerPool:
@@ -59,24 +81,40 @@ class WorkerPool:
         # model on demand), so none of them is "served by nobody" while it lives.
         self.pool_names = [pool_name(m, settings.backend) for m in self.models]
         self.pools = [self.keys.pool(p) for p in self.pool_names]
-        self.broker = StreamsBroker(
-            self.client,
-            self.keys,
-            consumer_name=f"supervisor:{settings.host}:{os.getpid()}",
-            middleware=[],
-            dead_letter_cap=settings.dead_letter_cap,
-        )
-        self.rescuer = Rescuer(
-            self.client,
-            self.keys,
-            settings.routes,
-            name=self.broker.consumer_name,
-            rescue_after_s=settings.rescue_after_s,
-        )
         self._context = multiprocessing.get_context("spawn")
         self.children: list[Child] = []
         self.stopping = threading.Event()
         self._crashes: list[float] = []
+        self._vouch_every_s = vouch_every_s(settings.liveness_ttl_s)
+        self._chores_every_s = chores_every_s(settings.liveness_ttl_s)
+        self._next_vouch = 0.0
+        self._next_chores = 0.0
+
+    # The broker and the rescuer import dramatiq and the queue protocol: made when first needed, after
+    # the children are spawned, so this import does not delay their start.
+    @functools.cached_property
+    def broker(self) -> StreamsBroker:
+        from jobcontract.broker import StreamsBroker
+
+        return StreamsBroker(
+            self.client,
+            self.keys,
+            consumer_name=f"supervisor:{self.settings.host}:{os.getpid()}",
+            middleware=[],
+            dead_letter_cap=self.settings.dead_letter_cap,
+        )
+
+    @functools.cached_property
+    def rescuer(self) -> Rescuer:
+        from workers.rescue import Rescuer
+
+        return Rescuer(
+            self.client,
+            self.keys,
+            self.settings.routes,
+            name=self.broker.consumer_name,
+            rescue_after_s=self.settings.rescue_after_s,
+        )
 
     def run(self) -> int:
         log.info(
@@ -92,7 +130,7 @@ class WorkerPool:
         try:
             for _ in range(self.settings.processes):
                 self.children.append(self._spawn())
-            while not self.stopping.wait(VOUCH_EVERY_S):
+            while not self.stopping.wait(self._pause()):
                 self._tend()
         finally:
             self._shutdown()
@@ -114,13 +152,23 @@ class WorkerPool:
                 self.stopping.wait(5.0)
             if not self.stopping.is_set():
                 self.children.append(self._spawn())
+        now = time.monotonic()
         try:
-            self._vouch_for(self.children)
-            self.broker.reclaim_dead_consumers()
-            if any(c.ready.is_set() for c in self.children):  # only a serving pool takes others' work
-                self.rescuer.run_once()
+            if now >= self._next_vouch or any(c.ready.is_set() and not c.joined for c in self.children):
+                self._vouch_for(self.children)
+                self._next_vouch = now + self._vouch_every_s
+            if now >= self._next_chores:
+                self._next_chores = now + self._chores_every_s
+                self.broker.reclaim_dead_consumers()
+                if any(c.ready.is_set() for c in self.children):  # only a serving pool takes others' work
+                    self.rescuer.run_once()
         except redis.RedisError as error:
             log.warning("redis unreachable from the supervisor (%s); workers keep their jobs", error)
+
+    def _pause(self) -> float:
+        """Until the next look: short while a child is starting (it joins its pool as soon as it serves)."""
+        starting = any(not c.ready.is_set() and c.process.is_alive() for c in self.children)
+        return READY_POLL_S if starting else CHECK_EVERY_S
 
     def _vouch_for(self, children: list[Child], *, serving: bool = True) -> None:
         """Renew each child's liveness key; add the ready ones to the pool set unless `serving` is off."""
@@ -135,16 +183,17 @@ class WorkerPool:
                 ttl_ms=int(self.settings.liveness_ttl_s * 1000),
             )
             protocol.run(self.client, vouch)
+        for child in children:
+            child.joined = serving and child.ready.is_set()
 
     def _spawn(self) -> Child:
         label = self.models[0] if not self.settings.multi_model else "models"
         name = f"{self.settings.host}:{label}.{self.settings.backend.value}:{uuid.uuid4().hex[:8]}"
         ready = self._context.Event()
+        args = (self.settings.model_dump_json(), name, ready, self._launch())
         child = Child(
             name=name,
-            process=self._context.Process(
-                target=worker_process.main, args=(self.settings.model_dump_json(), name, ready), name=name, daemon=False
-            ),
+            process=self._context.Process(target=boot.main, args=args, name=name, daemon=False),
             ready=ready,
         )
         # Vouch before it reads anything, so no janitor mistakes it for dead.
@@ -152,6 +201,20 @@ class WorkerPool:
             self._vouch_for([child])
         child.process.start()
         return child
+
+    def _launch(self) -> Launch | None:
+        """The server's command for a new single-model worker process to start first thing
+        (workers.boot); None for a multi-model worker, which starts its servers on demand (no model
+        is loaded before a job needs it), and when it cannot be made here (a missing binary): the
+        worker process then fails and says why."""
+        if self.settings.multi_model:
+            return None
+        try:
+            model = self.models[0]
+            return specs.for_model(self.settings, model).launch(specs.log_path(self.settings, model))
+        except Exception as error:
+            log.warning("the server's command could not be prepared (%s); the worker process will try", error)
+            return None
 
     def _bury(self, child: Child) -> None:
         """Kill what the dead worker left (its server, in its process group), then hand its jobs back."""
@@ -195,7 +258,7 @@ class WorkerPool:
                 break
             with contextlib.suppress(redis.RedisError):
                 self._vouch_for(draining, serving=False)
-            draining[0].process.join(timeout=min(VOUCH_EVERY_S, max(0.0, deadline - time.monotonic())))
+            draining[0].process.join(timeout=min(self._vouch_every_s, max(0.0, deadline - time.monotonic())))
         self.children.clear()
 
     # -- metrics across processes ------------------------------------------------------------------

@@ -70,11 +70,13 @@ class ModelHandle:
     def using(self) -> Iterator[None]:
         self._phase.value = "waiting"
         self.models.enter(self.model)
-        try:
-            yield
-        finally:
-            self.models.leave(self.model, generating=self._phase.value == "generating")
-            self._phase.value = None
+        with contextlib.ExitStack() as server_lease:
+            self._phase.lease = server_lease
+            try:
+                yield
+            finally:
+                self.models.leave(self.model, generating=self._phase.value == "generating")
+                self._phase.value = self._phase.lease = None
 
     def wait_ready(self, timeout_s: float) -> bool:
         if getattr(self._phase, "value", None) == "generating":  # asked again within one attempt
@@ -82,6 +84,12 @@ class ModelHandle:
             return server is not None and server.wait_ready(timeout_s)
         if self.models.acquire(self.model, timeout_s):
             self._phase.value = "generating"
+            # Generating, the job holds the model's server too (ServerSupervisor.using): it is probed
+            # at the busy cadence, and its silence is counted from now, until the attempt ends.
+            server = self._server()
+            lease = getattr(self._phase, "lease", None)
+            if server is not None and lease is not None:
+                lease.enter_context(server.using())
             return True
         return False
 

@@ -7,9 +7,13 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jobcontract.models import Backend
+from workers.servers.supervisor import Launch
+
+if TYPE_CHECKING:
+    from workers.settings import WorkerSettings
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,10 @@ class ServerSpec:
 
     def argv(self, port: int) -> list[str]:
         return [*self.argv_head, self.port_flag, str(port)]
+
+    def launch(self, log_path: str) -> Launch:
+        """The command part as plain data, for a worker process to start before its imports."""
+        return Launch(self.name, self.argv_head, self.port_flag, dict(self.env), log_path)
 
 
 def _argv(*head: str, flags: list[tuple[str, str]]) -> tuple[str, ...]:
@@ -169,3 +177,34 @@ def find_llama_server(explicit: str | None) -> str | None:
             raise FileNotFoundError(f"llama-server binary {explicit!r} is not an executable file")
         return explicit
     return shutil.which("llama-server")
+
+
+def for_model(settings: WorkerSettings, model: str) -> ServerSpec:
+    """The server a worker of these settings runs for `model`: mlx_lm.server, else llama-server if
+    there is a binary, else `python -m llama_cpp.server`."""
+    route = settings.routes.get(model).backend(settings.backend)
+    if settings.backend is Backend.MLX:
+        return mlx_spec(
+            route.path,
+            concurrency=settings.concurrency,
+            max_tokens=settings.max_tokens_cap,
+            hub_cache=settings.hub_cache,
+            prompt_cache_size=settings.prompt_cache_size,
+            prompt_cache_bytes=settings.prompt_cache_bytes,
+            processes=settings.processes,
+        )
+    binary = find_llama_server(settings.llama_server_bin)
+    if binary is not None:
+        return llama_server_spec(
+            binary,
+            route.path,
+            slots=settings.concurrency,
+            context_length=route.context_length,
+            threads=settings.llama_threads,
+        )
+    return llama_cpp_python_spec(route.path, context_length=route.context_length, threads=settings.llama_threads)
+
+
+def log_path(settings: WorkerSettings, model: str) -> str:
+    """Where a worker process's server for `model` writes, `{pid}` standing for the worker process's id."""
+    return str(settings.log_dir.expanduser() / f"{model}.{settings.backend.value}.{{pid}}.log")

@@ -1,0 +1,78 @@
+"""A worker process's first moments: its server is started before the worker stack is imported.
+
+The supervisor spawns each worker process with `main` as its target and the server's command as
+plain data (workers.servers.supervisor.Launch). Loading a model takes seconds, and importing the
+worker stack (pydantic, redis, dramatiq, the runner) most of a second on a small machine: started
+first, the server loads while the process imports, instead of after. So this module imports nothing
+but the standard library and the server supervisor (itself standard library only) before the
+server runs; workers.process, imported afterwards, does the rest.
+
+Only a single-model worker (`--model`) is given a command to start: its one server is always loaded.
+A multi-model worker (`--models`) starts its servers on demand, when a job needs a model
+(workers.models.manager.ModelSet), so it starts none here and loads nothing before its first job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+from workers.servers.supervisor import Launch, Launched
+
+
+def main(settings_json: str, consumer_name: str, ready: Any = None, launch: Launch | None = None) -> None:
+    """Entry point of a spawned worker process; `ready` is set once it serves. With `launch`, the
+    server is started before anything else is imported; without, workers.process starts it."""
+    _lead_own_group_and_follow_parent()
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format=f"%(asctime)s {consumer_name} %(levelname)s %(name)s: %(message)s"
+    )
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    launched = launch.start() if launch is not None else None
+    try:
+        from workers.process import serve
+        from workers.settings import WorkerSettings
+
+        for noisy in ("httpx", "httpcore"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+        settings = WorkerSettings.model_validate_json(settings_json)
+    except BaseException:
+        _kill(launched)
+        raise
+    on_ready = ready.set if ready is not None else None
+    sys.exit(serve(settings, consumer_name, stop, on_ready=on_ready, launched=launched))
+
+
+def _kill(launched: Launched | None) -> None:
+    if launched is not None:
+        with contextlib.suppress(ProcessLookupError):
+            launched.process.kill()
+        launched.process.wait()
+
+
+def _lead_own_group_and_follow_parent() -> None:
+    """Own process group (the server joins it; the supervisor kills it whole if this process dies),
+    and stop gracefully when the supervisor dies: the kernel tells us on Linux, a watcher elsewhere."""
+    with contextlib.suppress(PermissionError):
+        os.setpgid(0, 0)
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    parent = os.getppid()
+
+    def watch_parent() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    threading.Thread(target=watch_parent, name="watch-parent", daemon=True).start()
