@@ -157,6 +157,10 @@ class BatchRunner:
             if checkpoint.counts.written < submitted and not (status.terminal and read == 0):
                 continue
             if stopping:
+                # Its output and error files are recorded before the status says cancelled: a caller
+                # who sees `cancelled` finds them (it found none, now and then, before).
+                if self.on_finalize is not None:
+                    self.on_finalize(checkpoint.counts)
                 self.book.advance(self.batch_id, BatchStatus.CANCELLED)
                 return
             if status.terminal:
