@@ -81,7 +81,7 @@ def run(options: Options) -> Report:
     report.target("A's added time vs B's work alone", "<= 1.0 x", (fair["A"] - a_ref) / b_ref, "x", lambda v: v <= 1.0)
     report.notes.append(
         "Times run from each tenant's own submission to its last result. The worker holds at most its slots "
-        "and two prefetched jobs of A when B arrives; after that the queue's lanes are served in turn "
+        "and two prefetched jobs of A when B arrives; after that the tenants' partitions are served in turn "
         "(start-time fair queueing, jobcontract/protocol/take.lua)."
     )
     return report
