@@ -219,12 +219,7 @@ def summarize(results: Sequence[GenerationResult], instruction_of: Sequence[int]
     return {
         "jobs": len(results),
         "wall_s": wall,
-        "prompt_tokens": prompt,
-        "cached_tokens": cached,
-        "cached_share": cached / prompt if prompt else 0.0,
-        "completion_tokens": completion,
-        "completion_tokens_per_s": completion / wall,
-        "prompt_tokens_per_s": prompt / wall,
+        **_totals(wall, prompt, cached, completion),
         "misses": misses,
         "ttft_after_start_ms": _pcts(ttft_start),
         "ttft_after_start_hit_ms": _pcts(prefill_hit),
@@ -234,6 +229,18 @@ def summarize(results: Sequence[GenerationResult], instruction_of: Sequence[int]
         "prefixes_per_worker": {w: len(p) for w, p in sorted(prefixes.items())},
         "idle_before_end_s": {w: _seconds(t, end) for w, t in sorted(last_finish.items())},
         "spread": max(jobs.values()) / mean_jobs,
+    }
+
+
+def _totals(wall: float, prompt: int, cached: int, completion: int) -> dict[str, Any]:
+    """Token totals and the shares and rates derived from them: one run's, or a side's over rounds."""
+    return {
+        "prompt_tokens": prompt,
+        "cached_tokens": cached,
+        "cached_share": cached / prompt if prompt else 0.0,
+        "completion_tokens": completion,
+        "completion_tokens_per_s": completion / wall,
+        "prompt_tokens_per_s": prompt / wall,
     }
 
 
@@ -249,12 +256,7 @@ def _merge(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     merged |= {
         "jobs": sum(r["jobs"] for r in runs),
         "wall_s": wall,
-        "prompt_tokens": prompt,
-        "cached_tokens": cached,
-        "cached_share": cached / prompt if prompt else 0.0,
-        "completion_tokens": completion,
-        "completion_tokens_per_s": completion / wall,
-        "prompt_tokens_per_s": prompt / wall,
+        **_totals(wall, prompt, cached, completion),
         "misses": sum(r["misses"] for r in runs),
         "spread": max(r["spread"] for r in runs),
     }

@@ -91,7 +91,6 @@ class StreamsConsumer(dramatiq.Consumer):
         self.client = broker.client
         self.queue_name = queue_name
         self.stream = broker.keys.stream(queue_name)
-        self.streams = [self.stream]  # every partition, as the last take saw them
         self.prefetch = max(1, prefetch)
         self.timeout_ms = min(timeout_ms, MAX_BLOCK_MS)
         self.delayed = queue_name.endswith(".DQ")
@@ -132,8 +131,6 @@ class StreamsConsumer(dramatiq.Consumer):
                 for entry in taken.entries:
                     self._take(entry.stream, entry.entry_id, entry.fields)
             self.reconnect_delay = 0.0
-            if taken.streams:
-                self.streams = taken.streams
             if self.buffer:
                 return self.buffer.popleft()
             # A job held back by an age bound (another worker's prefix shard, a model to swap in) is

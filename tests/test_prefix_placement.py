@@ -247,4 +247,5 @@ def test_a_blocked_consumer_wakes_for_a_prefix_its_tenant_never_used_before(
         got = next(consumer)  # one take and one blocking read: woken by the new job, not timed out
     finally:
         later.cancel()
+        later.join()  # its submit is done (or never started) before the test's Redis goes
     assert got is not None and "new prefix" in got.kwargs["request"]["prompt"]
