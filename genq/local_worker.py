@@ -28,7 +28,9 @@ from jobcontract.keys import Keys, pool_name
 from jobcontract.models import Backend
 from jobcontract.settings import GenqSettings
 
-SERVER_MARKERS = ("mlx_lm.server", "llama_cpp.server", "llama-server")
+# How a server process is told from its command line (workers.servers.specs starts mlx_lm.server through
+# workers.servers.mlx_server).
+SERVER_MARKERS = ("workers.servers.mlx_server", "mlx_lm.server", "llama_cpp.server", "llama-server")
 MODEL = "tiny"
 
 

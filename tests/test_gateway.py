@@ -280,7 +280,8 @@ def test_results_and_batches_survive_a_gateway_restart_and_a_killed_gateways_bat
         assert kept.status_code == 200 and kept.json()["state"] == "succeeded"
         assert sdk.files.retrieve(upload.id).bytes == path.stat().st_size
         batch = wait_for(lambda: (b := sdk.batches.retrieve(created.id)).status == "completed" and b, 180)
-        assert batch.request_counts is not None and batch.request_counts.completed == total
+        failures = sdk.files.content(batch.error_file_id).text if batch.error_file_id else ""
+        assert batch.request_counts is not None and batch.request_counts.completed == total, failures
         assert batch.output_file_id is not None
         lines = [json.loads(line) for line in sdk.files.content(batch.output_file_id).text.splitlines()]
         assert Counter(line["custom_id"] for line in lines) == Counter(f"r{i}" for i in range(total))

@@ -179,6 +179,26 @@ def test_batch_output_lines_carry_the_cached_prompt_tokens(stack: Stack, tmp_pat
     assert len(hits) >= 4, usages
 
 
+def test_a_prompt_that_is_an_earlier_prompt_and_its_answer_does_not_kill_mlx_lm_server(stack: Stack) -> None:
+    """mlx-lm 0.32.2 keeps a finished request's prompt and output in its cache; a later prompt of
+    exactly those tokens (a continuation sent back) left it nothing to process, and its generation
+    thread died with "has an empty prompt": every job in flight failed and the server was restarted.
+    genq starts it through workers.servers.mlx_server, which mends that lookup."""
+    [server] = stack.worker.server_pids()
+    with Client(stack.settings) as client:
+        head = "Once upon a time"
+        first = client.generate({"model": "tiny", "prompt": head, "max_tokens": 1, "temperature": 0}, timeout=60)
+        assert first.ok, first.error
+        again = {"model": "tiny", "prompt": head + first.text, "max_tokens": 4, "temperature": 0}
+        continued = client.generate(again, timeout=60)
+        assert continued.ok, continued.error
+        assert len(continued.attempts) == 1, continued.attempts  # not a retry after a dead server
+        assert cached(continued) == continued.usage.prompt_tokens - 1  # all but the token it re-reads
+        later = client.generate({"model": "tiny", "prompt": "And then", "max_tokens": 4}, timeout=60)
+        assert later.ok, later.error
+    assert stack.worker.server_pids() == [server], "the server was restarted"
+
+
 def test_the_worker_passes_its_prompt_cache_settings_to_mlx_lm_server(settings: GenqSettings, tmp_path: Path) -> None:
     """GENQ_PROMPT_CACHE_SIZE 0: the server keeps no prompt cache, so nothing is reported cached."""
     worker = start_worker(settings, tmp_path, wait=False, extra_args=["--prompt-cache-size", "0"])

@@ -12,6 +12,9 @@ from typing import TYPE_CHECKING, Any
 from jobcontract.models import Backend
 from workers.servers.supervisor import Launch
 
+# mlx_lm.server, with an upstream defect of its prompt cache mended (see that module).
+MLX_SERVER_MODULE = "workers.servers.mlx_server"
+
 if TYPE_CHECKING:
     from workers.settings import WorkerSettings
 
@@ -109,7 +112,7 @@ def mlx_spec(
     return ServerSpec(
         name="mlx_lm.server",
         backend=Backend.MLX,
-        argv_head=_argv(sys.executable, "-c", "from mlx_lm.server import main; main()", flags=flags),
+        argv_head=_argv(sys.executable, "-m", MLX_SERVER_MODULE, flags=flags),
         port_flag="--port",
         readiness_path="/health",
         env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub_cache), "TRANSFORMERS_OFFLINE": "1"},
