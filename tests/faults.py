@@ -24,6 +24,7 @@ from tests.queues import partition_streams
 
 POISON_SITE = Path(__file__).resolve().parent / "poison_site"
 POISON_MARKER = "GENQ-POISON-PILL"
+GENERATION_DIES_MARKER = "GENQ-GENERATION-DIES"
 
 # A worker process logs "<date> <time> <consumer> INFO workers.servers.supervisor: starting <server> on port N".
 _SERVER_START = re.compile(

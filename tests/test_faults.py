@@ -29,6 +29,7 @@ from jobcontract.models import GenerationRequest, JobState
 from jobcontract.settings import GenqSettings
 from producer.client import Client, GenqUnavailable
 from tests.faults import (
+    GENERATION_DIES_MARKER,
     POISON_MARKER,
     POISON_SITE,
     WorkerProcess,
@@ -553,11 +554,20 @@ def test_submitting_to_a_frozen_redis_errors_in_bounded_time_and_is_not_doubled(
 
 
 # -- poison input ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("marker", "fault"),
+    [
+        (POISON_MARKER, "poison prompt that aborts mlx_lm.server every time"),
+        # The process lives on, refusing service: its jobs must not be charged for it either.
+        (GENERATION_DIES_MARKER, "poison prompt that kills mlx_lm.server's generation thread every time"),
+    ],
+    ids=["server-aborts", "generation-thread-dies"],
+)
 def test_a_poison_input_that_crashes_the_server_ends_in_dead_letters_and_the_pool_keeps_serving(
-    pool: WorkerHandle, client: Client, raw: redis.Redis, fault_keys: Keys, figures: FigureBook
+    pool: WorkerHandle, client: Client, raw: redis.Redis, fault_keys: Keys, figures: FigureBook, marker: str, fault: str
 ) -> None:
     dead_before = raw.xlen(fault_keys.dead_letters)
-    poison = client.submit(ask(9900, prompt=f"please {POISON_MARKER} now"))
+    poison = client.submit(ask(9900, prompt=f"please {marker} now"))
     innocent = client.submit_many([ask(9901 + n, max_tokens=64) for n in range(16)])
     began = time.monotonic()
     result = client.result(poison, timeout=180)
@@ -568,7 +578,7 @@ def test_a_poison_input_that_crashes_the_server_ends_in_dead_letters_and_the_poo
     figures.record(
         Figure(
             test="test_a_poison_input_that_crashes_the_server_ends_in_dead_letters_and_the_pool_keeps_serving",
-            fault="poison prompt that aborts mlx_lm.server every time",
+            fault=fault,
             jobs=1 + len(innocent) + len(after),
             faults_injected=len(result.attempts),
             lost=len(innocent) - len(results),

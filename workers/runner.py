@@ -224,7 +224,10 @@ class JobRunner:
                 )
         except BackendError as error:
             outcome = error.outcome
-            if outcome is AttemptOutcome.CONNECTION_ERROR and self.server.died_since(server_before):
+            # Cut off (the process died) or refused (mlx_lm.server answers "generation thread died"
+            # once that thread is gone): the server's failure, not the job's.
+            broke = outcome in (AttemptOutcome.CONNECTION_ERROR, AttemptOutcome.SERVER_ERROR)
+            if broke and self.server.died_since(server_before):
                 outcome = AttemptOutcome.SERVER_CRASHED
             raise fail(outcome, str(error), error.retryable) from error
 
