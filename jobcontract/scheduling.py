@@ -34,7 +34,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from jobcontract.keys import partition_of
+from jobcontract.keys import parse_queue, partition_of
+from jobcontract.models import Lane
 from jobcontract.prefix import prefix_of
 
 DEFAULT_MAX_SWAP_WAIT_S = 30.0
@@ -64,6 +65,10 @@ class TakePlan:
 
     tiers: tuple[Tier, ...]
     block: bool = True  # may the consumer block in XREADGROUP (which takes whatever comes) when idle
+    # Prime a prefix new to this worker with one job before taking the rest (take.lua): for batch
+    # lines, where the cache hits are worth more than starting every job at once; an interactive
+    # request is started at once.
+    prime: bool = False
 
 
 @dataclass(frozen=True)
@@ -106,7 +111,8 @@ def plan(queue: str, placement: Placement = Placement()) -> TakePlan:
         return TakePlan((Tier(queue, swap_ms),), block=placement.may_block)
     steal_ms = max(swap_ms, _ms(placement.steal_after_s))
     tiers = (Tier(queue, swap_ms, Select.MINE), Tier(queue, steal_ms, Select.THEIRS))
-    return TakePlan(tiers, block=placement.may_block)
+    ref = parse_queue(queue)
+    return TakePlan(tiers, block=placement.may_block, prime=ref is not None and ref.lane is Lane.BATCH)
 
 
 def message_partition(kwargs: dict[str, Any], options: dict[str, Any]) -> str | None:
