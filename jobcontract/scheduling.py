@@ -34,8 +34,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from jobcontract.keys import parse_queue, partition_of
-from jobcontract.models import Lane
+from jobcontract.keys import partition_of
 from jobcontract.prefix import prefix_of
 
 DEFAULT_MAX_SWAP_WAIT_S = 30.0
@@ -65,10 +64,6 @@ class TakePlan:
 
     tiers: tuple[Tier, ...]
     block: bool = True  # may the consumer block in XREADGROUP (which takes whatever comes) when idle
-    # Prime a prefix new to this worker with one job before taking the rest (take.lua): for batch
-    # lines, where the cache hits are worth more than starting every job at once; an interactive
-    # request is started at once.
-    prime: bool = False
 
 
 @dataclass(frozen=True)
@@ -111,8 +106,7 @@ def plan(queue: str, placement: Placement = Placement()) -> TakePlan:
         return TakePlan((Tier(queue, swap_ms),), block=placement.may_block)
     steal_ms = max(swap_ms, _ms(placement.steal_after_s))
     tiers = (Tier(queue, swap_ms, Select.MINE), Tier(queue, steal_ms, Select.THEIRS))
-    ref = parse_queue(queue)
-    return TakePlan(tiers, block=placement.may_block, prime=ref is not None and ref.lane is Lane.BATCH)
+    return TakePlan(tiers, block=placement.may_block)
 
 
 def message_partition(kwargs: dict[str, Any], options: dict[str, Any]) -> str | None:

@@ -158,12 +158,6 @@ def test_a_prefix_new_to_a_worker_is_primed_by_one_job_before_the_rest(redis_cli
     submit(redis_client, keys, [instruction(8) + f"text {n}" for n in range(4)])
     flat = plan(QUEUE, Placement(prefix_affinity=False))
     assert len(protocol.run(redis_client, Take(keys, "w1", 5, flat)).entries) == 4
-    # Interactive requests start at once: latency before cache hits.
-    submit(redis_client, keys, [instruction(9) + f"text {n}" for n in range(4)], lane=Lane.INTERACTIVE)
-    urgent = queue_name("tiny", Backend.MLX, Lane.INTERACTIVE)
-    with contextlib.suppress(redis.ResponseError):
-        redis_client.xgroup_create(keys.stream(urgent), CONSUMER_GROUP, id="0", mkstream=True)
-    assert len(protocol.run(redis_client, Take(keys, "w1", 5, plan(urgent))).entries) == 4
 
 
 def test_without_affinity_any_worker_takes_any_prefix(redis_client: redis.Redis, keys: Keys) -> None:

@@ -50,7 +50,7 @@ class Take(Operation[Taken]):
         args: list[Any] = [CONSUMER_GROUP, self.consumer, self.room, PARTITION_INFIX, DEFAULT_TENANT]
         for tier in self.plan.tiers:
             args += [tier.min_age_ms, tier.select.value]
-        return [*args, int(self.plan.prime), len(self.warm), *self.warm, *self.priming]
+        return [*args, len(self.warm), *self.warm, *self.priming]
 
     def parse(self, reply: Any) -> Taken:
         raw_entries, raw_streams, wake_ms = reply
