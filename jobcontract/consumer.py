@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 # A delay queue's consumer holding a delayed message wakes when its eta is due, and at least this often.
 DELAY_QUEUE_MIN_BLOCK_MS = 10
-# Prefix-shard partitions a consumer remembers serving: about what a server's prompt cache holds.
+# Prefix-shard partitions a consumer remembers taking from: about what a server's prompt cache holds.
 WARM_PARTITIONS = 8
 # How long a consumer whose plan has only age-bounded tiers (nothing to block on) sleeps between takes.
 POLL_MS = 250
@@ -98,12 +98,9 @@ class StreamsConsumer(dramatiq.Consumer):
         self.buffer: deque[StreamMessage] = deque()
         self.in_flight = 0
         self.held: set[tuple[str, str]] = set()
-        # Prefix-shard partitions served lately, newest last: the take reads them as this worker's
-        # own, so a prefix it stole stays with it (its server's cache holds it now). A partition not
-        # among them is primed first (take.lua): its first job's entry ids are kept here until that
-        # job is done, and then it is warm.
+        # Prefix-shard partitions taken from lately, newest last: the take reads them as this
+        # worker's own, so a prefix it stole stays with it (its server's cache holds it now).
         self.warm: OrderedDict[str, None] = OrderedDict()
-        self.priming: dict[str, set[str]] = {}
         self.lock = threading.Lock()
         self.slot_freed = threading.Event()
         self.reconnect_delay = 0.0
@@ -129,9 +126,7 @@ class StreamsConsumer(dramatiq.Consumer):
             # (which models it is committed to), so two consumers never both decide on a stale view.
             with self.broker.take_lock:
                 plan = self.broker.planner(self.queue_name)
-                with self.lock:
-                    warm, priming = tuple(self.warm), tuple(self.priming)
-                take = Take(self.broker.keys, self.broker.consumer_name, room, plan, warm, priming)
+                take = Take(self.broker.keys, self.broker.consumer_name, room, plan, tuple(self.warm))
                 taken = protocol.run(self.client, take)
                 for entry in taken.entries:
                     self._take(entry.stream, entry.entry_id, entry.fields)
@@ -205,12 +200,12 @@ class StreamsConsumer(dramatiq.Consumer):
             log.error("undecodable entry %s on %s moved to dead letters: %s", entry_id, stream, error)
             self._settle(stream, partition, entry_id, dead_reason=f"undecodable message: {error}", raw=raw)
             return
+        if partition is not None and SHARD_MARK in partition:
+            self.warm[partition] = None
+            self.warm.move_to_end(partition)
+            while len(self.warm) > WARM_PARTITIONS:
+                self.warm.popitem(last=False)
         with self.lock:
-            if partition is not None and SHARD_MARK in partition:
-                if partition in self.warm:
-                    self.warm.move_to_end(partition)
-                else:
-                    self.priming.setdefault(partition, set()).add(entry_id)
             self.in_flight += 1
             self.held.add((stream, entry_id))
             if self.delayed:
@@ -302,23 +297,10 @@ class StreamsConsumer(dramatiq.Consumer):
         """Called only once the entry is settled in Redis, so it never looks orphaned in between."""
         held = (delivered.stream, delivered.entry_id)
         with self.lock:
-            primed = self.priming.get(delivered.partition or "")
-            if primed is not None:
-                primed.discard(delivered.entry_id)
-                if not primed:  # its first job is done: the server has its prefix now
-                    del self.priming[delivered.partition or ""]
-                    self._warmed(delivered.partition or "")
             self.in_flight = max(0, self.in_flight - 1)
             self.held.discard(held)
             self.etas.pop(held, None)
         self.slot_freed.set()
-
-    def _warmed(self, partition: str) -> None:
-        """Called with the lock held."""
-        self.warm[partition] = None
-        self.warm.move_to_end(partition)
-        while len(self.warm) > WARM_PARTITIONS:
-            self.warm.popitem(last=False)
 
     def _settle(
         self, stream: str, partition: str | None, entry_id: str, *, dead_reason: str | None = None, raw: bytes = b""

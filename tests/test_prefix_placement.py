@@ -140,26 +140,6 @@ def test_a_prefix_a_worker_took_lately_is_read_as_its_own(redis_client: redis.Re
     assert [e.stream for e in warm] == [theirs[0].stream]
 
 
-def test_a_prefix_new_to_a_worker_is_primed_by_one_job_before_the_rest(redis_client: redis.Redis, keys: Keys) -> None:
-    """A server caches a prompt only once its request is done: four jobs of a new prefix started
-    together would each prefill it. A take gives one job of a shard the consumer has not served,
-    none while that one is priming, and the rest once it is done (the shard is warm then)."""
-    live(redis_client, keys, "w1")
-    with_group(redis_client, keys)
-    submit(redis_client, keys, [instruction(7) + f"text {n}" for n in range(6)])
-    first = protocol.run(redis_client, Take(keys, "w1", 5, plan(QUEUE))).entries
-    assert len(first) == 1
-    partition = first[0].stream.split(":part:")[1]
-    priming = Take(keys, "w1", 5, plan(QUEUE), priming=(partition,))
-    assert protocol.run(redis_client, priming).entries == []
-    rest = protocol.run(redis_client, Take(keys, "w1", 5, plan(QUEUE), warm=(partition,))).entries
-    assert len(rest) == 5 and {e.stream for e in rest} == {first[0].stream}
-    # Placement off: taken as it comes.
-    submit(redis_client, keys, [instruction(8) + f"text {n}" for n in range(4)])
-    flat = plan(QUEUE, Placement(prefix_affinity=False))
-    assert len(protocol.run(redis_client, Take(keys, "w1", 5, flat)).entries) == 4
-
-
 def test_without_affinity_any_worker_takes_any_prefix(redis_client: redis.Redis, keys: Keys) -> None:
     live(redis_client, keys, "w1", "w2")
     submit(redis_client, keys, [instruction(n) + "text" for n in range(12)])

@@ -25,15 +25,7 @@
 -- KEYS: the tenants' shares (hash tenant -> weight), then per tier: the queue's stream, its partition set,
 --       its fair tags, its pool (the live workers, for shard owners).
 -- ARGV: group, consumer, room, partition infix, default tenant name, then per tier: min_age_ms, select;
---       then how many warm partitions follow, the partitions this consumer has served lately (warm:
---       read as its own), and the partitions it is priming (it holds the first job of a prefix shard
---       its server has not served yet: skipped until that job is done).
---
--- Priming: a server caches a prompt only once its request is done, so several jobs of a prefix it has
--- not seen, started together, each pay the whole prefill. Of a prefix-shard partition this consumer
--- has not served lately (a mine or theirs tier), a take gives one entry, and none while that one runs;
--- the rest come once it is done and its prefix is in the cache. (An all tier, placement off, takes
--- as it comes.)
+--       then the partitions this consumer took from lately (warm: read as its own).
 -- Answers {entries, streams, wake_ms}: entries as {stream, id, fields} in the order taken; the
 -- streams of every tier without an age bound, for the consumer to block on when nothing was taken
 -- (a blocking read takes whatever comes, so an age-bounded tier is looked at again instead); and in
@@ -106,10 +98,8 @@ end
 -- Partitions this consumer took from lately (its server's prompt cache likely holds their prefix):
 -- its own as much as the shards it owns, so a worker that stole a prefix keeps to it.
 local tiers = (#KEYS - 1) / 4
-local warm, priming = {}, {}
-local warm_count = tonumber(ARGV[6 + 2 * tiers])
-for i = 7 + 2 * tiers, 6 + 2 * tiers + warm_count do warm[ARGV[i]] = true end
-for i = 7 + 2 * tiers + warm_count, #ARGV do priming[ARGV[i]] = true end
+local warm = {}
+for i = 6 + 2 * tiers, #ARGV do warm[ARGV[i]] = true end
 
 local function selected(select, pool, member)
   if select == 'all' then return true end
@@ -130,10 +120,9 @@ for t = 1, tiers do
   local members = redis.call('SMEMBERS', lane_set)
   table.sort(members)
   for _, member in ipairs(members) do
-    local sharded = select ~= 'all' and string.find(member, '#', 1, true) ~= nil
-    if selected(select, pool, member) and not (sharded and priming[member]) then
+    if selected(select, pool, member) then
       local tenant = string.match(member, '^([^#]+)')
-      parts[#parts + 1] = {tenant = tenant, stream = base .. infix .. member, cold = sharded and not warm[member]}
+      parts[#parts + 1] = {tenant = tenant, stream = base .. infix .. member}
     end
   end
   if min_age_ms <= 0 then
@@ -183,12 +172,8 @@ for t = 1, tiers do
         virtual = best_start
         tags[part.tenant] = best_start + 1 / (shares[part.tenant] or 1)
         changed = true
-        if part.cold then
-          open[best] = false  -- its first job primes the server's cache; the rest wait for it
-        else
-          heads[best] = head(part.stream)
-          open[best] = ready(heads[best], min_age_ms)
-        end
+        heads[best] = head(part.stream)
+        open[best] = ready(heads[best], min_age_ms)
       end
     end
     if changed then

@@ -34,8 +34,7 @@ class Take(Operation[Taken]):
     consumer: str
     room: int
     plan: TakePlan
-    warm: tuple[str, ...] = ()  # partitions this consumer served lately: read as its own
-    priming: tuple[str, ...] = ()  # prefix shards whose first job here is not done: none taken meanwhile
+    warm: tuple[str, ...] = ()  # partitions this consumer took from lately: read as its own
 
     def keys(self) -> list[str]:
         keys = [self.names.tenant_shares]
@@ -50,7 +49,7 @@ class Take(Operation[Taken]):
         args: list[Any] = [CONSUMER_GROUP, self.consumer, self.room, PARTITION_INFIX, DEFAULT_TENANT]
         for tier in self.plan.tiers:
             args += [tier.min_age_ms, tier.select.value]
-        return [*args, len(self.warm), *self.warm, *self.priming]
+        return [*args, *self.warm]
 
     def parse(self, reply: Any) -> Taken:
         raw_entries, raw_streams, wake_ms = reply
