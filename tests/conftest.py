@@ -3,6 +3,8 @@ the tiny model built once, and real genq workers started as subprocesses."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +19,8 @@ from jobcontract.keys import Keys
 from jobcontract.settings import GenqSettings
 from producer.client import Client
 from tests.harness import WorkerHandle, start_worker
+
+REPO = Path(__file__).resolve().parents[1]
 
 pytest_plugins = ["tests.reliability_figures", "tests.process_guard"]
 
@@ -72,3 +76,13 @@ def mlx_worker(settings: GenqSettings, tmp_path: Path) -> Iterator[WorkerHandle]
     handle = start_worker(settings, tmp_path, backend="mlx")
     yield handle
     handle.stop()
+
+
+@pytest.fixture(scope="session")
+def llama_server_binary() -> str:
+    """The C++ llama-server: from GENQ_TEST_LLAMA_SERVER (make test sets it) or built (cached) by ops/."""
+    given = os.environ.get("GENQ_TEST_LLAMA_SERVER")
+    if given:
+        return given
+    built = subprocess.run([str(REPO / "ops" / "build_llama_server.sh")], check=True, capture_output=True, text=True)
+    return built.stdout.strip().splitlines()[-1]

@@ -35,13 +35,6 @@ def settings(redis_server: LocalRedis, models_dir: Path) -> GenqSettings:
     return GenqSettings(redis_url=redis_server.url, namespace=f"k{uuid.uuid4().hex[:10]}", models_dir=models_dir)
 
 
-@pytest.fixture(scope="module")
-def llama_server_binary() -> str:
-    path = os.environ.get("GENQ_TEST_LLAMA_SERVER") or Path("/work/llama-server.path").read_text().strip()
-    assert os.access(path, os.X_OK), path
-    return path
-
-
 @pytest.fixture(scope="module", params=["mlx", "llamacpp"])
 def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)

@@ -6,7 +6,6 @@ instruction from its prompt cache, and says so in `usage.prompt_tokens_details.c
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -29,7 +28,6 @@ from tests.harness import WorkerHandle, start_worker, wait_until
 from tests.metrics_helpers import free_port, gateway_app, scrape, serving, value
 from workers.backend_client import cached_prompt_tokens
 
-REPO = Path(__file__).resolve().parents[1]
 # About 300 tokens of the tiny model's byte-level vocabulary: well inside its 512-token context.
 INSTRUCTION = (
     "You label customer reviews. Read the review after the line and answer with one word: positive, "
@@ -214,16 +212,6 @@ def test_the_worker_passes_its_prompt_cache_settings_to_mlx_lm_server(settings: 
         assert [cached(r) for r in results] == [0, 0]
     finally:
         worker.stop()
-
-
-@pytest.fixture(scope="session")
-def llama_server_binary() -> str:
-    """The C++ llama-server: from GENQ_TEST_LLAMA_SERVER (make test sets it) or built (cached) by ops/."""
-    given = os.environ.get("GENQ_TEST_LLAMA_SERVER")
-    if given:
-        return given
-    built = subprocess.run([str(REPO / "ops" / "build_llama_server.sh")], check=True, capture_output=True, text=True)
-    return built.stdout.strip().splitlines()[-1]
 
 
 def test_llama_server_reports_its_cached_prompt_tokens_too(

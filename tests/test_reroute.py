@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,18 +17,7 @@ from jobcontract.settings import GenqSettings
 from producer.client import Client
 from tests.harness import WorkerHandle, start_worker, wait_until
 
-REPO = Path(__file__).resolve().parents[1]
 PROMPT = "The quick brown fox"
-
-
-@pytest.fixture(scope="session")
-def llama_server_binary() -> str:
-    """The C++ llama-server: from GENQ_TEST_LLAMA_SERVER (make test sets it) or built (cached) by ops/."""
-    given = os.environ.get("GENQ_TEST_LLAMA_SERVER")
-    if given:
-        return given
-    built = subprocess.run([str(REPO / "ops" / "build_llama_server.sh")], check=True, capture_output=True, text=True)
-    return built.stdout.strip().splitlines()[-1]
 
 
 @pytest.fixture(params=["llama-server", "llama_cpp.server"])
