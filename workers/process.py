@@ -167,6 +167,9 @@ def serve(
         dead_letter_cap=settings.dead_letter_cap,
     )
     broker.planner = planner(settings, model_set, others_loaded(client, keys, consumer_name), broker.held)
+    if model_set is not None:
+        model_set.watch_held(lambda: held_by_model(broker.held()))
+        broker.gate = gate(model_set)
     declare_actors(broker, runners, queues)
 
     def record() -> WorkerModels:
@@ -248,11 +251,7 @@ def planner(
             return plan(queue, base)
         draining = model_set.draining(ref.model)  # being emptied for a swap: take nothing new for it
         loaded = ref.model in model_set.loaded() and not draining
-        holding: set[str] = set()
-        for held_queue, count in held().items():
-            held_ref = parse_queue(held_queue)
-            if held_ref is not None and count:
-                holding.add(held_ref.model)
+        holding = set(held_by_model(held()))
         others = holding - {ref.model}
         busy = model_set.busy() or bool(others)
         now = time.monotonic()
@@ -276,6 +275,28 @@ def planner(
         return plan(queue, placement)
 
     return for_queue
+
+
+def held_by_model(held: dict[str, int]) -> dict[str, int]:
+    """Model -> jobs this process holds (taken, not settled), from the consumers' counts per queue."""
+    counts: dict[str, int] = {}
+    for queue, count in held.items():
+        ref = parse_queue(queue)
+        if ref is not None and count:
+            counts[ref.model] = counts.get(ref.model, 0) + count
+    return counts
+
+
+def gate(model_set: ModelSet) -> Callable[[str], bool]:
+    """The consumers' gate of a multi-model process: a queue's held jobs go to worker threads once
+    their model may run them (ModelSet.runnable); until then they wait in their consumer, so every
+    thread stays free for the models that are loaded."""
+
+    def may_run(queue: str) -> bool:
+        ref = parse_queue(queue)
+        return ref is None or ref.delayed or model_set.runnable(ref.model)
+
+    return may_run
 
 
 def others_loaded(client: redis.Redis, keys: Keys, me: str) -> Callable[[], frozenset[str]]:
