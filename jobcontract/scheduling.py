@@ -73,7 +73,7 @@ class Placement:
 
     loaded_here: bool = True
     loaded_elsewhere: bool = False
-    busy_here: bool = False  # this worker holds, runs or waits for jobs of other models
+    busy_here: bool = False  # the swap would unload models with work here (jobs held, running or waiting)
     swap_needed: bool = True  # loading the queue's model here would unload another
     committed_here: bool = False  # not loaded, but this worker holds jobs for it: they wait for its load
     since_turn_s: float = 0.0  # how long the model has gone without serving a job on this worker
@@ -88,12 +88,13 @@ def plan(queue: str, placement: Placement = Placement()) -> TakePlan:
     when it pays, within a bound, so nothing starves (A A A B B C, not A B A C).
 
     A worker takes at once for a model it has loaded (its own prefix shards first), or one that fits
-    beside what it holds, or any model when it is idle. For a model it would have to swap in, it
-    takes nothing while its own models keep it busy, until that model has gone `max_swap_wait_s`
-    without a turn here (its turn then: the bound is a turn's length, not a job's age, which a
-    backlog makes old at once); and while another live worker has the model loaded, only jobs that
-    waited the bound there (that worker could not start them in time). Once it holds jobs for a
-    model it has not loaded yet, it takes no more until the load: they are enough to start it."""
+    beside what it holds, or any model when the models it would unload for it are idle. For a model
+    it would have to swap in, it takes nothing while the models in the way have work, until that
+    model has gone `max_swap_wait_s` without a turn here (its turn then: the bound is a turn's
+    length, not a job's age, which a backlog makes old at once); and while another live worker has
+    the model loaded, only jobs that waited the bound there (that worker could not start them in
+    time). Once it holds jobs for a model it has not loaded yet, it takes no more until the load:
+    they are enough to start it."""
     if placement.committed_here and not placement.loaded_here:
         return TakePlan((), block=False)
     must_swap = not placement.loaded_here and placement.swap_needed

@@ -8,6 +8,8 @@ directly; the consumer runs on a real redis-server."""
 
 from __future__ import annotations
 
+import time
+
 import dramatiq
 import redis
 from prometheus_client import CollectorRegistry
@@ -27,15 +29,16 @@ SPEC = ServerSpec(name="stand-in", backend=Backend.MLX, argv_head=("true",), por
 
 
 class StandIn:
-    """What the model set asks of a server: started at once, no process to measure."""
+    """What the model set asks of a server: started after `load_s`, no process to measure."""
 
-    def __init__(self) -> None:
+    def __init__(self, load_s: float = 0.0) -> None:
         self.pid: int | None = None
         self.base_url = "http://127.0.0.1:1"
         self.stopped = False
+        self.load_s = load_s
 
     def start(self) -> None:
-        pass
+        time.sleep(self.load_s)
 
     def stop(self) -> None:
         self.stopped = True
@@ -44,13 +47,13 @@ class StandIn:
         pass
 
 
-def model_set(sizes: ModelSizes, budget: int, held: dict[str, int]) -> ModelSet:
+def model_set(sizes: ModelSizes, budget: int, held: dict[str, int], load_s: float = 0.0) -> ModelSet:
     models = ModelSet(
         specs=dict.fromkeys(sizes.files, SPEC),
         sizes=sizes,
         budget_bytes=budget,
         keep_alive_s=600,
-        make_server=lambda model, on_state: StandIn(),  # type: ignore[arg-type,return-value]
+        make_server=lambda model, on_state: StandIn(load_s),  # type: ignore[arg-type,return-value]
         metrics=ModelMetrics("mlx", registry=CollectorRegistry()),
         load_wait_s=1.0,
     )
@@ -107,6 +110,24 @@ def test_a_measured_overhead_lets_a_second_model_be_taken_beside_a_loaded_one() 
     models.tend()
     sizes.measured("a", 100)  # b: its files plus a's overhead, about 100
     assert not models.would_swap("b")
+
+
+def test_a_swap_displaces_work_until_the_model_in_the_way_sat_idle_as_long_as_its_load_took() -> None:
+    held = {"a": 1}
+    models = model_set(measured(a=100, b=100, c=100), budget=250, held=held, load_s=0.5)
+    models.tend()  # a loaded, in 0.5 s
+    held["b"] = 1
+    models.tend()  # b loaded beside it
+    assert models.loaded() == ["a", "b"]
+    assert models.would_swap("c") and models.would_displace("c")  # both have jobs
+    models.enter("a")  # a's job runs, and its queue runs dry: more may be between two arrivals
+    assert models.acquire("a", 0.1)
+    models.leave("a", generating=True)
+    held["a"] = 0
+    assert models.would_displace("c")
+    time.sleep(0.6)  # idle as long as loading it back would take
+    assert not models.would_displace("c")
+    assert models.would_displace("c", also=["b", "a"])  # jobs held for a again
 
 
 def test_held_counts_are_summed_per_model_and_the_gate_opens_with_the_load() -> None:

@@ -235,8 +235,10 @@ def planner(
     """Where this process's consumers take from next (jobcontract.scheduling): by prompt prefix, and
     with several models by what this worker holds and has loaded and what the others have loaded.
     A model this process holds jobs of counts as loaded here (it is committed to it: the jobs wait
-    for its load), and jobs held of other models make it busy, so the first consumer to take for an
-    unloaded model commits the process and the others wait their turn (takes are serialised)."""
+    for its load), and jobs held of other models are work a swap would displace, so the first
+    consumer to take for an unloaded model commits the process and the others wait their turn (takes
+    are serialised). A swap that would unload only idle models displaces nothing: it is taken at once
+    (ModelSet.would_displace)."""
     base = Placement(
         prefix_affinity=settings.prefix_affinity,
         steal_after_s=settings.prefix_steal_after_s,
@@ -266,7 +268,7 @@ def planner(
             base,
             loaded_here=loaded,
             loaded_elsewhere=ref.model in others_loaded(),
-            busy_here=busy,
+            busy_here=not loaded and model_set.would_displace(ref.model, also=others),
             swap_needed=not loaded and model_set.would_swap(ref.model, also=others),
             committed_here=ref.model in holding or draining,
             since_turn_s=waited,

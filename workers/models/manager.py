@@ -132,6 +132,7 @@ class ModelSet:
         self._servers: dict[str, ServerSupervisor] = {}  # loaded, or loading
         self._ready: dict[str, threading.Event] = {m: threading.Event() for m in self.specs}
         self._last_used: dict[str, float] = dict.fromkeys(self.specs, 0.0)
+        self._load_s: dict[str, float] = {}  # how long each model's last load took: what unloading it may cost
         self._waiting: dict[str, int] = dict.fromkeys(self.specs, 0)
         self._generating: dict[str, int] = dict.fromkeys(self.specs, 0)
         self._waiting_since: dict[str, float] = {}
@@ -242,6 +243,31 @@ class ModelSet:
         if held and not all(self.sizes.known(m) for m in (*held, model)):
             return True
         return sum(self.sizes.size(m) for m in held) + self.sizes.size(model) > self.budget_bytes
+
+    def would_displace(self, model: str, also: Iterable[str] = ()) -> bool:
+        """Whether making room for `model` would unload a model that has work here: one with jobs held,
+        waiting or generating, or one idle for less time than its last load took (its jobs may be
+        between two arrivals; unloading it is worth it once it sat idle as long as loading it back
+        would take, the ski-rental rule). `also` are models the worker holds jobs for. A swap that
+        displaces no work costs no loaded model anything, so the scheduler lets it happen at once."""
+        held = self._held()
+        now = time.monotonic()
+        with self._lock:
+            if model in self._servers:
+                return False
+            idle = {
+                m
+                for m in self._servers
+                if self._ready[m].is_set()
+                and not self._generating[m]
+                and not self._waiting_now(m, held)
+                and now - self._last_used[m] >= self._load_s.get(m, 0.0)
+            }
+            kept = (set(self._servers) - idle) | set(also)
+        kept.discard(model)
+        if not all(self.sizes.known(m) for m in (*kept, *idle, model)):
+            return bool(kept or idle)
+        return sum(self.sizes.size(m) for m in kept) + self.sizes.size(model) > self.budget_bytes
 
     def since_turn(self, model: str) -> float:
         """Seconds since the model last served a job here (or since the worker started): how long
@@ -355,6 +381,7 @@ class ModelSet:
         self._load_failures.pop(model, None)
         with self._lock:
             self._last_used[model] = time.monotonic()
+            self._load_s[model] = self._last_used[model] - started
         self._ready[model].set()
         self._measure_one(model, server)
         self.metrics.loads.labels(**self._labels(model)).inc()
