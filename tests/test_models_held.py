@@ -21,8 +21,9 @@ from jobcontract.models import Backend
 from workers.metrics import ModelMetrics
 from workers.models.manager import ModelSet
 from workers.models.sizes import ModelSizes
-from workers.process import gate, held_by_model
+from workers.process import gate, held_by_model, planner
 from workers.servers.specs import ServerSpec
+from workers.settings import WorkerSettings
 
 QUEUE = "a.mlx.batch"
 SPEC = ServerSpec(name="stand-in", backend=Backend.MLX, argv_head=("true",), port_flag="--port", readiness_path="/")
@@ -128,6 +129,22 @@ def test_a_swap_displaces_work_until_the_model_in_the_way_sat_idle_as_long_as_it
     time.sleep(0.6)  # idle as long as loading it back would take
     assert not models.would_displace("c")
     assert models.would_displace("c", also=["b", "a"])  # jobs held for a again
+
+
+def test_the_planner_takes_for_a_model_to_swap_in_once_the_one_in_its_way_is_idle() -> None:
+    held = {"a": 1, "b": 1}
+    models = model_set(measured(a=100, b=100, c=100), budget=250, held=held, load_s=0.3)
+    models.tend()
+    models.tend()
+    assert models.loaded() == ["a", "b"]
+    settings = WorkerSettings(max_swap_wait_s=600, prefix_affinity=False)
+    queues = {"a.mlx.batch": 1, "b.mlx.batch": 1}
+    take = planner(settings, models, frozenset, lambda: dict(queues))
+    assert take("c.mlx.batch").tiers == ()  # a and b have jobs: c waits its turn (the bound is long)
+    queues["a.mlx.batch"] = held["a"] = 0  # a's share is done
+    time.sleep(0.4)  # and it sat idle longer than its load took
+    assert take("c.mlx.batch").tiers != ()  # unloading a for c displaces no work: c is taken at once
+    assert take("c.mlx.batch").block is False  # never a blocking read for a model not loaded
 
 
 def test_held_counts_are_summed_per_model_and_the_gate_opens_with_the_load() -> None:
