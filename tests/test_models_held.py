@@ -18,6 +18,7 @@ from jobcontract.broker import StreamsBroker
 from jobcontract.consumer import StreamsConsumer
 from jobcontract.keys import Keys
 from jobcontract.models import Backend
+from jobcontract.scheduling import Tier
 from workers.metrics import ModelMetrics
 from workers.models.manager import ModelSet
 from workers.models.sizes import ModelSizes
@@ -145,6 +146,20 @@ def test_the_planner_takes_for_a_model_to_swap_in_once_the_one_in_its_way_is_idl
     time.sleep(0.4)  # and it sat idle longer than its load took
     assert take("c.mlx.batch").tiers != ()  # unloading a for c displaces no work: c is taken at once
     assert take("c.mlx.batch").block is False  # never a blocking read for a model not loaded
+
+
+def test_in_a_steady_stream_a_model_to_swap_in_gets_its_turn_whatever_idle_moments_came_between() -> None:
+    held = {"a": 1, "b": 1}
+    models = model_set(measured(a=100, b=100, c=100), budget=250, held=held, load_s=0.3)
+    models.tend()
+    models.tend()
+    settings = WorkerSettings(max_swap_wait_s=0.5, prefix_affinity=False)
+    take = planner(settings, models, frozenset, lambda: {f"{m}.mlx.batch": n for m, n in held.items()})
+    time.sleep(0.6)  # c has gone the bound without a turn
+    held.update(a=0, b=0)  # a moment with nothing to do...
+    take("c.mlx.batch")
+    held.update(a=1, b=1)  # ...and jobs again
+    assert take("c.mlx.batch").tiers == (Tier("c.mlx.batch", min_age_ms=500),)  # its jobs that waited the bound
 
 
 def test_held_counts_are_summed_per_model_and_the_gate_opens_with_the_load() -> None:

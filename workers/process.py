@@ -245,8 +245,6 @@ def planner(
         max_swap_wait_s=settings.max_swap_wait_s,
     )
 
-    busy_since: list[float] = []  # when this worker last went from idle to busy (empty: idle)
-
     def for_queue(queue: str) -> TakePlan:
         ref = parse_queue(queue)
         if model_set is None or ref is None:
@@ -255,15 +253,6 @@ def planner(
         loaded = ref.model in model_set.loaded() and not draining
         holding = set(held_by_model(held()))
         others = holding - {ref.model}
-        busy = model_set.busy() or bool(others)
-        now = time.monotonic()
-        if not busy:
-            busy_since.clear()
-        elif not busy_since:
-            busy_since.append(now)
-        # A model's turn comes once it has gone the bound without one while the worker was busy (a
-        # worker idle for an hour owes no model a turn the moment a mixed batch lands).
-        waited = min(model_set.since_turn(ref.model), now - busy_since[0]) if busy_since else 0.0
         placement = replace(
             base,
             loaded_here=loaded,
@@ -271,7 +260,7 @@ def planner(
             busy_here=not loaded and model_set.would_displace(ref.model, also=others),
             swap_needed=not loaded and model_set.would_swap(ref.model, also=others),
             committed_here=ref.model in holding or draining,
-            since_turn_s=waited,
+            since_turn_s=model_set.since_turn(ref.model),
             may_block=loaded,
         )
         return plan(queue, placement)
