@@ -127,6 +127,8 @@ def test_the_plan_bounds_only_a_swap_while_another_worker_has_the_model() -> Non
     assert plan(QUEUE, replace(busy, since_turn_s=2.5)).tiers == (Tier(QUEUE, min_age_ms=2500),)  # its turn
     assert plan(QUEUE, replace(busy, swap_needed=False)).tiers == (Tier(QUEUE),)  # it fits beside them
     assert plan(QUEUE, replace(busy, busy_here=False)).tiers == (Tier(QUEUE),)  # an idle worker takes anything
+    # ... the jobs that waited what reloading its idle models would cost (less their idle time):
+    assert plan(QUEUE, replace(busy, busy_here=False, swap_after_s=1.5)).tiers == (Tier(QUEUE, min_age_ms=1500),)
     assert plan(QUEUE, replace(flat, loaded_here=False, committed_here=True)).tiers == ()  # its jobs await a load
     swapping = replace(placed, loaded_here=False, loaded_elsewhere=True, max_swap_wait_s=2.5)
     assert plan(QUEUE, swapping).tiers == (Tier(QUEUE, 2500, Select.MINE), Tier(QUEUE, 2500, Select.THEIRS))

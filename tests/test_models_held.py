@@ -114,22 +114,23 @@ def test_a_measured_overhead_lets_a_second_model_be_taken_beside_a_loaded_one() 
     assert not models.would_swap("b")
 
 
-def test_a_swap_displaces_work_until_the_model_in_the_way_sat_idle_as_long_as_its_load_took() -> None:
+def test_an_idle_model_is_swapped_out_for_jobs_once_its_idle_time_and_their_wait_add_up_to_its_load() -> None:
     held = {"a": 1}
     models = model_set(measured(a=100, b=100, c=100), budget=250, held=held, load_s=0.5)
     models.tend()  # a loaded, in 0.5 s
     held["b"] = 1
     models.tend()  # b loaded beside it
     assert models.loaded() == ["a", "b"]
-    assert models.would_swap("c") and models.would_displace("c")  # both have jobs
+    assert models.would_swap("c") and models.swap_wait("c") is None  # both have jobs
     models.enter("a")  # a's job runs, and its queue runs dry: more may be between two arrivals
     assert models.acquire("a", 0.1)
     models.leave("a", generating=True)
     held["a"] = 0
-    assert models.would_displace("c")
-    time.sleep(0.6)  # idle as long as loading it back would take
-    assert not models.would_displace("c")
-    assert models.would_displace("c", also=["b", "a"])  # jobs held for a again
+    owed = models.swap_wait("c")
+    assert owed is not None and 0 < owed < 0.6  # c's jobs that waited that long may have a's room
+    time.sleep(0.6)  # a sat idle as long as loading it back would take
+    assert models.swap_wait("c") == 0.0
+    assert models.swap_wait("c", also=["b", "a"]) is None  # jobs held for a again
 
 
 def test_the_planner_takes_for_a_model_to_swap_in_once_the_one_in_its_way_is_idle() -> None:
@@ -144,7 +145,7 @@ def test_the_planner_takes_for_a_model_to_swap_in_once_the_one_in_its_way_is_idl
     assert take("c.mlx.batch").tiers == ()  # a and b have jobs: c waits its turn (the bound is long)
     queues["a.mlx.batch"] = held["a"] = 0  # a's share is done
     time.sleep(0.4)  # and it sat idle longer than its load took
-    assert take("c.mlx.batch").tiers != ()  # unloading a for c displaces no work: c is taken at once
+    assert take("c.mlx.batch").tiers == (Tier("c.mlx.batch"),)  # unloading a displaces no work: c now
     assert take("c.mlx.batch").block is False  # never a blocking read for a model not loaded
 
 

@@ -237,8 +237,8 @@ def planner(
     A model this process holds jobs of counts as loaded here (it is committed to it: the jobs wait
     for its load), and jobs held of other models are work a swap would displace, so the first
     consumer to take for an unloaded model commits the process and the others wait their turn (takes
-    are serialised). A swap that would unload only idle models displaces nothing: it is taken at once
-    (ModelSet.would_displace)."""
+    are serialised). A swap that would unload only idle models displaces nothing: it is taken for jobs
+    that waited long enough (ModelSet.swap_wait)."""
     base = Placement(
         prefix_affinity=settings.prefix_affinity,
         steal_after_s=settings.prefix_steal_after_s,
@@ -253,11 +253,13 @@ def planner(
         loaded = ref.model in model_set.loaded() and not draining
         holding = set(held_by_model(held()))
         others = holding - {ref.model}
+        swap_wait = 0.0 if loaded else model_set.swap_wait(ref.model, also=others)
         placement = replace(
             base,
             loaded_here=loaded,
             loaded_elsewhere=ref.model in others_loaded(),
-            busy_here=not loaded and model_set.would_displace(ref.model, also=others),
+            busy_here=swap_wait is None,
+            swap_after_s=swap_wait or 0.0,
             swap_needed=not loaded and model_set.would_swap(ref.model, also=others),
             committed_here=ref.model in holding or draining,
             since_turn_s=model_set.since_turn(ref.model),

@@ -244,30 +244,41 @@ class ModelSet:
             return True
         return sum(self.sizes.size(m) for m in held) + self.sizes.size(model) > self.budget_bytes
 
-    def would_displace(self, model: str, also: Iterable[str] = ()) -> bool:
-        """Whether making room for `model` would unload a model that has work here: one with jobs held,
-        waiting or generating, or one idle for less time than its last load took (its jobs may be
-        between two arrivals; unloading it is worth it once it sat idle as long as loading it back
-        would take, the ski-rental rule). `also` are models the worker holds jobs for. A swap that
-        displaces no work costs no loaded model anything, so the scheduler lets it happen at once."""
+    def swap_wait(self, model: str, also: Iterable[str] = ()) -> float | None:
+        """What making room for `model` would cost the models loaded here: None when it would unload a
+        model with work (jobs held, waiting or generating); else how long a job for `model` should have
+        waited before it does: an idle model in the way is unloaded for a job once the model's idle
+        time and the job's wait add up to the model's last load (the ski-rental rule: a model whose
+        jobs keep coming within its load time is not swapped out for a newcomer's first job, while a
+        backlog that waited that long, a batch's, swaps as soon as the model in its way has run out
+        of jobs). Idle models go least recently used first, as the plan unloads them. `also` are
+        models the worker holds jobs for."""
         held = self._held()
         now = time.monotonic()
         with self._lock:
             if model in self._servers:
-                return False
-            idle = {
-                m
-                for m in self._servers
-                if self._ready[m].is_set()
-                and not self._generating[m]
-                and not self._waiting_now(m, held)
-                and now - self._last_used[m] >= self._load_s.get(m, 0.0)
-            }
-            kept = (set(self._servers) - idle) | set(also)
+                return 0.0
+            idle = sorted(
+                (
+                    m
+                    for m in self._servers
+                    if self._ready[m].is_set() and not self._generating[m] and not self._waiting_now(m, held)
+                ),
+                key=lambda m: self._last_used[m],
+            )
+            owed = {m: max(0.0, self._load_s.get(m, 0.0) - (now - self._last_used[m])) for m in idle}
+            kept = (set(self._servers) - set(idle)) | set(also)
         kept.discard(model)
         if not all(self.sizes.known(m) for m in (*kept, *idle, model)):
-            return bool(kept or idle)
-        return sum(self.sizes.size(m) for m in kept) + self.sizes.size(model) > self.budget_bytes
+            return None if kept or idle else 0.0
+        used = sum(self.sizes.size(m) for m in (*kept, *idle)) + self.sizes.size(model)
+        wait = 0.0
+        for victim in idle:
+            if used <= self.budget_bytes:
+                break
+            used -= self.sizes.size(victim)
+            wait = max(wait, owed[victim])
+        return wait if used <= self.budget_bytes else None
 
     def since_turn(self, model: str) -> float:
         """Seconds since the model last served a job here (or since the worker started): how long
