@@ -74,6 +74,9 @@ class StreamsBroker(dramatiq.Broker):
         self.outage = OutagePolicy(outage_patience_s)  # its consumers' requeue and settle too
         self.queues: set[str] = set()
         self.planner = planner  # queue -> where its consumer takes from next (jobcontract.scheduling)
+        # queue -> whether the jobs its consumer holds may go to worker threads now. A multi-model worker
+        # holds a model's jobs back until the model is loaded, so no thread waits on a load.
+        self.gate: Callable[[str], bool] = _always
         self.take_lock = threading.Lock()  # one plan-and-take at a time in this process
         self.consumers: list[StreamsConsumer] = []
 
@@ -201,3 +204,7 @@ class StreamsBroker(dramatiq.Broker):
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _always(_queue: str) -> bool:
+    return True

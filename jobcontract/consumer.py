@@ -42,6 +42,8 @@ POLL_MS = 250
 # How often a consumer whose plan forbids blocking reads (its model is not loaded in this process)
 # looks again: a job for it waits for a load of seconds anyway.
 UNBLOCKED_POLL_MS = 1000
+# How often a consumer holding jobs its gate keeps back (their model is loading) looks again.
+GATE_POLL_MS = 50
 # How often a consumer looks for entries pending on its name that it never received.
 ORPHAN_CHECK_S = 10.0
 # How soon an entry left pending (its job's next step could not be settled) is taken back.
@@ -111,7 +113,7 @@ class StreamsConsumer(dramatiq.Consumer):
 
     def __next__(self) -> StreamMessage | None:
         if self.buffer:
-            return self.buffer.popleft()
+            return self._hand_out()
         with self.lock:
             room = self.prefetch - self.in_flight
             if room <= 0:
@@ -132,7 +134,7 @@ class StreamsConsumer(dramatiq.Consumer):
                     self._take(entry.stream, entry.entry_id, entry.fields)
             self.reconnect_delay = 0.0
             if self.buffer:
-                return self.buffer.popleft()
+                return self._hand_out()
             # A job held back by an age bound (another worker's prefix shard, a model to swap in) is
             # looked at again when it comes of age, not a whole block later.
             block_ms = self._block_ms() if taken.wake_ms is None else max(1, min(self._block_ms(), taken.wake_ms))
@@ -162,7 +164,16 @@ class StreamsConsumer(dramatiq.Consumer):
         for stream, entries in stream_reply(reply):
             for entry_id, fields in entries:
                 self._take(_text(stream), _text(entry_id), fields)
-        return self.buffer.popleft() if self.buffer else None
+        return self._hand_out() if self.buffer else None
+
+    def _hand_out(self) -> StreamMessage | None:
+        """The next held message for a worker thread, unless the broker's gate keeps this queue's jobs
+        back for now (a multi-model worker: their model is not loaded yet). They stay held meanwhile
+        (counted, and settled or handed back as any), and this consumer takes no more."""
+        if self.broker.gate(self.queue_name):
+            return self.buffer.popleft()
+        time.sleep(GATE_POLL_MS / 1000)
+        return None
 
     def _block_ms(self) -> int:
         """How long a read may block: a delay queue's consumer wakes when the first message it holds

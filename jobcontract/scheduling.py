@@ -73,7 +73,8 @@ class Placement:
 
     loaded_here: bool = True
     loaded_elsewhere: bool = False
-    busy_here: bool = False  # this worker holds, runs or waits for jobs of other models
+    busy_here: bool = False  # the swap would unload models with work here (jobs held, running or waiting)
+    swap_after_s: float = 0.0  # else: how long its jobs should have waited first (the idle models' reload)
     swap_needed: bool = True  # loading the queue's model here would unload another
     committed_here: bool = False  # not loaded, but this worker holds jobs for it: they wait for its load
     since_turn_s: float = 0.0  # how long the model has gone without serving a job on this worker
@@ -88,20 +89,23 @@ def plan(queue: str, placement: Placement = Placement()) -> TakePlan:
     when it pays, within a bound, so nothing starves (A A A B B C, not A B A C).
 
     A worker takes at once for a model it has loaded (its own prefix shards first), or one that fits
-    beside what it holds, or any model when it is idle. For a model it would have to swap in, it
-    takes nothing while its own models keep it busy, until that model has gone `max_swap_wait_s`
-    without a turn here (its turn then: the bound is a turn's length, not a job's age, which a
-    backlog makes old at once); and while another live worker has the model loaded, only jobs that
-    waited the bound there (that worker could not start them in time). Once it holds jobs for a
-    model it has not loaded yet, it takes no more until the load: they are enough to start it."""
+    beside what it holds; when the models it would unload for it are idle, the jobs that waited
+    `swap_after_s` (what reloading those models would cost, less their idle time). For a model
+    it would have to swap in while the models in the way have work, it takes only jobs that waited
+    `max_swap_wait_s`, and only once the model has gone that long without a turn here: both bounds,
+    since a job's age alone lets a backlog (old at once) swap back the moment it was swapped out,
+    and a turn's length alone is reset by every moment the worker has nothing to do, so in a steady
+    stream a model would wait for ever. While another live worker has the model loaded, it takes
+    only jobs that waited the bound there (that worker could not start them in time). Once it holds
+    jobs for a model it has not loaded yet, it takes no more until the load: they are enough to
+    start it."""
     if placement.committed_here and not placement.loaded_here:
         return TakePlan((), block=False)
     must_swap = not placement.loaded_here and placement.swap_needed
-    if must_swap and placement.busy_here:
-        if placement.since_turn_s < placement.max_swap_wait_s:
-            return TakePlan((), block=False)  # not its turn yet
-        must_swap = False  # its turn: take at once
-    swap_ms = _ms(placement.max_swap_wait_s) if must_swap and placement.loaded_elsewhere else 0
+    if must_swap and placement.busy_here and placement.since_turn_s < placement.max_swap_wait_s:
+        return TakePlan((), block=False)  # not its turn yet
+    held_back = must_swap and (placement.busy_here or placement.loaded_elsewhere)
+    swap_ms = _ms(placement.max_swap_wait_s) if held_back else _ms(placement.swap_after_s) if must_swap else 0
     if not placement.prefix_affinity:
         return TakePlan((Tier(queue, swap_ms),), block=placement.may_block)
     steal_ms = max(swap_ms, _ms(placement.steal_after_s))

@@ -119,13 +119,16 @@ def test_the_plan_bounds_only_a_swap_while_another_worker_has_the_model() -> Non
     assert plan(QUEUE, bounded).tiers == (Tier(QUEUE, min_age_ms=2500),)
     placed = Placement(steal_after_s=0.25)
     assert plan(QUEUE, placed).tiers == (Tier(QUEUE, 0, Select.MINE), Tier(QUEUE, 250, Select.THEIRS))
-    # Several models on this worker: a model to swap in waits its turn while the worker is busy with
-    # its own (the bound is a turn's length: a backlog's jobs are all old at once).
+    # Several models on this worker: a model to swap in waits its turn while the models in its way
+    # have work (a turn's length: a backlog's jobs are all old at once), then takes the jobs that
+    # waited the bound (a job's age: moments with nothing to do do not restart its wait).
     busy = replace(flat, loaded_here=False, busy_here=True, max_swap_wait_s=2.5, since_turn_s=1.0)
     assert plan(QUEUE, busy) == TakePlan((), block=False)
-    assert plan(QUEUE, replace(busy, since_turn_s=2.5)).tiers == (Tier(QUEUE),)  # its turn
+    assert plan(QUEUE, replace(busy, since_turn_s=2.5)).tiers == (Tier(QUEUE, min_age_ms=2500),)  # its turn
     assert plan(QUEUE, replace(busy, swap_needed=False)).tiers == (Tier(QUEUE),)  # it fits beside them
     assert plan(QUEUE, replace(busy, busy_here=False)).tiers == (Tier(QUEUE),)  # an idle worker takes anything
+    # ... the jobs that waited what reloading its idle models would cost (less their idle time):
+    assert plan(QUEUE, replace(busy, busy_here=False, swap_after_s=1.5)).tiers == (Tier(QUEUE, min_age_ms=1500),)
     assert plan(QUEUE, replace(flat, loaded_here=False, committed_here=True)).tiers == ()  # its jobs await a load
     swapping = replace(placed, loaded_here=False, loaded_elsewhere=True, max_swap_wait_s=2.5)
     assert plan(QUEUE, swapping).tiers == (Tier(QUEUE, 2500, Select.MINE), Tier(QUEUE, 2500, Select.THEIRS))

@@ -72,12 +72,16 @@ def test_a_generating_model_is_drained_not_unloaded_and_the_wanted_one_waits() -
     assert run(models) == (Wait("b", 6 * GB, 4 * GB), Drain("a", "b"))
 
 
-def test_a_drained_model_is_swapped_out_once_its_jobs_are_done_even_with_jobs_waiting_for_it() -> None:
+def test_a_drained_model_runs_the_jobs_held_for_it_before_it_is_swapped_out() -> None:
+    # Its queue gives it no more (the drain), but the jobs the worker holds for it would want it
+    # back the moment it went: a swap for nothing, then another.
     models = {
         "a": state(6, loaded=True, waiting=3, draining=True, last_used=990),
         "b": state(6, waiting=1, since=5),
     }
-    assert run(models) == (Unload("a", UnloadReason.SWAP), Load("b"))
+    assert run(models) == (Wait("b", 6 * GB, 4 * GB), Drain("a", "b"))
+    idle = {**models, "a": state(6, loaded=True, draining=True, last_used=995)}
+    assert run(idle) == (Unload("a", UnloadReason.SWAP), Load("b"))
 
 
 def test_a_loaded_model_with_jobs_about_to_run_is_not_evicted() -> None:

@@ -167,6 +167,9 @@ def serve(
         dead_letter_cap=settings.dead_letter_cap,
     )
     broker.planner = planner(settings, model_set, others_loaded(client, keys, consumer_name), broker.held)
+    if model_set is not None:
+        model_set.watch_held(lambda: held_by_model(broker.held()))
+        broker.gate = gate(model_set)
     declare_actors(broker, runners, queues)
 
     def record() -> WorkerModels:
@@ -232,15 +235,15 @@ def planner(
     """Where this process's consumers take from next (jobcontract.scheduling): by prompt prefix, and
     with several models by what this worker holds and has loaded and what the others have loaded.
     A model this process holds jobs of counts as loaded here (it is committed to it: the jobs wait
-    for its load), and jobs held of other models make it busy, so the first consumer to take for an
-    unloaded model commits the process and the others wait their turn (takes are serialised)."""
+    for its load), and jobs held of other models are work a swap would displace, so the first
+    consumer to take for an unloaded model commits the process and the others wait their turn (takes
+    are serialised). A swap that would unload only idle models displaces nothing: it is taken for jobs
+    that waited long enough (ModelSet.swap_wait)."""
     base = Placement(
         prefix_affinity=settings.prefix_affinity,
         steal_after_s=settings.prefix_steal_after_s,
         max_swap_wait_s=settings.max_swap_wait_s,
     )
-
-    busy_since: list[float] = []  # when this worker last went from idle to busy (empty: idle)
 
     def for_queue(queue: str) -> TakePlan:
         ref = parse_queue(queue)
@@ -248,34 +251,45 @@ def planner(
             return plan(queue, base)
         draining = model_set.draining(ref.model)  # being emptied for a swap: take nothing new for it
         loaded = ref.model in model_set.loaded() and not draining
-        holding: set[str] = set()
-        for held_queue, count in held().items():
-            held_ref = parse_queue(held_queue)
-            if held_ref is not None and count:
-                holding.add(held_ref.model)
+        holding = set(held_by_model(held()))
         others = holding - {ref.model}
-        busy = model_set.busy() or bool(others)
-        now = time.monotonic()
-        if not busy:
-            busy_since.clear()
-        elif not busy_since:
-            busy_since.append(now)
-        # A model's turn comes once it has gone the bound without one while the worker was busy (a
-        # worker idle for an hour owes no model a turn the moment a mixed batch lands).
-        waited = min(model_set.since_turn(ref.model), now - busy_since[0]) if busy_since else 0.0
+        swap_wait = 0.0 if loaded else model_set.swap_wait(ref.model, also=others)
         placement = replace(
             base,
             loaded_here=loaded,
             loaded_elsewhere=ref.model in others_loaded(),
-            busy_here=busy,
+            busy_here=swap_wait is None,
+            swap_after_s=swap_wait or 0.0,
             swap_needed=not loaded and model_set.would_swap(ref.model, also=others),
             committed_here=ref.model in holding or draining,
-            since_turn_s=waited,
+            since_turn_s=model_set.since_turn(ref.model),
             may_block=loaded,
         )
         return plan(queue, placement)
 
     return for_queue
+
+
+def held_by_model(held: dict[str, int]) -> dict[str, int]:
+    """Model -> jobs this process holds (taken, not settled), from the consumers' counts per queue."""
+    counts: dict[str, int] = {}
+    for queue, count in held.items():
+        ref = parse_queue(queue)
+        if ref is not None and count:
+            counts[ref.model] = counts.get(ref.model, 0) + count
+    return counts
+
+
+def gate(model_set: ModelSet) -> Callable[[str], bool]:
+    """The consumers' gate of a multi-model process: a queue's held jobs go to worker threads once
+    their model may run them (ModelSet.runnable); until then they wait in their consumer, so every
+    thread stays free for the models that are loaded."""
+
+    def may_run(queue: str) -> bool:
+        ref = parse_queue(queue)
+        return ref is None or ref.delayed or model_set.runnable(ref.model)
+
+    return may_run
 
 
 def others_loaded(client: redis.Redis, keys: Keys, me: str) -> Callable[[], frozenset[str]]:

@@ -8,9 +8,15 @@ small beside reading the weights.
 
 The decisions (what to load, unload and drain, and why) are workers.models.plan.plan(), a pure
 function; this module only carries them out from one thread, so loads happen one at a time (memory
-is freed before it is taken), and feeds the next plan what happened: how many jobs wait for and
-generate on each model (counted through the lease each attempt holds, ModelHandle.using), the
-servers' measured memory, and which server died.
+is freed before it is taken, and a load is measured before the next is planned), and feeds the
+next plan what happened: how many jobs wait for and generate on each model (the jobs the process's
+consumers hold, and the lease each attempt holds, ModelHandle.using), the servers' measured memory,
+and which server died.
+
+A job held for a model that is not loaded waits in its consumer, not on a worker thread
+(`runnable()` is the consumer's gate, jobcontract.broker): a thread blocked on a load is a thread
+the loaded models' jobs cannot have, and a loaded model whose jobs find no thread looks idle, is
+swapped out, and is wanted again at once (the models then load in strict rotation).
 """
 
 from __future__ import annotations
@@ -126,9 +132,11 @@ class ModelSet:
         self._servers: dict[str, ServerSupervisor] = {}  # loaded, or loading
         self._ready: dict[str, threading.Event] = {m: threading.Event() for m in self.specs}
         self._last_used: dict[str, float] = dict.fromkeys(self.specs, 0.0)
+        self._load_s: dict[str, float] = {}  # how long each model's last load took: what unloading it may cost
         self._waiting: dict[str, int] = dict.fromkeys(self.specs, 0)
         self._generating: dict[str, int] = dict.fromkeys(self.specs, 0)
         self._waiting_since: dict[str, float] = {}
+        self._held: Callable[[], Mapping[str, int]] = dict  # model -> jobs the process's consumers hold
         self._draining: set[str] = set()
         self._crashed: set[str] = set()  # its server died: unload it, load it again alone
         self._died_loading: set[str] = set()
@@ -143,6 +151,16 @@ class ModelSet:
         metrics.set_budget(budget_bytes)
         for model in self.specs:
             metrics.create_series(model)
+
+    def watch_held(self, held: Callable[[], Mapping[str, int]]) -> None:
+        """Where to read how many jobs of each model the process holds (taken, not settled): those not
+        on a thread yet wait for the model as much as those that are."""
+        self._held = held
+
+    def _waiting_now(self, model: str, held: Mapping[str, int]) -> int:
+        """Jobs waiting for the model: held and not generating (under the lock). A job between its end
+        and its ack counts for a moment: the model then looks wanted a little longer, never idle early."""
+        return max(self._waiting[model], held.get(model, 0) - self._generating[model])
 
     # -- what jobs call ---------------------------------------------------------------------------------
     def server(self, model: str) -> ServerSupervisor | None:
@@ -163,35 +181,37 @@ class ModelSet:
                 self._generating[model] -= 1
             else:
                 self._waiting[model] -= 1
-                if self._waiting[model] == 0:
-                    self._waiting_since.pop(model, None)
             self._last_used[model] = time.monotonic()
         self._wake.set()
 
     def acquire(self, model: str, timeout_s: float) -> bool:
-        """Let a waiting job generate on the model if it is loaded and not drained, waiting up to
-        `timeout_s` for that; the job then counts as generating until it leaves."""
+        """Let a waiting job generate on the model once it is loaded, waiting up to `timeout_s` for
+        that; the job then counts as generating until it leaves. A drained model still runs the jobs
+        the process holds for it (its queue gives it no more): they are few, and unloading it under
+        them would only have them want it again."""
         deadline = time.monotonic() + max(0.0, timeout_s)
         while True:
             with self._lock:
-                if model in self._servers and self._ready[model].is_set() and model not in self._draining:
+                if model in self._servers and self._ready[model].is_set():
                     self._waiting[model] -= 1
-                    if self._waiting[model] == 0:
-                        self._waiting_since.pop(model, None)
                     self._generating[model] += 1
                     self._last_used[model] = time.monotonic()
                     return True
-                loaded = model in self._servers and self._ready[model].is_set()
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            if loaded:
-                self._stop.wait(min(left, 0.02))  # drained: its turn comes when the drain ends
-            else:
-                self._ready[model].wait(left)
+            self._ready[model].wait(min(left, 0.25))  # unloaded and loaded again meanwhile: look again
 
     def refused(self, model: str) -> str | None:
         return self._refused.get(model)
+
+    def runnable(self, model: str) -> bool:
+        """Whether a held job of the model may have a worker thread (the consumer's gate): its model is
+        loaded; or it was refused, or its last load failed, so the job fails over (or waits for the
+        retried load within its load wait) as it would on any worker, rather than wait unseen."""
+        with self._lock:
+            loaded = model in self._servers and self._ready[model].is_set()
+            return loaded or model in self._refused or model in self._load_failures
 
     # -- what the worker process reads ------------------------------------------------------------------
     def loaded(self) -> list[str]:
@@ -201,8 +221,9 @@ class ModelSet:
     def busy(self) -> bool:
         """Whether jobs generate on, or wait for, a model this worker has loaded: then a job for
         another model is worth a swap only once it waited the swap bound (jobcontract.scheduling)."""
+        held = self._held()
         with self._lock:
-            return any(self._generating[m] or self._waiting[m] for m in self._servers)
+            return any(self._generating[m] or self._waiting_now(m, held) for m in self._servers)
 
     def draining(self, model: str) -> bool:
         """Whether the model is being drained for a swap: its queue takes nothing new meanwhile."""
@@ -211,13 +232,53 @@ class ModelSet:
 
     def would_swap(self, model: str, also: Iterable[str] = ()) -> bool:
         """Whether loading `model` now would have to unload another: it does not fit beside the models
-        loaded or loading, and `also` (models the worker has taken jobs for, to be loaded next)."""
+        loaded or loading, and `also` (models the worker has taken jobs for, to be loaded next). Beside
+        a model whose size is not known yet (no server measured: see ModelSizes.known), it may not:
+        the worker then commits to one model until its load is measured."""
         with self._lock:
             if model in self._servers:
                 return False
             held = set(self._servers) | set(also)
         held.discard(model)
+        if held and not all(self.sizes.known(m) for m in (*held, model)):
+            return True
         return sum(self.sizes.size(m) for m in held) + self.sizes.size(model) > self.budget_bytes
+
+    def swap_wait(self, model: str, also: Iterable[str] = ()) -> float | None:
+        """What making room for `model` would cost the models loaded here: None when it would unload a
+        model with work (jobs held, waiting or generating); else how long a job for `model` should have
+        waited before it does: an idle model in the way is unloaded for a job once the model's idle
+        time and the job's wait add up to the model's last load (the ski-rental rule: a model whose
+        jobs keep coming within its load time is not swapped out for a newcomer's first job, while a
+        backlog that waited that long, a batch's, swaps as soon as the model in its way has run out
+        of jobs). Idle models go least recently used first, as the plan unloads them. `also` are
+        models the worker holds jobs for."""
+        held = self._held()
+        now = time.monotonic()
+        with self._lock:
+            if model in self._servers:
+                return 0.0
+            idle = sorted(
+                (
+                    m
+                    for m in self._servers
+                    if self._ready[m].is_set() and not self._generating[m] and not self._waiting_now(m, held)
+                ),
+                key=lambda m: self._last_used[m],
+            )
+            owed = {m: max(0.0, self._load_s.get(m, 0.0) - (now - self._last_used[m])) for m in idle}
+            kept = (set(self._servers) - set(idle)) | set(also)
+        kept.discard(model)
+        if not all(self.sizes.known(m) for m in (*kept, *idle, model)):
+            return None if kept or idle else 0.0
+        used = sum(self.sizes.size(m) for m in (*kept, *idle)) + self.sizes.size(model)
+        wait = 0.0
+        for victim in idle:
+            if used <= self.budget_bytes:
+                break
+            used -= self.sizes.size(victim)
+            wait = max(wait, owed[victim])
+        return wait if used <= self.budget_bytes else None
 
     def since_turn(self, model: str) -> float:
         """Seconds since the model last served a job here (or since the worker started): how long
@@ -259,14 +320,21 @@ class ModelSet:
         for model in sorted(self._crashed):
             self._crashed.discard(model)
             self._unload(model, UnloadReason.CRASHED, force=True)
+        held = self._held()
         now = time.monotonic()
         with self._lock:
+            waiting = {m: self._waiting_now(m, held) for m in self.specs}
+            for model, count in waiting.items():
+                if count:
+                    self._waiting_since.setdefault(model, now)
+                else:
+                    self._waiting_since.pop(model, None)
             states = {
                 m: ModelState(
                     size_bytes=self.sizes.size(m),
                     loaded=m in self._servers,
                     generating=self._generating[m],
-                    waiting=self._waiting[m] if self._retry_at.get(m, 0.0) <= now else 0,
+                    waiting=waiting[m] if self._retry_at.get(m, 0.0) <= now else 0,
                     last_used=self._last_used[m],
                     draining=m in self._draining,
                     waiting_since=self._waiting_since.get(m, now),
@@ -286,8 +354,11 @@ class ModelSet:
                 if not self._unload(decision.model, decision.reason):
                     return  # a job took it meanwhile: plan again with that known
             elif isinstance(decision, Load):
+                # One load a pass: its measured size is what the next plan knows (a size from the
+                # files alone may leave out most of what a server holds).
                 self._load(decision.model, swap=swapped)
-                swapped = False
+                self._wake.set()
+                break
             elif isinstance(decision, TooLarge):
                 reason = f"needs {decision.size_bytes} bytes, over this worker's budget of {decision.budget_bytes}"
                 if self._refused.get(decision.model) != reason:
@@ -321,6 +392,7 @@ class ModelSet:
         self._load_failures.pop(model, None)
         with self._lock:
             self._last_used[model] = time.monotonic()
+            self._load_s[model] = self._last_used[model] - started
         self._ready[model].set()
         self._measure_one(model, server)
         self.metrics.loads.labels(**self._labels(model)).inc()

@@ -6,14 +6,16 @@ carries the decisions out (starts and stops the servers) and feeds the next call
 
 A job this worker took for a model is served: when it was worth taking (the consumer's scheduler
 decides that, within GENQ_MAX_SWAP_WAIT_S), it is worth a swap. So a model generating for other jobs
-does not keep it waiting forever: it is drained (takes no new job) until it is idle, then unloaded.
+does not keep it waiting forever: it is drained (its queue gives it no new job), runs the few jobs
+the worker already holds for it (at most a consumer's prefetch), and is unloaded once idle. Unloaded
+earlier, those jobs would want it back at once: a swap for nothing.
 
 The rules, in order:
 1. A loaded model with no job (generating or waiting) for longer than the keep-alive is unloaded.
 2. Models held over the budget (a model's recorded size was raised after its server died) shed
    idle models, least recently used first, until they fit again.
 3. Each wanted model (jobs wait for it, it is not loaded), longest waiting first, is loaded if it
-   fits beside what stays; to make it fit, idle models (then drained ones, once idle) are unloaded,
+   fits beside what stays; to make it fit, idle models (no job generating or waiting) are unloaded,
    least recently used first (a swap). A model larger than the whole budget is refused (TooLarge).
    One that would fit once busy models finish waits (Wait), and those busy models, least recently
    used first, as many as it needs, are drained (Drain). A model generating is never unloaded.
@@ -100,10 +102,10 @@ def plan(
         return sum(models[name].size_bytes for name in held)
 
     def evictable() -> list[str]:
-        """Loaded models running no job, that no job waits for (or drained): idle ones first, then the
-        drained, least recently used first within each."""
-        free = [n for n in held if models[n].generating == 0 and (models[n].waiting == 0 or models[n].draining)]
-        return sorted(free, key=lambda n: (models[n].waiting > 0, models[n].last_used, n))
+        """Loaded models running no job, that no job waits for (drained or not), least recently used
+        first."""
+        free = [n for n in held if models[n].generating == 0 and models[n].waiting == 0]
+        return sorted(free, key=lambda n: (models[n].last_used, n))
 
     def unload(name: str, reason: UnloadReason) -> None:
         held.discard(name)
@@ -113,7 +115,7 @@ def plan(
         state = models[name]
         if state.generating == 0 and state.waiting == 0 and now - state.last_used > keep_alive_s:
             unload(name, UnloadReason.KEEP_ALIVE)
-    for name in [n for n in evictable() if models[n].waiting == 0]:
+    for name in evictable():
         if used() <= budget_bytes:
             break
         unload(name, UnloadReason.OVER_BUDGET)

@@ -95,3 +95,10 @@ class ModelSizes:
 
     def raised(self, model: str) -> bool:
         return model in self._raised
+
+    def known(self, model: str) -> bool:
+        """Whether the size is more than the files: measured, raised, or the files plus an overhead
+        measured on another model. Before any server ran, a model's size is its weights alone, which
+        can be a small part of what its server holds (a tiny model's interpreter and runtime dwarf
+        its weights), so what fits beside it is not known yet."""
+        return model in self._measured or model in self._raised or self._overhead > 0
