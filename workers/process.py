@@ -272,6 +272,7 @@ def planner(
             committed_here=ref.model in holding or draining,
             since_turn_s=waited,
             may_block=loaded,
+            may_idle=False,  # a load or swap here changes what to read, with no partition made
         )
         return plan(queue, placement)
 
