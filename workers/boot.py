@@ -64,9 +64,12 @@ def _lead_own_group_and_follow_parent() -> None:
     and stop gracefully when the supervisor dies: the kernel tells us on Linux, a watcher elsewhere."""
     with contextlib.suppress(PermissionError):
         os.setpgid(0, 0)
+    parent = os.getppid()
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    parent = os.getppid()
+        if os.getppid() != parent:  # it died before the kernel was asked to tell us
+            os.kill(os.getpid(), signal.SIGTERM)
+        return  # the kernel tells us: no thread waking twice a second to look
 
     def watch_parent() -> None:
         while True:
