@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 # Children are looked at when one exits (its sentinel wakes the supervisor), when a vouch or the chores
 # are due, and this often while one is starting, so a worker joins its pool the moment it serves.
 READY_POLL_S = 0.02
+# A vouch or chore Redis failed is tried again this soon.
+RETRY_S = 0.5
 
 
 def vouch_every_s(liveness_ttl_s: float) -> float:
@@ -178,7 +180,9 @@ class WorkerPool:
                 self._vouch_for(self.children)
                 self._next_vouch = now + self._vouch_every_s
             if now >= self._next_chores:
-                self._next_chores = now + self._chores_every_s
+                # Due again just before the vouch that many vouches on: the chores ride on a vouch's
+                # wake-up instead of one of their own (the supervisor sleeps between the two).
+                self._next_chores = now + self._chores_every_s - self._vouch_every_s / 2
                 self.broker.reclaim_dead_consumers()
                 if any(c.ready.is_set() for c in self.children):  # only a serving pool takes others' work
                     self.rescuer.run_once()
@@ -191,7 +195,9 @@ class WorkerPool:
         starting = any(not c.ready.is_set() and c.process.is_alive() for c in self.children)
         if starting:
             return READY_POLL_S
-        return min(self._next_vouch, self._next_chores) - time.monotonic()
+        due = min(self._next_vouch, self._next_chores + self._vouch_every_s / 2)
+        left = due - time.monotonic()
+        return left if left > 0 else RETRY_S  # overdue: Redis failed the last try
 
     def _vouch_for(self, children: list[Child], *, serving: bool = True) -> None:
         """Renew each child's liveness key; add the ready ones to the pool set unless `serving` is off."""
