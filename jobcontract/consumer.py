@@ -384,6 +384,7 @@ class StreamsConsumer(dramatiq.Consumer):
         if self.buffer:
             self.requeue(list(self.buffer))
             self.buffer.clear()
+        self.idle_reader.close()
 
     def _leave_pending(self, delivered: StreamMessage) -> None:
         """Forget the entry here without touching Redis, and look for it again soon: an entry pending
