@@ -37,10 +37,13 @@ from jobcontract.consumer import StreamsConsumer
 from jobcontract.keys import CONSUMER_GROUP, Keys
 from jobcontract.outage import OutagePolicy
 from jobcontract.protocol.entry import DeadLetterCap
-from jobcontract.protocol.queue import Enqueue, Reclaim, Requeue
+from jobcontract.protocol.queue import DeadConsumers, Enqueue, Reclaim, Requeue
 from jobcontract.scheduling import TakePlan, message_partition, plan
 
 __all__ = ["LeavePending", "StreamMessage", "StreamsBroker", "StreamsConsumer"]
+
+# How long a stopping broker keeps ending idle reads that began as it stopped.
+QUIET_PATIENCE_S = 1.0
 
 
 class StreamsBroker(dramatiq.Broker):
@@ -79,6 +82,29 @@ class StreamsBroker(dramatiq.Broker):
         self.gate: Callable[[str], bool] = _always
         self.take_lock = threading.Lock()  # one plan-and-take at a time in this process
         self.consumers: list[StreamsConsumer] = []
+        self.quieting = threading.Event()  # the worker stops: no consumer starts a long idle read
+
+    def emit_before(self, signal: str, *args: Any, **kwargs: Any) -> None:
+        if signal == "worker_shutdown":  # dramatiq's Worker.stop: end the idle reads, or it waits them out
+            self.quiet()
+        super().emit_before(signal, *args, **kwargs)
+
+    def quiet(self) -> None:
+        """From now on consumers read as briefly as before idle reads existed, and the idle reads under
+        way end at once (CLIENT UNBLOCK). Asked again for a moment: an unblock that reached Redis just
+        before its read did would leave that read waiting its whole block."""
+        self.quieting.set()
+        deadline = time.monotonic() + QUIET_PATIENCE_S
+        while True:
+            waiting = [c for c in self.consumers if c.reading_idle()]
+            if not waiting or time.monotonic() > deadline:
+                return
+            for consumer in waiting:
+                try:
+                    consumer.wake()
+                except redis.RedisError:
+                    return  # Redis away: the reads fail by themselves
+            time.sleep(0.02)
 
     # -- declaring -------------------------------------------------------------------------------------
     def declare_queue(self, queue_name: str) -> None:
@@ -94,12 +120,12 @@ class StreamsBroker(dramatiq.Broker):
         self.emit_after("declare_delay_queue", delayed)
 
     def ensure_group(self, queue_name: str) -> None:
-        """Create the group of the queue's stream, and of each partition in its partition set, from
-        id 0, so jobs added before any worker existed are seen (a partition's stream deleted while
+        """Create the group of the queue's stream, of each partition in its partition set and of its bell,
+        from id 0, so jobs added before any worker existed are seen (a partition's stream deleted while
         listed is made again, empty, rather than failing every blocking read on it)."""
         try:
             self.client.sadd(self.keys.queues, queue_name)
-            for stream in self.partition_streams(queue_name):
+            for stream in [*self.partition_streams(queue_name), self.keys.bell(queue_name)]:
                 try:
                     self.client.xgroup_create(stream, CONSUMER_GROUP, id="0", mkstream=True)
                 except redis.ResponseError as error:
@@ -163,30 +189,25 @@ class StreamsBroker(dramatiq.Broker):
     def reclaim_dead_consumers(self) -> int:
         """Hand back every entry held by a consumer nobody vouches for any more; returns how many.
 
-        Safe to run from every worker at once: the script checks liveness and moves atomically.
+        One call finds the dead consumers of every queue's partitions (DeadConsumers), then one Reclaim
+        each: an idle fleet's janitors cost Redis one call a pass. Safe to run from every worker at
+        once: the reclaim checks liveness again and moves atomically.
         """
         moved = 0
-        for raw in self.client.smembers(self.keys.queues):
-            queue = _text(raw)
-            for partition in self.partitions(queue):
-                try:
-                    consumers = self.client.xinfo_consumers(self.keys.partition(queue, partition), CONSUMER_GROUP)
-                except redis.ResponseError:
-                    continue  # the stream or its group is gone
-                for consumer in consumers:
-                    name = _text(consumer["name"])
-                    if name == self.consumer_name:
-                        continue
-                    reclaim = Reclaim(
-                        self.keys, queue, name, self.max_redeliveries, self.dead_letter_cap, partition=partition
-                    )
-                    moved += protocol.run(self.client, reclaim) or 0
+        for queue, partition, name in protocol.run(self.client, DeadConsumers(self.keys, self.consumer_name)):
+            reclaim = Reclaim(self.keys, queue, name, self.max_redeliveries, self.dead_letter_cap, partition=partition)
+            moved += protocol.run(self.client, reclaim) or 0
         return moved
 
     # -- housekeeping for tests and tools ------------------------------------------------------------
     def flush(self, queue_name: str) -> None:
         for name in (queue_name, dq_name(queue_name)):
-            self.client.delete(*self.partition_streams(name), self.keys.partitions(name), self.keys.fair_tags(name))
+            self.client.delete(
+                *self.partition_streams(name),
+                self.keys.partitions(name),
+                self.keys.fair_tags(name),
+                self.keys.bell(name),
+            )
             self.ensure_group(name)
 
     def flush_all(self) -> None:

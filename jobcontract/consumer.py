@@ -22,6 +22,7 @@ from dramatiq.errors import BrokerConnectionError
 
 from jobcontract import protocol
 from jobcontract.connection import MAX_BLOCK_MS, stream_reply
+from jobcontract.idle_read import IdleReader
 from jobcontract.keys import CONSUMER_GROUP, PARTITION_INFIX, SHARD_MARK
 from jobcontract.outage import OUTAGE_ERRORS
 from jobcontract.protocol.entry import QueueEntry
@@ -46,6 +47,20 @@ UNBLOCKED_POLL_MS = 1000
 GATE_POLL_MS = 50
 # How often a consumer looks for entries pending on its name that it never received.
 ORPHAN_CHECK_S = 10.0
+# ... and while it took nothing since the last look: a lost reply (the one way to make an orphan)
+# of its idle reader's connection brings the look forward at once (IdleReader reconnects).
+IDLE_ORPHAN_CHECK_S = 60.0
+# An idle consumer (holding nothing, every partition of its plan read at once, nothing held back by an
+# age bound) waits this long in one read: new partitions ring their queue's bell (entry.lua), a
+# stopping worker ends the read (CLIENT UNBLOCK), and anything added to what it reads wakes it.
+IDLE_BLOCK_MS = 10_000
+# An idle consumer reads again without asking the scheduler first (the take would find the same
+# nothing and the same partitions) for this long; then it asks again, in case of anything missed.
+IDLE_RETAKE_S = 60.0
+# Takes in a row a consumer answers bells with before it returns empty-handed; and how many rings
+# it acks at once.
+BELL_ROUNDS = 3
+BELL_DRAIN = 100
 # How soon an entry left pending (its job's next step could not be settled) is taken back.
 LEFT_PENDING_RETRY_S = 1.0
 
@@ -107,6 +122,12 @@ class StreamsConsumer(dramatiq.Consumer):
         self.slot_freed = threading.Event()
         self.reconnect_delay = 0.0
         self.next_orphan_check = time.monotonic() + ORPHAN_CHECK_S
+        self.took_since_orphan_check = False
+        self.bell = broker.keys.bell(queue_name)
+        self.idle_reader = IdleReader(self.client, IDLE_BLOCK_MS, on_reconnect=self._look_for_orphans_soon)
+        # The partitions an idle read waits on, and until when it may read again without a take first.
+        self.idle_streams: list[str] = []
+        self.idle_until = 0.0
 
     def __iter__(self) -> Iterator[dramatiq.MessageProxy | None]:  # type: ignore[override]
         return self
@@ -121,50 +142,122 @@ class StreamsConsumer(dramatiq.Consumer):
         if room <= 0:
             self.slot_freed.wait(self._block_ms() / 1000)
             return None
+        for _ in range(BELL_ROUNDS):  # a bell is answered with a take at once, not an empty return
+            if not self._round(room) or self.buffer:
+                break
+        return self._hand_out() if self.buffer else None
+
+    def _round(self, room: int) -> bool:
+        """One take (or, idle and nothing changed, none) and one blocking read into the buffer; True when
+        the queue's bell rang (a partition was made: take again, it may be one to read)."""
         try:
             if time.monotonic() >= self.next_orphan_check:
                 self._adopt_orphans()
-            # One take at a time in a process: a plan reads what the process's other consumers hold
-            # (which models it is committed to), so two consumers never both decide on a stale view.
-            with self.broker.take_lock:
-                plan = self.broker.planner(self.queue_name)
-                take = Take(self.broker.keys, self.broker.consumer_name, room, plan, tuple(self.warm))
-                taken = protocol.run(self.client, take)
-                for entry in taken.entries:
-                    self._take(entry.stream, entry.entry_id, entry.fields)
-            self.reconnect_delay = 0.0
-            if self.buffer:
-                return self._hand_out()
-            # A job held back by an age bound (another worker's prefix shard, a model to swap in) is
-            # looked at again when it comes of age, not a whole block later.
-            block_ms = self._block_ms() if taken.wake_ms is None else max(1, min(self._block_ms(), taken.wake_ms))
-            if not taken.streams:  # only age-bounded tiers: nothing to block on
-                time.sleep(min(block_ms, POLL_MS) / 1000)
-                return None
-            if not plan.block:  # a blocking read would take whatever comes, past the plan: look again
-                time.sleep(min(block_ms, UNBLOCKED_POLL_MS) / 1000)
-                return None
-            # Nothing waits: block on every partition until something comes (one entry each at most).
-            reply = self.client.xreadgroup(
-                CONSUMER_GROUP,
-                self.broker.consumer_name,
-                {stream: ">" for stream in taken.streams},
-                count=1,
-                block=block_ms,
-            )
+            if self.idle_streams and room == self.prefetch and time.monotonic() < self.idle_until:
+                reply = self._idle_read(self.idle_streams)  # nothing changed since the take found nothing
+            else:
+                reply = self._take_or_read(room)
+            rung = False
+            for stream, entries in stream_reply(reply):
+                name = _text(stream)
+                if name == self.bell:
+                    rung = True
+                    self._answer_bell([_text(entry_id) for entry_id, _ in entries])
+                    continue
+                for entry_id, fields in entries:
+                    self._take(name, _text(entry_id), fields)
         except OUTAGE_ERRORS as error:  # before ResponseError: a demoted master's READONLY is one
+            self.idle_streams = []
             self._ride_out_read(error)
-            return None
+            return False
         except redis.ResponseError as error:
+            self.idle_streams = []
             if "NOGROUP" not in str(error):
                 raise
             log.warning("a group of %s vanished (Redis restarted without persistence?); recreating", self.stream)
-            self.broker.ensure_group(self.queue_name)  # the queue's own stream, and every partition's
+            self.broker.ensure_group(self.queue_name)  # the queue's own stream, every partition's, its bell
+            return False
+        if rung or self.buffer:
+            self.idle_streams = []
+        return rung
+
+    def _answer_bell(self, entry_ids: list[str]) -> None:
+        """Ack the ring read, and the rings nobody was waiting for (a new tenant's shards ring many
+        times, one per idle reader to wake): one take answers them all."""
+        leftover = stream_reply(
+            self.client.xreadgroup(CONSUMER_GROUP, self.broker.consumer_name, {self.bell: ">"}, count=BELL_DRAIN)
+        )
+        entry_ids += [_text(entry_id) for _, entries in leftover for entry_id, _ in entries]
+        self.client.xack(self.bell, CONSUMER_GROUP, *entry_ids)
+
+    def _take_or_read(self, room: int) -> Any:
+        """Take what the scheduler gives; when that is nothing, block on the partitions to read (and the
+        queue's bell) until something comes. Returns the blocking read's reply (None: nothing read)."""
+        self.idle_streams = []
+        self.took_since_orphan_check = True  # a take or read whose reply is lost leaves orphans
+        # One take at a time in a process: a plan reads what the process's other consumers hold
+        # (which models it is committed to), so two consumers never both decide on a stale view.
+        with self.broker.take_lock:
+            plan = self.broker.planner(self.queue_name)
+            take = Take(self.broker.keys, self.broker.consumer_name, room, plan, tuple(self.warm))
+            taken = protocol.run(self.client, take)
+            for entry in taken.entries:
+                self._take(entry.stream, entry.entry_id, entry.fields)
+        self.reconnect_delay = 0.0
+        if self.buffer:
             return None
-        for stream, entries in stream_reply(reply):
-            for entry_id, fields in entries:
-                self._take(_text(stream), _text(entry_id), fields)
-        return self._hand_out() if self.buffer else None
+        # A job held back by an age bound (another worker's prefix shard, a model to swap in) is
+        # looked at again when it comes of age, not a whole block later.
+        block_ms = self._block_ms() if taken.wake_ms is None else max(1, min(self._block_ms(), taken.wake_ms))
+        if not taken.streams:  # only age-bounded tiers: nothing to block on
+            time.sleep(min(block_ms, POLL_MS) / 1000)
+            return None
+        if not plan.block:  # a blocking read would take whatever comes, past the plan: look again
+            time.sleep(min(block_ms, UNBLOCKED_POLL_MS) / 1000)
+            return None
+        streams = [*taken.streams, self.bell]
+        idle = (
+            plan.may_idle
+            and taken.hidden == 0
+            and taken.wake_ms is None
+            and room == self.prefetch
+            and not self.broker.quieting.is_set()
+        )
+        if idle:
+            self.idle_streams = streams
+            self.idle_until = time.monotonic() + IDLE_RETAKE_S
+            return self._idle_read(streams)
+        # Nothing waits: block on every partition until something comes (one entry each at most).
+        return self.client.xreadgroup(
+            CONSUMER_GROUP,
+            self.broker.consumer_name,
+            {stream: ">" for stream in streams},
+            count=1,
+            block=block_ms,
+        )
+
+    def _idle_read(self, streams: list[str]) -> Any:
+        """Wait long for anything on the partitions of an idle plan, or the bell; a stopping broker
+        ends the wait (wake)."""
+        if self.broker.quieting.is_set():
+            self.idle_streams = []
+            return None
+        reply = self.idle_reader.xreadgroup(
+            CONSUMER_GROUP,
+            self.broker.consumer_name,
+            {stream: ">" for stream in streams},
+            count=1,
+            block_ms=IDLE_BLOCK_MS,
+        )
+        self.reconnect_delay = 0.0
+        return reply
+
+    def wake(self) -> bool:
+        """End an idle read under way (the worker stops); False when none was."""
+        return self.idle_reader.unblock()
+
+    def reading_idle(self) -> bool:
+        return self.idle_reader.reading()
 
     def _hand_out(self) -> StreamMessage | None:
         """The next held message for a worker thread, unless the broker's gate keeps this queue's jobs
@@ -191,6 +284,10 @@ class StreamsConsumer(dramatiq.Consumer):
         """The partition a stream of this queue is (None: the queue's own stream)."""
         prefix = self.stream + PARTITION_INFIX
         return stream[len(prefix) :] if stream.startswith(prefix) else None
+
+    def _look_for_orphans_soon(self) -> None:
+        """The idle reader reconnected: a read of the lost connection may have delivered entries."""
+        self.next_orphan_check = 0.0
 
     def _ride_out_read(self, error: Exception) -> None:
         """Ride out a Redis restart or failover here rather than letting dramatiq restart the consumer."""
@@ -233,9 +330,11 @@ class StreamsConsumer(dramatiq.Consumer):
         a worker thread may ack it between the reply and this look (it was pending when read), and
         taking it then would start a job that has just finished. Only this thread receives entries,
         so nothing is received between the snapshot and the read."""
-        self.next_orphan_check = time.monotonic() + ORPHAN_CHECK_S
         with self.lock:
             held_at_read = set(self.held)
+        busy = self.took_since_orphan_check or bool(held_at_read)
+        self.next_orphan_check = time.monotonic() + (ORPHAN_CHECK_S if busy else IDLE_ORPHAN_CHECK_S)
+        self.took_since_orphan_check = False
         streams = self.broker.partition_streams(self.queue_name)
         reply = self.client.xreadgroup(
             CONSUMER_GROUP, self.broker.consumer_name, {stream: "0" for stream in streams}, count=1000
@@ -296,6 +395,7 @@ class StreamsConsumer(dramatiq.Consumer):
         if self.buffer:
             self.requeue(list(self.buffer))
             self.buffer.clear()
+        self.idle_reader.close()
 
     def _leave_pending(self, delivered: StreamMessage) -> None:
         """Forget the entry here without touching Redis, and look for it again soon: an entry pending

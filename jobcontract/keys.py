@@ -116,6 +116,11 @@ class Keys:
         to such a partition."""
         return self.stream(queue) + ":partitions"
 
+    def bell(self, queue: str) -> str:
+        """A stream rung (one entry) for each partition of a queue made (entry.lua), read by its idle
+        consumers beside the partitions, so a new tenant's first job wakes one at once. Capped (MAXLEN ~)."""
+        return self.stream(queue) + ":bell"
+
     def fair_tags(self, queue: str) -> str:
         """A hash: tenant -> the virtual time its next entry of a queue starts at (start-time fair
         queueing), and `~` -> the queue's virtual time. One field per tenant that ever had a partition."""

@@ -64,6 +64,9 @@ class TakePlan:
 
     tiers: tuple[Tier, ...]
     block: bool = True  # may the consumer block in XREADGROUP (which takes whatever comes) when idle
+    # May an idle consumer wait long in one read (jobcontract.consumer.IDLE_BLOCK_MS): not while what
+    # it should read can change without a new partition (a multi-model worker's loads and swaps).
+    may_idle: bool = True
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,7 @@ class Placement:
     committed_here: bool = False  # not loaded, but this worker holds jobs for it: they wait for its load
     since_turn_s: float = 0.0  # how long the model has gone without serving a job on this worker
     may_block: bool = True  # False while the model is not loaded here: a blocking read bypasses the plan
+    may_idle: bool = True  # False when loads can change the plan (several models): see TakePlan.may_idle
     max_swap_wait_s: float = DEFAULT_MAX_SWAP_WAIT_S
     prefix_affinity: bool = True
     steal_after_s: float = DEFAULT_STEAL_AFTER_S
@@ -107,10 +111,10 @@ def plan(queue: str, placement: Placement = Placement()) -> TakePlan:
     held_back = must_swap and (placement.busy_here or placement.loaded_elsewhere)
     swap_ms = _ms(placement.max_swap_wait_s) if held_back else _ms(placement.swap_after_s) if must_swap else 0
     if not placement.prefix_affinity:
-        return TakePlan((Tier(queue, swap_ms),), block=placement.may_block)
+        return TakePlan((Tier(queue, swap_ms),), block=placement.may_block, may_idle=placement.may_idle)
     steal_ms = max(swap_ms, _ms(placement.steal_after_s))
     tiers = (Tier(queue, swap_ms, Select.MINE), Tier(queue, steal_ms, Select.THEIRS))
-    return TakePlan(tiers, block=placement.may_block)
+    return TakePlan(tiers, block=placement.may_block, may_idle=placement.may_idle)
 
 
 def message_partition(kwargs: dict[str, Any], options: dict[str, Any]) -> str | None:

@@ -47,6 +47,7 @@ BOUNDED: dict[str, str] = {
     r"q:[^:]+\.(interactive|batch)(\.DQ)?:partitions": "a queue's partition set: configured tenants x "
     "(PREFIX_SHARDS + 1) members at most",
     r"q:[^:]+\.(interactive|batch)(\.DQ)?:fair": "a queue's fair-share account: one field per configured tenant",
+    r"q:[^:]+\.(interactive|batch)(\.DQ)?:bell": "a queue's bell, rung once per partition made: XADD MAXLEN ~ 64",
     r"tenant_shares": "the tenants' shares: one field per configured tenant, rewritten when a gateway starts",
     r"placement": "the workers' published models: one field per live worker process; fields whose worker "
     "stopped renewing are dropped on every publish",

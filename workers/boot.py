@@ -39,6 +39,7 @@ def main(settings_json: str, consumer_name: str, ready: Any = None, launch: Laun
         signal.signal(signum, lambda *_: stop.set())
     launched = launch.start() if launch is not None else None
     try:
+        _skip_httpx_command_line()
         from workers.process import serve
         from workers.settings import WorkerSettings
 
@@ -50,6 +51,14 @@ def main(settings_json: str, consumer_name: str, ready: Any = None, launch: Laun
         raise
     on_ready = ready.set if ready is not None else None
     sys.exit(serve(settings, consumer_name, stop, on_ready=on_ready, launched=launched))
+
+
+def _skip_httpx_command_line() -> None:
+    """`import httpx` imports its command-line client (rich, pygments) when they are installed: a
+    third of the worker stack's import time here, taken from the model loading beside it. httpx falls
+    back to a stub when that import fails, which a None in sys.modules makes it do; a worker process
+    never runs httpx's command line."""
+    sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
 
 
 def _kill(launched: Launched | None) -> None:
@@ -64,9 +73,12 @@ def _lead_own_group_and_follow_parent() -> None:
     and stop gracefully when the supervisor dies: the kernel tells us on Linux, a watcher elsewhere."""
     with contextlib.suppress(PermissionError):
         os.setpgid(0, 0)
+    parent = os.getppid()
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    parent = os.getppid()
+        if os.getppid() != parent:  # it died before the kernel was asked to tell us
+            os.kill(os.getpid(), signal.SIGTERM)
+        return  # the kernel tells us: no thread waking twice a second to look
 
     def watch_parent() -> None:
         while True:

@@ -15,6 +15,10 @@ import redis
 
 log = logging.getLogger(__name__)
 
+# How long one look for a cancel waits: a message wakes it at once, so this only bounds how late a
+# stopped watch notices (its thread is a daemon nobody joins); each look costs the worker CPU.
+LISTEN_S = 5.0
+
 
 class CancelWatch:
     def __init__(self, client: redis.Redis, channel: str) -> None:
@@ -48,7 +52,7 @@ class CancelWatch:
                 pubsub = self.client.pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(self.channel)
                 while not self._stopping.is_set():
-                    message = pubsub.get_message(timeout=1.0)
+                    message = pubsub.get_message(timeout=LISTEN_S)
                     if message is None:
                         continue
                     job_id = message["data"].decode() if isinstance(message["data"], bytes) else message["data"]

@@ -72,6 +72,7 @@ def serve(
     routes = {m: settings.routes.get(m).backend(backend) for m in models}
     sizes = ModelSizes({m: file_size_bytes(routes[m].path) for m in models})
     runners: dict[str, JobRunner] = {}
+    on_any_state: list[Callable[[], None]] = []  # the models publisher's poke, once it exists
 
     def make_server(model: str, on_state: Callable[[str], None] | None = None) -> ServerSupervisor:
         labels = {"model": model, "backend": backend.value}
@@ -82,6 +83,8 @@ def serve(
                 metrics.server_restarts.labels(**labels).inc()
             if on_state is not None:
                 on_state(state)
+            for poke in on_any_state:
+                poke()
 
         return ServerSupervisor(
             specs.for_model(settings, model),
@@ -198,6 +201,7 @@ def serve(
         )
 
     publisher = ModelsPublisher(client, keys, record, ttl_s=settings.liveness_ttl_s)
+    on_any_state.append(publisher.poke)
     if model_set is not None:
         model_set.start()
     publisher.start()
@@ -264,6 +268,7 @@ def planner(
             committed_here=ref.model in holding or draining,
             since_turn_s=model_set.since_turn(ref.model),
             may_block=loaded,
+            may_idle=False,  # a load or swap here changes what to read, with no partition made
         )
         return plan(queue, placement)
 

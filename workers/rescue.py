@@ -34,13 +34,21 @@ class Rescuer:
         self.rescue_after_ms = int(rescue_after_s * 1000)
 
     def run_once(self) -> int:
+        """One pass: one call to read the queues and one for every pool's liveness while all pools live
+        (a quiet fleet's pass), more only for a pool with nobody left."""
+        queues = [q for q in (parse_queue(_text(raw)) for raw in self.client.smembers(self.keys.queues)) if q]
+        pools = sorted({(q.model, q.backend) for q in queues}, key=lambda pool: (pool[0], pool[1].value))
+        if not pools:
+            return 0
+        counts: list[int] = protocol.run(self.client, LiveWorkers(self.keys, pools))
+        live = dict(zip(pools, counts, strict=True))
+        dead = [q for q in queues if not live[(q.model, q.backend)]]
+        if not dead:
+            return 0
         seconds, micros = self.client.time()
         now_ms = int(seconds) * 1000 + int(micros) // 1000
         moved = 0
-        for raw in self.client.smembers(self.keys.queues):
-            parts = parse_queue(raw.decode() if isinstance(raw, bytes) else str(raw))
-            if parts is None or self._pool_live(parts.model, parts.backend):
-                continue
+        for parts in dead:
             target = self._target(parts)
             if target is not None:
                 moved += self._move_waiting(parts, target, now_ms)

@@ -13,6 +13,7 @@ import contextlib
 import functools
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import shutil
 import signal
@@ -43,10 +44,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Children are looked at (no Redis) this often, and this often while one is starting, so a worker
-# joins its pool the moment it serves instead of at the next look.
-CHECK_EVERY_S = 0.5
+# Children are looked at when one exits (its sentinel wakes the supervisor), when a vouch or the chores
+# are due, and this often while one is starting, so a worker joins its pool the moment it serves.
 READY_POLL_S = 0.02
+# A vouch or chore Redis failed is tried again this soon.
+RETRY_S = 0.5
 
 
 def vouch_every_s(liveness_ttl_s: float) -> float:
@@ -89,6 +91,8 @@ class WorkerPool:
         self._chores_every_s = chores_every_s(settings.liveness_ttl_s)
         self._next_vouch = 0.0
         self._next_chores = 0.0
+        self._wakeup_read, self._wakeup_write = os.pipe()  # stop() wakes the wait on children
+        os.set_blocking(self._wakeup_write, False)
 
     # The broker and the rescuer import dramatiq and the queue protocol: made when first needed, after
     # the children are spawned, so this import does not delay their start.
@@ -125,18 +129,36 @@ class WorkerPool:
             redact(self.settings.redis_url),
         )
         for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda *_: self.stopping.set())
+            signal.signal(signum, lambda *_: self.stop())
         metrics_dir = self._start_metrics()
         try:
             for _ in range(self.settings.processes):
                 self.children.append(self._spawn())
-            while not self.stopping.wait(self._pause()):
+            while not self.stopping.is_set():
+                self._wait(self._pause())
+                if self.stopping.is_set():
+                    break
                 self._tend()
         finally:
             self._shutdown()
             if metrics_dir is not None:
                 shutil.rmtree(metrics_dir, ignore_errors=True)
         return 0
+
+    def stop(self) -> None:
+        """Stop serving (a signal handler's call too): the wait on the children ends at once."""
+        self.stopping.set()
+        with contextlib.suppress(OSError):  # full or closed: it is awake anyway
+            os.write(self._wakeup_write, b"x")
+
+    def _wait(self, timeout: float) -> None:
+        """Until a child exits, stop() is called, or `timeout` passes: an idle supervisor wakes only
+        for its vouches and chores, not twice a second to look at its children (issue #12)."""
+        ready = multiprocessing.connection.wait(
+            [self._wakeup_read, *(c.process.sentinel for c in self.children)], timeout=max(0.0, timeout)
+        )
+        if self._wakeup_read in ready:
+            os.read(self._wakeup_read, 64)
 
     # -- one pass of care --------------------------------------------------------------------------
     def _tend(self) -> None:
@@ -158,7 +180,9 @@ class WorkerPool:
                 self._vouch_for(self.children)
                 self._next_vouch = now + self._vouch_every_s
             if now >= self._next_chores:
-                self._next_chores = now + self._chores_every_s
+                # Due again just before the vouch that many vouches on: the chores ride on a vouch's
+                # wake-up instead of one of their own (the supervisor sleeps between the two).
+                self._next_chores = now + self._chores_every_s - self._vouch_every_s / 2
                 self.broker.reclaim_dead_consumers()
                 if any(c.ready.is_set() for c in self.children):  # only a serving pool takes others' work
                     self.rescuer.run_once()
@@ -166,9 +190,14 @@ class WorkerPool:
             log.warning("redis unreachable from the supervisor (%s); workers keep their jobs", error)
 
     def _pause(self) -> float:
-        """Until the next look: short while a child is starting (it joins its pool as soon as it serves)."""
+        """Until the next look: short while a child is starting (it joins its pool as soon as it serves),
+        else until a vouch or the chores are due (a child's exit ends the wait sooner)."""
         starting = any(not c.ready.is_set() and c.process.is_alive() for c in self.children)
-        return READY_POLL_S if starting else CHECK_EVERY_S
+        if starting:
+            return READY_POLL_S
+        due = min(self._next_vouch, self._next_chores + self._vouch_every_s / 2)
+        left = due - time.monotonic()
+        return left if left > 0 else RETRY_S  # overdue: Redis failed the last try
 
     def _vouch_for(self, children: list[Child], *, serving: bool = True) -> None:
         """Renew each child's liveness key; add the ready ones to the pool set unless `serving` is off."""

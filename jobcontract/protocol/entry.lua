@@ -10,9 +10,17 @@ end
 local GROUP = 'genq'
 -- The prefix shards of a tenant's partitions: jobcontract.keys.PREFIX_SHARDS (a test checks they agree).
 local SHARDS = 32
+-- A queue's bell (jobcontract.keys.Keys.bell: beside its partition set) is rung once per partition
+-- made, so that many idle consumers blocked on the queue wake and read the new partition too.
+local BELL_CAP = 64
+local function ring(partitions, member)
+  local bell = string.sub(partitions, 1, #partitions - #':partitions') .. ':bell'
+  if redis.call('EXISTS', bell) == 0 then redis.call('XGROUP', 'CREATE', bell, GROUP, '0', 'MKSTREAM') end
+  redis.call('XADD', bell, 'MAXLEN', '~', BELL_CAP, '*', 'p', member)
+end
 local function make_partition(stream, partitions, member)
   if redis.call('EXISTS', stream) == 0 then redis.call('XGROUP', 'CREATE', stream, GROUP, '0', 'MKSTREAM') end
-  redis.call('SADD', partitions, member)
+  if redis.call('SADD', partitions, member) == 1 then ring(partitions, member) end
 end
 -- A partition of a queue (jobcontract.keys.Keys.partition: a tenant's, or a tenant's prefix shard) is
 -- made with its group before its first entry and its member added to the queue's partition set, so

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from jobcontract.keys import CONSUMER_GROUP, DEFAULT_TENANT, Keys
+from jobcontract.keys import CONSUMER_GROUP, DEFAULT_TENANT, PARTITION_INFIX, Keys
 from jobcontract.protocol.entry import DEFAULT_CAP, DeadLetterCap
 from jobcontract.protocol.operation import Operation, text
 
@@ -63,6 +63,29 @@ class Reclaim(Operation[int | None]):
     def parse(self, reply: Any) -> int | None:
         moved = int(reply)
         return None if moved < 0 else moved
+
+
+@dataclass(frozen=True)
+class DeadConsumers(Operation[list[tuple[str, str | None, str]]]):
+    """Every consumer of a queue's streams nobody vouches for, but `asker`: (queue, partition, consumer),
+    each one a Reclaim to run (dead_consumers.lua)."""
+
+    SCRIPT: ClassVar[str] = "dead_consumers.lua"
+
+    names: Keys
+    asker: str
+
+    def keys(self) -> list[str]:
+        return [self.names.queues]
+
+    def args(self) -> list[Any]:
+        stream = self.names.stream("")
+        suffix = self.names.partitions("")[len(stream) :]
+        bell = self.names.bell("")[len(stream) :]
+        return [CONSUMER_GROUP, self.asker, stream, suffix, PARTITION_INFIX, self.names.alive(""), bell]
+
+    def parse(self, reply: Any) -> list[tuple[str, str | None, str]]:
+        return [(text(queue), text(member) or None, text(name)) for queue, member, name in reply or []]
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,9 @@
 -- Answers {entries, streams, wake_ms}: entries as {stream, id, fields} in the order taken; the
 -- streams of every tier without an age bound, for the consumer to block on when nothing was taken
 -- (a blocking read takes whatever comes, so an age-bounded tier is looked at again instead); and in
--- how many ms the first entry held back by an age bound comes of age (-1: none is waiting).
+-- how many ms the first entry held back by an age bound comes of age (-1: none is waiting); and how
+-- many partitions the age-bounded tiers select (a blocking read misses what is added to them, so
+-- the consumer must not wait long in one).
 -- #include now.lua
 local group, consumer, room, infix, default = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
 local shares = {}
@@ -110,7 +112,7 @@ local function selected(select, pool, member)
   return not mine
 end
 
-local taken, streams = {}, {}
+local taken, streams, hidden = {}, {}, 0
 for t = 1, tiers do
   local k = 2 + 4 * (t - 1)
   local base, lane_set, tags_key, pool = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
@@ -127,6 +129,8 @@ for t = 1, tiers do
   end
   if min_age_ms <= 0 then
     for _, part in ipairs(parts) do streams[#streams + 1] = part.stream end
+  else
+    hidden = hidden + #parts
   end
   if room > 0 and #parts > 0 then
     local tags = {}
@@ -185,4 +189,4 @@ for t = 1, tiers do
     end
   end
 end
-return {taken, streams, wake_ms}
+return {taken, streams, wake_ms, hidden}

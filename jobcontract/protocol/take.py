@@ -22,6 +22,7 @@ class Taken:
     entries: list[TakenEntry]
     streams: list[str]  # what a blocking read waits on when nothing was taken
     wake_ms: int | None  # when the first entry held back by an age bound comes of age (None: none waits)
+    hidden: int = 0  # partitions of age-bounded tiers: not in `streams`, so a blocking read misses them
 
 
 @dataclass(frozen=True)
@@ -52,12 +53,12 @@ class Take(Operation[Taken]):
         return [*args, *self.warm]
 
     def parse(self, reply: Any) -> Taken:
-        raw_entries, raw_streams, wake_ms = reply
+        raw_entries, raw_streams, wake_ms, hidden = reply
         entries = [
             TakenEntry(text(stream), text(entry_id), _fields(fields)) for stream, entry_id, fields in raw_entries
         ]
         wake = int(wake_ms)
-        return Taken(entries, [text(s) for s in raw_streams], None if wake < 0 else wake)
+        return Taken(entries, [text(s) for s in raw_streams], None if wake < 0 else wake, int(hidden))
 
 
 def _fields(flat: list[Any]) -> dict[bytes, bytes]:

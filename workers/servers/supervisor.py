@@ -33,6 +33,11 @@ PR_SET_PDEATHSIG = 1
 # How often a starting server is asked whether it is ready: a refused connection costs next to nothing,
 # and every poll skipped is time the worker waits after its server could serve.
 READY_POLL_S = 0.02
+# An idle server is probed this seldom: a probe (a new connection and a request) is 1 ms of the worker's
+# CPU, most of an idle worker's cost at one a second (issue #12). A job's lease wakes the probe at once
+# and probes it every `probe_interval_s` while any is held, so a frozen server still fails no job later;
+# an idle frozen one is restarted this much later, and one that exits is seen at once (its exit wakes it).
+IDLE_PROBE_INTERVAL_S = 5.0
 
 
 class ServerFailed(RuntimeError):
@@ -136,7 +141,7 @@ class ServerSupervisor:
         log_path: Path,
         start_timeout_s: float = 120.0,
         probe_interval_s: float = 0.25,
-        idle_probe_interval_s: float = 1.0,
+        idle_probe_interval_s: float = IDLE_PROBE_INTERVAL_S,
         hang_timeout_s: float = 2.0,
         on_state: Callable[[str], None] | None = None,
         start_again_on_exit: bool = True,
