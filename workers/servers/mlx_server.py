@@ -8,7 +8,8 @@ and the server answers nothing until it is restarted (upstream issue ml-explore/
 fix, pull requests #1581/#1596/#1887, had not shipped in a release when this was written). The
 mend is theirs: on an exact hit, hand back the cache one token short and process that last token,
 or process the whole prompt when the cache cannot be trimmed. It wraps the cache lookup rather than
-replacing it, so a release that fixes the lookup makes it a no-op.
+replacing it, so a release that fixes the lookup makes it a no-op, and one that moves it is served
+unmended (with a line on stderr) rather than not at all.
 
 This module imports only mlx_lm (it runs as the server process: `python -m workers.servers.mlx_server`
 with mlx_lm.server's own flags), so nothing of genq's worker stack is loaded into the server.
@@ -16,15 +17,21 @@ with mlx_lm.server's own flags), so nothing of genq's worker stack is loaded int
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 
-def mend_exact_prompt_cache_hits() -> None:
-    from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
+def mend_exact_prompt_cache_hits() -> bool:
+    """Wrap the lookup; False (and the server runs as released) when this mlx-lm has no such lookup."""
+    try:
+        from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 
-    lookup = LRUPromptCache.fetch_nearest_cache
+        lookup = LRUPromptCache.fetch_nearest_cache
+    except (ImportError, AttributeError) as error:
+        print(f"genq: mlx_lm's prompt cache lookup not found ({error}); serving it unmended", file=sys.stderr)
+        return False
     if getattr(lookup, "genq_mended", False):
-        return
+        return True
 
     def fetch_nearest_cache(self: Any, model: Any, tokens: list[int]) -> tuple[Any, list[int]]:
         cache, rest = lookup(self, model, tokens)
@@ -37,6 +44,7 @@ def mend_exact_prompt_cache_hits() -> None:
 
     fetch_nearest_cache.genq_mended = True  # type: ignore[attr-defined]
     LRUPromptCache.fetch_nearest_cache = fetch_nearest_cache  # type: ignore[method-assign]
+    return True
 
 
 def main() -> None:
