@@ -159,7 +159,7 @@ class ServerSupervisor:
         self._in_use = 0  # leases held (`using`): the probe runs faster while the server works
         self._busy_since = 0.0
         self._wake = threading.Event()  # set by stop(), a server's exit, and a first lease after idling
-        self._restart_now = threading.Event()  # set when a job finds the server refusing service
+        self._refused_by: int | None = None  # the pid of a server a job found refusing service
         self.hang_timeout_s = hang_timeout_s
         self.on_state = on_state or (lambda _state: None)
         self.process: subprocess.Popen[bytes] | None = None
@@ -216,10 +216,13 @@ class ServerSupervisor:
         fails while the process lives on). Such a server is restarted at once, not a hang timeout
         later, and the jobs it failed are not charged for it. A probe that gets no answer proves
         nothing here (a busy server may be slow); the watcher's hang timeout judges that."""
+        process = self.process
         status = self._probe(self.spec.liveness_path)
-        if status is None or status < 400:
+        if process is None or status is None or status < 400:
             return False
-        self._restart_now.set()
+        # That server, not a successor started meanwhile: several jobs cut off at once each ask, and
+        # a late answer from the old one must not restart the new one.
+        self._refused_by = process.pid
         self._wake.set()
         return True
 
@@ -352,8 +355,7 @@ class ServerSupervisor:
                 return
             assert self.process is not None
             died = self.process.poll() is not None
-            refused = self._restart_now.is_set()
-            self._restart_now.clear()
+            refused, self._refused_by = self._refused_by == self.process.pid, None
             if not died and not refused:
                 if self._answers(self.spec.liveness_path):
                     silent_since = None
