@@ -76,7 +76,7 @@ def test_held_jobs_load_their_model_and_keep_it_from_a_swap_until_they_ran() -> 
     models.tend()
     assert models.loaded() == ["a"]
     assert models.runnable("a") and not models.runnable("b")  # b's jobs would wait in their consumer
-    assert models.busy()
+    assert models.swap_wait("b") is None  # making room for b would unload a, which has work: its held jobs
     held["b"] = 2  # b's turn: its jobs are taken while a's still wait for threads
     models.tend()
     assert models.loaded() == ["a"], "a was swapped out under the jobs held for it"

@@ -218,13 +218,6 @@ class ModelSet:
         with self._lock:
             return sorted(m for m in self._servers if self._ready[m].is_set())
 
-    def busy(self) -> bool:
-        """Whether jobs generate on, or wait for, a model this worker has loaded: then a job for
-        another model is worth a swap only once it waited the swap bound (jobcontract.scheduling)."""
-        held = self._held()
-        with self._lock:
-            return any(self._generating[m] or self._waiting_now(m, held) for m in self._servers)
-
     def draining(self, model: str) -> bool:
         """Whether the model is being drained for a swap: its queue takes nothing new meanwhile."""
         with self._lock:
