@@ -9,6 +9,11 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from jobcontract.models import GenerationRequest
 
+# Dead letters kept by default (protocol/entry.py's DeadLetterCap trims to them): here, with no Redis
+# import, so settings that read them cost a worker's start nothing.
+DEAD_LETTERS_MAX = 100_000
+DEAD_LETTERS_MAX_AGE_S = 30 * 24 * 3600
+
 
 @dataclass(frozen=True)
 class Limits:

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from jobcontract.limits import Limits
-from jobcontract.outage import OutagePolicy
-from jobcontract.protocol.entry import DEAD_LETTERS_MAX, DEAD_LETTERS_MAX_AGE_S, DeadLetterCap
+from jobcontract.limits import DEAD_LETTERS_MAX, DEAD_LETTERS_MAX_AGE_S, Limits
 from jobcontract.routes import Routes
 from jobcontract.sentinel import is_sentinel_url, parse_sentinel_url, with_master_name
+
+if TYPE_CHECKING:  # both import redis (a third of a second): `genq worker` starts its servers first
+    from jobcontract.outage import OutagePolicy
+    from jobcontract.protocol.entry import DeadLetterCap
 
 
 class GenqSettings(BaseSettings):
@@ -74,11 +76,15 @@ class GenqSettings(BaseSettings):
 
     @property
     def dead_letter_cap(self) -> DeadLetterCap:
+        from jobcontract.protocol.entry import DeadLetterCap
+
         return DeadLetterCap(self.dead_letters_max, self.dead_letters_max_age_s)
 
     @property
     def outage_policy(self) -> OutagePolicy:
         """The one Redis-outage policy for work already under way (see jobcontract.outage)."""
+        from jobcontract.outage import OutagePolicy
+
         return OutagePolicy(self.redis_outage_patience_s)
 
     @cached_property

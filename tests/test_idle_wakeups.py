@@ -109,9 +109,10 @@ def test_a_childs_exit_wakes_the_supervisor(tmp_path: Path) -> None:
 
 
 def _child(process: Any) -> Any:
-    from workers.supervisor import Child
+    from workers.spawner import Child
 
-    return Child(name="c", process=process, ready=multiprocessing.get_context("spawn").Event())
+    context = multiprocessing.get_context("spawn")
+    return Child(name="c", process=process, ready=context.Event(), vouched=context.Event())
 
 
 def wait_for(predicate: Any, timeout: float = 30.0) -> bool:

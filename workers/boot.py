@@ -27,9 +27,12 @@ from typing import Any
 from workers.servers.supervisor import Launch, Launched
 
 
-def main(settings_json: str, consumer_name: str, ready: Any = None, launch: Launch | None = None) -> None:
-    """Entry point of a spawned worker process; `ready` is set once it serves. With `launch`, the
-    server is started before anything else is imported; without, workers.process starts it."""
+def main(
+    settings_json: str, consumer_name: str, ready: Any = None, launch: Launch | None = None, vouched: Any = None
+) -> None:
+    """Entry point of a spawned worker process; `ready` is set once it serves, and it reads no queue
+    before its supervisor sets `vouched` (workers.spawner). With `launch`, the server is started
+    before anything else is imported; without, workers.process starts it."""
     _lead_own_group_and_follow_parent()
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format=f"%(asctime)s {consumer_name} %(levelname)s %(name)s: %(message)s"
@@ -50,7 +53,7 @@ def main(settings_json: str, consumer_name: str, ready: Any = None, launch: Laun
         _kill(launched)
         raise
     on_ready = ready.set if ready is not None else None
-    sys.exit(serve(settings, consumer_name, stop, on_ready=on_ready, launched=launched))
+    sys.exit(serve(settings, consumer_name, stop, on_ready=on_ready, launched=launched, vouched=vouched))
 
 
 def _skip_httpx_command_line() -> None:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import dramatiq
 import httpx
@@ -44,6 +44,16 @@ from workers.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
+# How often a process waiting for its supervisor's first vouch looks whether it was told to stop.
+VOUCH_POLL_S = 0.1
+
+
+class Waitable(Protocol):
+    """An event set by another process (multiprocessing's) or thread."""
+
+    def wait(self, timeout: float | None = None) -> bool: ...
+
+
 # Interactive work is taken from a process's prefetched messages before batch work.
 LANE_PRIORITY = {Lane.INTERACTIVE: 0, Lane.BATCH: 10}
 
@@ -55,13 +65,15 @@ def serve(
     *,
     on_ready: Callable[[], None] | None = None,
     launched: Launched | None = None,
+    vouched: Waitable | None = None,
 ) -> int:
     """Serve the worker's model (`--model`, its server started first) or models (`--models`, each
     loaded on demand by a ModelSet): one JobRunner and one Rerouting per model, one dramatiq Worker
     reading every model's queues, until `stop`, then finish in-flight jobs. A single-model worker's
     server may be `launched` already (workers.boot starts it before importing this module); else it
     is started here. A multi-model worker is never given one: its servers start on demand, when a
-    job needs their model, so there is nothing to start early."""
+    job needs their model, so there is nothing to start early. No queue is read before `vouched`
+    (the supervisor's first vouch: workers.spawner) is set."""
     models = settings.served_models()
     backend = settings.backend
     keys = Keys(settings.namespace)
@@ -112,13 +124,8 @@ def serve(
     else:
         single = make_server(models[0])
         model_metrics.create_series(models[0])
-        started = time.monotonic()
         if launched is not None:  # loading since workers.boot started it, before this module's imports
             single.adopt(launched)
-            started = launched.started
-        single.start()  # its one load, counted as one
-        model_metrics.loads.labels(**model_metrics.labels(models[0])).inc()
-        model_metrics.load_seconds.labels(**model_metrics.labels(models[0])).observe(time.monotonic() - started)
         servers = {models[0]: single}
     store = JobStore(
         client,
@@ -202,15 +209,24 @@ def serve(
 
     publisher = ModelsPublisher(client, keys, record, ttl_s=settings.liveness_ttl_s)
     on_any_state.append(publisher.poke)
-    if model_set is not None:
-        model_set.start()
-    publisher.start()
     worker = dramatiq.Worker(broker, worker_threads=settings.concurrency, worker_timeout=1000)
     # Hold no more than can run, plus a little, so other processes get the rest of the queue.
     worker.queue_prefetch = settings.concurrency + 2
-    worker.start()
-    if on_ready is not None:
-        on_ready()
+    if single is not None:
+        # All of the above was made while the server loads: the process serves the moment it is ready.
+        started = launched.started if launched is not None else time.monotonic()
+        single.start()  # its one load, counted as one
+        model_metrics.loads.labels(**model_metrics.labels(models[0])).inc()
+        model_metrics.load_seconds.labels(**model_metrics.labels(models[0])).observe(time.monotonic() - started)
+    if model_set is not None:
+        model_set.start()
+    publisher.start()
+    while vouched is not None and not vouched.wait(VOUCH_POLL_S) and not stop.is_set():
+        pass
+    if not stop.is_set():
+        worker.start()
+        if on_ready is not None:
+            on_ready()
     if single is not None:
         log.info(
             "serving %s on %s at %s with %d slots", models[0], single.spec.name, single.base_url, settings.concurrency

@@ -12,18 +12,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import multiprocessing
 import multiprocessing.connection
 import os
 import shutil
 import signal
-import tempfile
 import threading
 import time
-import uuid
-from dataclasses import dataclass, field
-from multiprocessing.context import SpawnProcess
-from multiprocessing.synchronize import Event as ProcessEvent
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import redis
@@ -33,10 +28,8 @@ from jobcontract.connection import connect, redact
 from jobcontract.keys import Keys, pool_name
 from jobcontract.protocol.liveness import Vouch
 from jobcontract.protocol.placement import WithdrawModels
-from workers import boot
-from workers.servers import specs
-from workers.servers.supervisor import Launch
 from workers.settings import WorkerSettings
+from workers.spawner import Child, Spawner
 
 if TYPE_CHECKING:
     from jobcontract.broker import StreamsBroker
@@ -64,18 +57,14 @@ def chores_every_s(liveness_ttl_s: float) -> float:
     return min(10.0, max(0.5, liveness_ttl_s / 2))
 
 
-@dataclass
-class Child:
-    name: str
-    process: SpawnProcess
-    ready: ProcessEvent
-    started: float = field(default_factory=time.monotonic)
-    joined: bool = False  # vouched for as ready: in its pool
-
-
 class WorkerPool:
-    def __init__(self, settings: WorkerSettings) -> None:
+    def __init__(
+        self, settings: WorkerSettings, spawner: Spawner | None = None, children: Iterable[Child] = ()
+    ) -> None:
+        """`children`: processes `spawner` started before this module was imported (genq worker
+        spawns them first, so their servers load meanwhile); run() starts the rest."""
         self.settings = settings
+        self.spawner = spawner or Spawner(settings)
         self.keys = Keys(settings.namespace)
         self.client = connect(settings.redis_url)
         self.models = settings.served_models()
@@ -83,8 +72,7 @@ class WorkerPool:
         # model on demand), so none of them is "served by nobody" while it lives.
         self.pool_names = [pool_name(m, settings.backend) for m in self.models]
         self.pools = [self.keys.pool(p) for p in self.pool_names]
-        self._context = multiprocessing.get_context("spawn")
-        self.children: list[Child] = []
+        self.children: list[Child] = list(children)
         self.stopping = threading.Event()
         self._crashes: list[float] = []
         self._vouch_every_s = vouch_every_s(settings.liveness_ttl_s)
@@ -130,9 +118,9 @@ class WorkerPool:
         )
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: self.stop())
-        metrics_dir = self._start_metrics()
+        self._start_metrics()
         try:
-            for _ in range(self.settings.processes):
+            while len(self.children) < self.settings.processes:
                 self.children.append(self._spawn())
             while not self.stopping.is_set():
                 self._wait(self._pause())
@@ -141,8 +129,8 @@ class WorkerPool:
                 self._tend()
         finally:
             self._shutdown()
-            if metrics_dir is not None:
-                shutil.rmtree(metrics_dir, ignore_errors=True)
+            if self.spawner.metrics_dir is not None:
+                shutil.rmtree(self.spawner.metrics_dir, ignore_errors=True)
         return 0
 
     def stop(self) -> None:
@@ -214,36 +202,13 @@ class WorkerPool:
             protocol.run(self.client, vouch)
         for child in children:
             child.joined = serving and child.ready.is_set()
+            child.vouched.set()  # it may read its queues now
 
     def _spawn(self) -> Child:
-        label = self.models[0] if not self.settings.multi_model else "models"
-        name = f"{self.settings.host}:{label}.{self.settings.backend.value}:{uuid.uuid4().hex[:8]}"
-        ready = self._context.Event()
-        args = (self.settings.model_dump_json(), name, ready, self._launch())
-        child = Child(
-            name=name,
-            process=self._context.Process(target=boot.main, args=args, name=name, daemon=False),
-            ready=ready,
-        )
-        # Vouch before it reads anything, so no janitor mistakes it for dead.
-        with contextlib.suppress(redis.RedisError):
+        child = self.spawner.spawn()
+        with contextlib.suppress(redis.RedisError):  # else the next vouch lets it read
             self._vouch_for([child])
-        child.process.start()
         return child
-
-    def _launch(self) -> Launch | None:
-        """The server's command for a new single-model worker process to start first thing
-        (workers.boot); None for a multi-model worker, which starts its servers on demand (no model
-        is loaded before a job needs it), and when it cannot be made here (a missing binary): the
-        worker process then fails and says why."""
-        if self.settings.multi_model:
-            return None
-        try:
-            model = self.models[0]
-            return specs.for_model(self.settings, model).launch(specs.log_path(self.settings, model))
-        except Exception as error:
-            log.warning("the server's command could not be prepared (%s); the worker process will try", error)
-            return None
 
     def _bury(self, child: Child) -> None:
         """Kill what the dead worker left (its server, in its process group), then hand its jobs back."""
@@ -291,21 +256,18 @@ class WorkerPool:
         self.children.clear()
 
     # -- metrics across processes ------------------------------------------------------------------
-    def _start_metrics(self) -> str | None:
-        if self.settings.metrics_port is None:
-            return None
+    def _start_metrics(self) -> None:
+        """Serve the metrics every worker process writes to the spawner's folder (Spawner._metrics_dir)."""
+        directory = self.spawner.metrics_dir
+        if directory is None or self.settings.metrics_port is None:
+            return
         from prometheus_client import CollectorRegistry, start_http_server
         from prometheus_client.multiprocess import MultiProcessCollector
 
-        # Always a fresh folder (inside the given one, if any): files left by an earlier run would
-        # be summed into this one's counters, and the folder is deleted when the pool stops.
-        directory = tempfile.mkdtemp(prefix="genq-metrics-", dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=directory)
         start_http_server(self.settings.metrics_port, addr="0.0.0.0", registry=registry)
         log.info("metrics of all worker processes on :%d/metrics", self.settings.metrics_port)
-        return directory
 
     def _mark_metrics_dead(self, child: Child) -> None:
         if "PROMETHEUS_MULTIPROC_DIR" in os.environ and child.process.pid:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from jobcontract.limits import DEAD_LETTERS_MAX, DEAD_LETTERS_MAX_AGE_S
+
 MESSAGE_FIELD = "m"  # the encoded dramatiq message
 REDELIVERIES_FIELD = "r"  # times handed back after its worker died
 QUEUE_FIELD = "queue"  # of a dead letter: the queue it was taken from
@@ -30,10 +32,6 @@ class QueueEntry:
         raw = fields.get(MESSAGE_FIELD.encode(), fields.get(MESSAGE_FIELD))
         redeliveries = fields.get(REDELIVERIES_FIELD.encode(), fields.get(REDELIVERIES_FIELD, 0))
         return cls(None if raw is None else _bytes(raw), int(redeliveries))
-
-
-DEAD_LETTERS_MAX = 100_000
-DEAD_LETTERS_MAX_AGE_S = 30 * 24 * 3600
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,89 @@
+"""A worker's start on real parts: `genq worker` spawns its processes (each starting its server first)
+before it imports the Redis side of the supervisor, so a process may be up before its supervisor has
+vouched for it; such a process reads no queue until that vouch (workers.spawner)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from genq.local_worker import SERVER_MARKERS, port_of
+from jobcontract import protocol
+from jobcontract.connection import connect
+from jobcontract.keys import Keys, pool_name
+from jobcontract.models import Backend, JobState
+from jobcontract.protocol.liveness import Vouch
+from jobcontract.settings import GenqSettings
+from producer.client import Client
+from tests.harness import wait_until
+from workers.settings import WorkerSettings
+from workers.spawner import Child, Spawner
+
+
+@pytest.fixture
+def child(settings: GenqSettings, tmp_path: Path) -> Iterator[Child]:
+    worker_settings = WorkerSettings(
+        redis_url=settings.redis_url,
+        namespace=settings.namespace,
+        models_dir=settings.models_dir,
+        model="tiny",
+        concurrency=2,
+        log_dir=tmp_path / "servers",
+    )
+    spawned = Spawner(worker_settings).spawn()
+    try:
+        yield spawned
+    finally:
+        spawned.process.terminate()
+        spawned.process.join(timeout=30)
+        with contextlib.suppress(ProcessLookupError):  # its server, in its process group
+            os.killpg(spawned.process.pid or 0, signal.SIGKILL)
+        spawned.process.join(timeout=5)
+
+
+def server_answers(child: Child) -> bool:
+    with contextlib.suppress(psutil.Error):
+        for process in psutil.Process(child.process.pid).children():
+            if any(marker in " ".join(process.cmdline()) for marker in SERVER_MARKERS):
+                port = port_of(process.pid)
+                with contextlib.suppress(httpx.HTTPError):
+                    return bool(port) and httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
+    return False
+
+
+def test_a_worker_process_reads_no_queue_before_its_supervisor_vouched_for_it(
+    settings: GenqSettings, client: Client, child: Child
+) -> None:
+    # The test does the Redis half of a vouch (admission then sees a live pool), not the other half:
+    # telling the process it was vouched for.
+    redis_client = connect(settings.redis_url)
+    pool = pool_name("tiny", Backend.MLX)
+    protocol.run(redis_client, Vouch(Keys(settings.namespace), pool, [child.name], [True], 120_000))
+    job = client.submit({"model": "tiny", "prompt": "Once upon a time", "max_tokens": 4})
+    assert wait_until(lambda: server_answers(child), timeout=120, interval=0.1), "the server never answered"
+    time.sleep(1.5)  # the process has had its imports and its server: it would have read by now
+    assert client.status(job).state is JobState.QUEUED
+    assert not child.ready.is_set()
+    child.vouched.set()
+    result = client.result(job, timeout=60)
+    assert result.ok and result.worker == child.name
+    assert wait_until(child.ready.is_set, timeout=10)
+    redis_client.close()
+
+
+def test_the_settings_a_worker_starts_its_servers_from_import_no_redis_client() -> None:
+    """What `genq worker` imports before it spawns its processes: a Redis client there (a third of a
+    second here) delays every server's launch."""
+    code = "import sys, genq.cli, workers.spawner; print(sorted(m for m in ('redis', 'dramatiq') if m in sys.modules))"
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert shown.strip() == "[]"
