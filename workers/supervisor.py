@@ -118,8 +118,8 @@ class WorkerPool:
         )
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: self.stop())
-        self._start_metrics()
-        try:
+        try:  # the children spawned before this pool existed are stopped whatever fails here
+            self._start_metrics()
             while len(self.children) < self.settings.processes:
                 self.children.append(self._spawn())
             while not self.stopping.is_set():
