@@ -209,6 +209,8 @@ def serve(
 
     publisher = ModelsPublisher(client, keys, record, ttl_s=settings.liveness_ttl_s)
     on_any_state.append(publisher.poke)
+    if model_set is not None:
+        model_set.when_changed(publisher.poke)
     worker = dramatiq.Worker(broker, worker_threads=settings.concurrency, worker_timeout=1000)
     # Hold no more than can run, plus a little, so other processes get the rest of the queue.
     worker.queue_prefetch = settings.concurrency + 2

@@ -137,6 +137,7 @@ class ModelSet:
         self._generating: dict[str, int] = dict.fromkeys(self.specs, 0)
         self._waiting_since: dict[str, float] = {}
         self._held: Callable[[], Mapping[str, int]] = dict  # model -> jobs the process's consumers hold
+        self._changed: Callable[[], None] = lambda: None  # what loaded() answers changed
         self._draining: set[str] = set()
         self._crashed: set[str] = set()  # its server died: unload it, load it again alone
         self._died_loading: set[str] = set()
@@ -156,6 +157,11 @@ class ModelSet:
         """Where to read how many jobs of each model the process holds (taken, not settled): those not
         on a thread yet wait for the model as much as those that are."""
         self._held = held
+
+    def when_changed(self, poke: Callable[[], None]) -> None:
+        """Whom to tell that what `loaded` answers changed (the worker's models publisher). A server's
+        own state changes come too early for it: "ready" is told before its load counts here."""
+        self._changed = poke
 
     def _waiting_now(self, model: str, held: Mapping[str, int]) -> int:
         """Jobs waiting for the model: held and not generating (under the lock). A job between its end
@@ -388,6 +394,7 @@ class ModelSet:
             self._load_s[model] = self._last_used[model] - started
         self._ready[model].set()
         self._measure_one(model, server)
+        self._changed()  # measured first: the record that shows it loaded shows its size too
         self.metrics.loads.labels(**self._labels(model)).inc()
         self.metrics.load_seconds.labels(**self._labels(model)).observe(time.monotonic() - started)
         if swap:
@@ -403,6 +410,7 @@ class ModelSet:
             self._draining.discard(model)
         if server is None:
             return True
+        self._changed()
         log.info("unloading %s (%s)", model, reason.value)
         server.stop()
         server.on_state("stopped")
