@@ -1,6 +1,7 @@
 """A worker's start on real parts: `genq worker` spawns its processes (each starting its server first)
 before it imports the Redis side of the supervisor, so a process may be up before its supervisor has
-vouched for it; such a process reads no queue until that vouch (workers.spawner)."""
+vouched for it; such a process reads no queue until that vouch (workers.spawner). A worker started
+while Redis is down waits for it with its server loaded."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ import httpx
 import psutil
 import pytest
 
-from genq.local_worker import SERVER_MARKERS, port_of
+from genq.local_redis import LocalRedis
+from genq.local_worker import SERVER_MARKERS, port_of, start_worker
 from jobcontract import protocol
 from jobcontract.connection import connect
 from jobcontract.keys import Keys, pool_name
@@ -26,6 +28,7 @@ from jobcontract.protocol.liveness import Vouch
 from jobcontract.settings import GenqSettings
 from producer.client import Client
 from tests.harness import wait_until
+from workers.servers.supervisor import free_port
 from workers.settings import WorkerSettings
 from workers.spawner import Child, Spawner
 
@@ -87,3 +90,25 @@ def test_the_settings_a_worker_starts_its_servers_from_import_no_redis_client() 
     code = "import sys, genq.cli, workers.spawner; print(sorted(m for m in ('redis', 'dramatiq') if m in sys.modules))"
     shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert shown.strip() == "[]"
+
+
+def test_a_worker_started_while_redis_is_down_waits_for_it_with_its_server_loaded(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    port = free_port()
+    settings = GenqSettings(redis_url=f"redis://127.0.0.1:{port}/0", namespace="down", models_dir=models_dir)
+    worker = start_worker(settings, tmp_path, concurrency=2, wait=False)
+    try:
+        assert wait_until(lambda: bool(worker.server_pids()), timeout=60, interval=0.2), worker.log()
+        processes, servers = worker.worker_pids(), worker.server_pids()
+        time.sleep(5)
+        # Not a process exiting every few seconds and a model loaded again by each one that replaces it.
+        assert worker.worker_pids() == processes and worker.server_pids() == servers, worker.log()
+        assert "exited with" not in worker.log()
+        with LocalRedis(port=port), Client(settings) as client:
+            worker.wait_ready(timeout=60)
+            result = client.generate({"model": "tiny", "prompt": "Once upon a time", "max_tokens": 4}, timeout=60)
+            assert result.ok and worker.server_pids() == servers
+            worker.stop()  # while its Redis still runs
+    finally:
+        worker.stop()

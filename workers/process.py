@@ -28,6 +28,7 @@ from jobcontract.fleet import FleetCache
 from jobcontract.jobs import JobStore
 from jobcontract.keys import Keys, actor_name, parse_queue, queue_name
 from jobcontract.models import Lane
+from jobcontract.outage import OUTAGE_ERRORS
 from jobcontract.protocol.placement import ReadModels, WorkerModels
 from jobcontract.scheduling import Placement, TakePlan, plan
 from workers.cancellation import CancelWatch
@@ -44,6 +45,8 @@ from workers.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
+# How often a process started while Redis is down tries it again.
+REDIS_WAIT_S = 1.0
 # How often a process waiting for its supervisor's first vouch looks whether it was told to stop.
 VOUCH_POLL_S = 0.1
 
@@ -180,6 +183,10 @@ def serve(
     if model_set is not None:
         model_set.watch_held(lambda: held_by_model(broker.held()))
         broker.gate = gate(model_set)
+    if not wait_for_redis(client, stop):  # told to stop before Redis came back
+        if single is not None:
+            single.stop()
+        return 0
     declare_actors(broker, runners, queues)
 
     def record() -> WorkerModels:
@@ -328,6 +335,25 @@ def others_loaded(client: redis.Redis, keys: Keys, me: str) -> Callable[[], froz
         return frozenset(m for record in fleet if record.worker != me for m in record.loaded)
 
     return read
+
+
+def wait_for_redis(client: redis.Redis, stop: threading.Event) -> bool:
+    """Wait, with the server loaded, for a Redis that is down as the process starts: exiting instead
+    would have the supervisor start another process (and load the model again) every few seconds
+    until Redis is back. False when `stop` comes first."""
+    waiting = False
+    while not stop.is_set():
+        try:
+            client.ping()
+            if waiting:
+                log.info("redis is back: serving")
+            return True
+        except OUTAGE_ERRORS as error:
+            if not waiting:
+                log.warning("redis unreachable (%s): waiting for it before reading any queue", error)
+                waiting = True
+            stop.wait(REDIS_WAIT_S)
+    return False
 
 
 def declare_actors(broker: dramatiq.Broker, runners: dict[str, JobRunner], queues: dict[str, dict[str, str]]) -> None:
