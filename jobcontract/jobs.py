@@ -103,6 +103,11 @@ class JobStore:
             tenant=tenant,
         )[0]
 
+    def check_sizes(self, models: Iterable[str]) -> None:
+        """ModelTooLarge for a model no live worker's memory budget can hold (admission's check, which
+        a batch runs on all its models before it queues a line)."""
+        refuse_too_large(models, self.fleet.get(lambda: run(self.client, ReadModels(self.keys))))
+
     def submit_many(
         self,
         requests: Sequence[GenerationRequest],
@@ -119,7 +124,7 @@ class JobStore:
         ModelTooLarge: a model no live worker's memory budget can hold (nothing queued either)."""
         if not requests:
             return []
-        refuse_too_large((r.model for r in requests), self.fleet.get(lambda: run(self.client, ReadModels(self.keys))))
+        self.check_sizes(r.model for r in requests)
         ids = list(job_ids) if job_ids is not None else [new_job_id() for _ in requests]
         submit = Submit(self.admission(default_timeout_s), requests, ids, route_for, batch_id, tenant)
         if not durability_of(self.client).waits:  # one EVALSHA: a pipeline would first ask SCRIPT EXISTS

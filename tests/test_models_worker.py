@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import openai
 import psutil
 import pytest
 import redis
@@ -30,6 +31,7 @@ from jobcontract.keys import Keys
 from jobcontract.models import JobState
 from jobcontract.protocol.placement import PublishModels, ReadModels, WithdrawModels, WorkerModels, records_key
 from jobcontract.settings import GenqSettings
+from producer.batch.validation import BatchModelTooLarge
 from producer.client import Client
 from tests.callers import start_gateway
 from tests.harness import WorkerHandle, start_worker, wait_until
@@ -276,3 +278,53 @@ def test_a_server_killed_under_its_jobs_raises_its_models_recorded_size_and_its_
         assert holds(settings, "a"), fleet(settings)  # a counts as the whole budget now: b made room
     finally:
         worker.stop()
+
+
+def test_a_batch_with_a_line_for_a_model_no_worker_can_hold_fails_before_anything_is_queued(
+    settings: GenqSettings, client: Client, tmp_path: Path
+) -> None:
+    """Checked for the whole file up front, as admission checks one request: before, the file run
+    raised half way through and a gateway batch was taken up again and again, in progress for ever."""
+    worker = multi_worker(settings, tmp_path, "a,big", budget_gb=0.15, keep_alive_s=600)
+    gateway = None
+    try:
+        lines = [
+            {"custom_id": f"c{n}", "method": "POST", "url": "/v1/completions", "body": {"model": m, "prompt": "x"}}
+            for n, m in enumerate(["a", "a", "big", "a"])
+        ]
+        path = tmp_path / "input.jsonl"
+        path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        queued_before = queued(settings)
+        with pytest.raises(BatchModelTooLarge) as refused:
+            client.batch(path, tmp_path / "output.jsonl")
+        assert refused.value.line == 3 and refused.value.refused.model == "big"
+        assert queued(settings) == queued_before and not (tmp_path / "output.jsonl").exists()
+
+        gateway = start_gateway(settings, tmp_path)
+        sdk = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="not-needed-on-loopback", max_retries=0)
+        upload = sdk.files.create(file=path.open("rb"), purpose="batch")
+        batch = sdk.batches.create(input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h")
+        assert wait_until(lambda: sdk.batches.retrieve(batch.id).status == "failed", timeout=60, interval=0.2), (
+            sdk.batches.retrieve(batch.id)
+        )
+        failed = sdk.batches.retrieve(batch.id)
+        assert failed.errors is not None and failed.errors.data is not None
+        (error,) = failed.errors.data
+        assert error.code == "model_too_large" and error.line == 3 and error.message and "'big'" in error.message
+        assert queued(settings) == queued_before
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        worker.stop()
+
+
+def queued(settings: GenqSettings) -> int:
+    """Entries ever added to any of the namespace's queue streams."""
+    redis_client = connect(settings.redis_url)
+    try:
+        streams = redis_client.keys(f"{settings.namespace}:*")
+        return sum(
+            int(redis_client.xinfo_stream(s)["entries-added"]) for s in streams if redis_client.type(s) == b"stream"
+        )
+    finally:
+        redis_client.close()

@@ -40,7 +40,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from producer.batch.book import BatchStatus
     from producer.batch.file_run import default_errors_path
-    from producer.batch.validation import BatchInvalid
+    from producer.batch.validation import BatchInvalid, BatchModelTooLarge
     from producer.client import Client
 
     # A service manager's SIGTERM stops the run as Ctrl-C does: the lease is released for the rerun.
@@ -60,7 +60,7 @@ def _run(args: argparse.Namespace) -> int:
                 on_progress=display.update,
                 on_start=display.start,
             )
-        except BatchInvalid as error:
+        except (BatchInvalid, BatchModelTooLarge) as error:
             print(f"genq: {args.input}: {error}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:

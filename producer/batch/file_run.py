@@ -40,6 +40,7 @@ def run_file(
     validation = validate(source, settings.limits)
     if validation.invalid and not skip_invalid:
         raise BatchInvalid(validation)
+    validation.refuse_too_large(store.check_sizes)
     batch_id = batch_id or file_batch_id(input_path, validation.digest)
     outage = batch_outage_policy(settings)
     outage.ride_out(

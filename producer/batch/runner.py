@@ -21,7 +21,7 @@ from dataclasses import replace
 
 from jobcontract.connection import stream_reply
 from jobcontract.durability import NotReplicated
-from jobcontract.jobs import JobStore, QueueFull
+from jobcontract.jobs import JobStore, ModelTooLarge, QueueFull
 from jobcontract.models import GenerationResult, JobState
 from jobcontract.outage import OUTAGE_ERRORS, OutagePolicy
 from jobcontract.settings import GenqSettings
@@ -141,9 +141,14 @@ class BatchRunner:
                     taken = held[:window]
                     try:
                         self._submit(taken)
-                    except QueueFull:  # nothing of `taken` got in: try fewer, and wait once one is refused
+                    except (QueueFull, ModelTooLarge) as refused:
+                        # Nothing of `taken` got in: try fewer, and wait once one is refused. A model
+                        # too large was checked for the whole file before the run (validation): the
+                        # live workers changed since, and its line waits for one that can hold it.
                         if len(taken) == 1:
-                            retry_at = time.monotonic() + 0.5
+                            if isinstance(refused, ModelTooLarge):
+                                log.warning("batch %s, line %d waits: %s", self.batch_id, taken[0].number, refused)
+                            retry_at = time.monotonic() + (0.5 if isinstance(refused, QueueFull) else 5.0)
                             break
                         window = len(taken) // 2
                         continue

@@ -18,7 +18,7 @@ from producer.batch.progress import Progress
 from producer.batch.runner import BatchRunner, InputChanged
 from producer.batch.sinks import Counts, RedisSink
 from producer.batch.sources import InputGone, LineSource, redis_source
-from producer.batch.validation import validate
+from producer.batch.validation import BatchModelTooLarge, validate
 from producer.client import Client
 from producer.gateway.api_keys import DEFAULT_TENANT
 from producer.gateway.files import FileStore
@@ -131,6 +131,18 @@ class BatchSupervisor:
                         for e in validation.errors
                     ]
                     self.book.update(batch_id, errors=errors, invalid=validation.invalid, total=validation.valid)
+                    self.book.advance(batch_id, BatchStatus.FAILED)
+                    return
+                try:
+                    validation.refuse_too_large(self.client.store.check_sizes)
+                except BatchModelTooLarge as error:
+                    line = {
+                        "code": "model_too_large",
+                        "message": str(error.refused),
+                        "param": "model",
+                        "line": error.line,
+                    }
+                    self.book.update(batch_id, errors=[line], total=validation.valid)
                     self.book.advance(batch_id, BatchStatus.FAILED)
                     return
                 total = validation.valid
