@@ -3,8 +3,10 @@ jobs whose workers kept dying, read replies lost in a Redis restart, runs broken
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+from pathlib import Path
 
 import dramatiq
 import pytest
@@ -123,3 +125,27 @@ def test_a_worker_store_waits_out_a_redis_restart_and_a_caller_does_not() -> Non
         assert ticket is not None and not isinstance(ticket, JobState)
         assert 0.5 < waited < 15
         assert caller_store.status(job_id).state is JobState.RUNNING
+
+
+def test_a_batch_run_started_while_redis_is_down_waits_it_out(tmp_path: Path) -> None:
+    """Its first Redis call (the check that each model fits some worker) rides out the outage as the
+    rest of the run does: the sentinel failover test found a run started mid-failover exiting with 1."""
+
+    class Started(Exception):
+        """Raised once the run has created its batch: past every call of its start."""
+
+    source = tmp_path / "input.jsonl"
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 2}
+    lines = [{"custom_id": f"c{n}", "method": "POST", "url": "/v1/completions", "body": body} for n in range(2)]
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+    def started(batch_id: str, _validation: object) -> None:
+        raise Started(batch_id)
+
+    with LocalRedis(appendonly=True) as server:
+        settings = GenqSettings(redis_url=server.url, namespace="batchdown")
+        with Client(settings) as client:
+            server.stop()
+            threading.Timer(1.5, server.start).start()
+            with pytest.raises(Started):
+                client.batch(source, tmp_path / "output.jsonl", on_start=started)

@@ -40,9 +40,10 @@ def run_file(
     validation = validate(source, settings.limits)
     if validation.invalid and not skip_invalid:
         raise BatchInvalid(validation)
-    validation.refuse_too_large(store.check_sizes)
-    batch_id = batch_id or file_batch_id(input_path, validation.digest)
     outage = batch_outage_policy(settings)
+    # Its first Redis call: a run started during a failover or a restart waits it out like the rest.
+    outage.ride_out(lambda: validation.refuse_too_large(store.check_sizes))
+    batch_id = batch_id or file_batch_id(input_path, validation.digest)
     outage.ride_out(
         lambda: book.create(
             batch_id,
