@@ -166,7 +166,13 @@ def start_worker(
     log_path = log_dir / f"worker-{backend}-{time.monotonic_ns()}.log"
     full_env = worker_env(
         settings,
-        {"GENQ_LOG_DIR": str(log_dir / "servers"), "GENQ_SHUTDOWN_GRACE_S": str(shutdown_grace_s), **(env or {})},
+        {
+            "GENQ_LOG_DIR": str(log_dir / "servers"),
+            "GENQ_SHUTDOWN_GRACE_S": str(shutdown_grace_s),
+            # The launches it remembers (workers.prelaunch) stay with this run's files, not the user's.
+            "XDG_CACHE_HOME": str(log_dir / "cache"),
+            **(env or {}),
+        },
     )
     argv = [sys.executable, "-m", "genq", "worker", "--model", MODEL, "--backend", backend]
     argv += ["--processes", str(processes), "--concurrency", str(concurrency), *extra_args]

@@ -115,7 +115,7 @@ def test_lifecycle_times_starts_crashes_and_memory(bench_run: tuple[Path, Any]) 
     assert results["genq"][0]["first_result_s"] > 0 and results["bare"][0]["first_completion_s"] > 0
     assert results["crash"]["serving_again_s"]["n"] >= 1
     names = {t["name"] for t in load(bench_run[0], "lifecycle")["targets"]}
-    assert "worker start to ready, beyond the bare server's" in names
+    assert "worker start to ready, beyond the bare server's: its first run" in names
     assert results["memory"]["genq_mb"] > 0 and results["memory"]["servers_mb"] > 0
 
 

@@ -6,6 +6,7 @@ while Redis is down waits for it with its server loaded."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -20,6 +21,7 @@ import pytest
 
 from genq.local_redis import LocalRedis
 from genq.local_worker import SERVER_MARKERS, port_of, start_worker
+from genq.worker_env import worker_env
 from jobcontract import protocol
 from jobcontract.connection import connect
 from jobcontract.keys import Keys, pool_name
@@ -84,12 +86,18 @@ def test_a_worker_process_reads_no_queue_before_its_supervisor_vouched_for_it(
     redis_client.close()
 
 
-def test_the_settings_a_worker_starts_its_servers_from_import_no_redis_client() -> None:
-    """What `genq worker` imports before it spawns its processes: a Redis client there (a third of a
-    second here) delays every server's launch."""
-    code = "import sys, genq.cli, workers.spawner; print(sorted(m for m in ('redis', 'dramatiq') if m in sys.modules))"
+def imported(modules: str, watched: tuple[str, ...]) -> list[str]:
+    """Which of `watched` a fresh interpreter has imported after importing `modules`."""
+    code = f"import json, sys, {modules}; print(json.dumps(sorted(m for m in {watched!r} if m in sys.modules)))"
     shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert shown.strip() == "[]"
+    return list(json.loads(shown))
+
+
+def test_what_genq_worker_imports_before_it_launches_its_servers() -> None:
+    """A remembered launch (workers.prelaunch) needs no settings, so nothing heavier than the standard
+    library; the settings and the spawner need no Redis client (a third of a second here)."""
+    assert imported("genq.cli, workers.prelaunch", ("pydantic", "redis", "dramatiq")) == []
+    assert imported("genq.cli, workers.spawner", ("redis", "dramatiq")) == []
 
 
 def test_a_worker_started_while_redis_is_down_waits_for_it_with_its_server_loaded(
@@ -112,3 +120,63 @@ def test_a_worker_started_while_redis_is_down_waits_for_it_with_its_server_loade
             worker.stop()  # while its Redis still runs
     finally:
         worker.stop()
+
+
+# What tests.harness.start_worker runs: the same command line, so the same remembered launch.
+WORKER_COMMAND = [sys.executable, "-m", "genq", "worker", "--model", "tiny", "--backend", "mlx", "--processes", "1"]
+
+
+def server_logs(log_dir: Path) -> set[Path]:
+    return set((log_dir / "servers").glob("tiny.mlx.*.log"))
+
+
+def servers_writing(logs: set[Path]) -> list[int]:
+    """Live server processes whose output goes to one of `logs`."""
+    pids = []
+    for process in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            command = " ".join(process.info["cmdline"] or ())
+            if any(m in command for m in SERVER_MARKERS) and any(Path(f.path) in logs for f in process.open_files()):
+                pids.append(process.pid)
+    return pids
+
+
+def test_a_command_line_run_again_launches_its_last_server_first_and_checks_it_against_its_settings(
+    settings: GenqSettings, client: Client, tmp_path: Path
+) -> None:
+    """`genq worker` remembers each command line's launch and starts it before reading its settings
+    (workers.prelaunch). Each server launch writes a log of its own, which is how the runs below tell
+    a remembered launch (one log), a launch the settings overrule (two: the first stopped at once) and
+    a run whose settings fail (its remembered server stopped, none left behind)."""
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+
+    def run(extra: dict[str, str]) -> tuple[set[Path], str]:
+        before = server_logs(tmp_path)
+        worker = start_worker(settings, tmp_path, concurrency=2, env={**env, **extra})
+        try:
+            assert client.generate({"model": "tiny", "prompt": "Once", "max_tokens": 4}, timeout=60).ok
+            (server,) = worker.server_pids()
+            return server_logs(tmp_path) - before, " ".join(psutil.Process(server).cmdline())
+        finally:
+            worker.stop()
+
+    first, _ = run({})
+    assert len(first) == 1 and len(list((tmp_path / "cache" / "genq" / "launches").glob("*.json"))) == 1
+    again, _ = run({})
+    assert len(again) == 1  # the remembered launch was the right one: nothing launched twice
+    overruled, command = run({"GENQ_PROMPT_CACHE_SIZE": "7"})
+    assert len(overruled) == 2 and "--prompt-cache-size 7" in command
+    assert not servers_writing(overruled)  # both gone with their worker, the overruled one at once
+
+    before = server_logs(tmp_path)
+    failed = subprocess.run(
+        [*WORKER_COMMAND, "--concurrency", "2"],
+        env=worker_env(settings, {"GENQ_LOG_DIR": str(tmp_path / "servers"), **env, "GENQ_PROMPT_CACHE_SIZE": "-1"}),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert failed.returncode != 0 and "prompt_cache_size" in failed.stderr, failed.stderr
+    launched = server_logs(tmp_path) - before
+    assert len(launched) == 1  # the remembered launch started before the settings failed...
+    assert wait_until(lambda: not servers_writing(launched), timeout=10)  # ...and was stopped with them

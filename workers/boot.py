@@ -1,11 +1,13 @@
 """A worker process's first moments: its server is started before the worker stack is imported.
 
-The supervisor spawns each worker process with `main` as its target and the server's command as
-plain data (workers.servers.supervisor.Launch). Loading a model takes seconds, and importing the
-worker stack (pydantic, redis, dramatiq, the runner) most of a second on a small machine: started
-first, the server loads while the process imports, instead of after. So this module imports nothing
-but the standard library and the server supervisor (itself standard library only) before the
-server runs; workers.process, imported afterwards, does the rest.
+The supervisor spawns each worker process (workers.prelaunch.spawn) with `main` as its target and the
+server's command as plain data (workers.servers.supervisor.Launch); the settings and the process's
+name follow through a pipe, so a process can be spawned, and its server launched, before the
+supervisor has read its settings. Loading a model takes seconds, and importing the worker stack
+(pydantic, redis, dramatiq, the runner) most of a second on a small machine: started first, the
+server loads while the process imports, instead of after. So this module imports nothing but the
+standard library and the server supervisor (itself standard library only) before the server runs;
+workers.process, imported afterwards, does the rest.
 
 Only a single-model worker (`--model`) is given a command to start: its one server is always loaded.
 A multi-model worker (`--models`) starts its servers on demand, when a job needs a model
@@ -22,25 +24,35 @@ import signal
 import sys
 import threading
 import time
+from multiprocessing.connection import Connection
 from typing import Any
 
-from workers.servers.supervisor import Launch, Launched
+from workers.servers.supervisor import Launch, Launched, announce
 
 
-def main(
-    settings_json: str, consumer_name: str, ready: Any = None, launch: Launch | None = None, vouched: Any = None
-) -> None:
-    """Entry point of a spawned worker process; `ready` is set once it serves, and it reads no queue
-    before its supervisor sets `vouched` (workers.spawner). With `launch`, the server is started
-    before anything else is imported; without, workers.process starts it."""
+def main(config: Connection, ready: Any = None, launch: Launch | None = None, vouched: Any = None) -> None:
+    """Entry point of a spawned worker process (workers.prelaunch.spawn): launch the server, then wait
+    on `config` for the settings and this process's name (None, or its parent's end closing: stop the
+    server, exit). `ready` is set once it serves, and it reads no queue before its supervisor sets
+    `vouched`. With no `launch`, workers.process starts the server (or the models, on demand)."""
     _lead_own_group_and_follow_parent()
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr, format=f"%(asctime)s {consumer_name} %(levelname)s %(name)s: %(message)s"
-    )
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     launched = launch.start() if launch is not None else None
+    try:
+        told = config.recv()
+    except (EOFError, OSError):
+        told = None
+    if told is None:  # another launch was wanted, or the supervisor is gone
+        _kill(launched)
+        return
+    settings_json, consumer_name = told
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format=f"%(asctime)s {consumer_name} %(levelname)s %(name)s: %(message)s"
+    )
+    if launch is not None and launched is not None:
+        announce(launch.name, launched.port)
     try:
         _skip_httpx_command_line()
         from workers.process import serve

@@ -12,6 +12,7 @@ that vouch (`Child.vouched`): no janitor may take it for dead while it holds job
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
 import os
@@ -22,7 +23,8 @@ from dataclasses import dataclass, field
 from multiprocessing.context import SpawnProcess
 from multiprocessing.synchronize import Event as ProcessEvent
 
-from workers import boot
+from workers import prelaunch
+from workers.prelaunch import Spawned
 from workers.servers import specs
 from workers.servers.supervisor import Launch
 from workers.settings import WorkerSettings
@@ -51,14 +53,30 @@ class Spawner:
 
     def spawn(self) -> Child:
         """A new worker process, started; it waits for `vouched` before it reads a queue."""
+        return self._configure(prelaunch.spawn(self._context, self.launch))
+
+    def adopt(self, early: list[Spawned]) -> list[Child]:
+        """Processes spawned before the settings were read (workers.prelaunch): those whose launch is
+        the one the settings make become children; the others are stopped and spawned again."""
+        children = []
+        for spawned in early:
+            if spawned.launch == self.launch:
+                children.append(self._configure(spawned))
+            else:
+                log.info("the settings launch another server than the last run did: starting it")
+                spawned.abort()
+                children.append(self.spawn())
+        return children
+
+    def _configure(self, spawned: Spawned) -> Child:
         label = self.models[0] if not self.settings.multi_model else "models"
         name = f"{self.settings.host}:{label}.{self.settings.backend.value}:{uuid.uuid4().hex[:8]}"
-        ready, vouched = self._context.Event(), self._context.Event()
-        args = (self.settings.model_dump_json(), name, ready, self._launch(), vouched)
-        process = self._context.Process(target=boot.main, args=args, name=name, daemon=False)
-        child = Child(name=name, process=process, ready=ready, vouched=vouched)
-        process.start()
-        return child
+        spawned.configure(self.settings.model_dump_json(), name)
+        return Child(name=name, process=spawned.process, ready=spawned.ready, vouched=spawned.vouched)
+
+    @functools.cached_property
+    def launch(self) -> Launch | None:
+        return self._launch()
 
     def _launch(self) -> Launch | None:
         """The server's command for a new single-model worker process to start first thing

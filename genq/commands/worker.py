@@ -41,28 +41,42 @@ def register(sub: Any) -> None:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from workers.settings import WorkerSettings
-    from workers.spawner import Spawner
+    from workers import prelaunch
 
-    given = {
-        "model": args.model,
-        "serve_models": args.models,
-        "memory_budget_gb": args.memory_budget_gb,
-        "model_keep_alive_s": args.keep_alive,
-        "backend": args.backend,
-        "processes": args.processes,
-        "concurrency": args.concurrency,
-        "metrics_port": args.metrics_port,
-        "llama_server_bin": args.llama_server,
-        "prompt_cache_size": args.prompt_cache_size,
-        "prompt_cache_bytes": args.prompt_cache_bytes,
-        "prefix_affinity": args.prefix_affinity,
-    }
-    settings = WorkerSettings(**{k: v for k, v in given.items() if v is not None})
-    # The worker processes first, each starting its server: the models load while the supervisor
-    # imports its Redis client and queue protocol, a third of a second off every start (workers.spawner).
-    spawner = Spawner(settings)
-    children = [spawner.spawn() for _ in range(settings.processes)]
+    # This command line's last run's processes, launching its servers while the settings are read.
+    command = {k: v for k, v in vars(args).items() if k != "run"}
+    early = prelaunch.spawn_remembered(command)
+    try:
+        from workers.settings import WorkerSettings
+        from workers.spawner import Spawner
+
+        given = {
+            "model": args.model,
+            "serve_models": args.models,
+            "memory_budget_gb": args.memory_budget_gb,
+            "model_keep_alive_s": args.keep_alive,
+            "backend": args.backend,
+            "processes": args.processes,
+            "concurrency": args.concurrency,
+            "metrics_port": args.metrics_port,
+            "llama_server_bin": args.llama_server,
+            "prompt_cache_size": args.prompt_cache_size,
+            "prompt_cache_bytes": args.prompt_cache_bytes,
+            "prefix_affinity": args.prefix_affinity,
+        }
+        settings = WorkerSettings(**{k: v for k, v in given.items() if v is not None})
+        # The worker processes first, each starting its server: the models load while the supervisor
+        # imports its Redis client and queue protocol (workers.spawner).
+        spawner = Spawner(settings)
+        children = spawner.adopt(early[: settings.processes])
+    except BaseException:
+        for spawned in early:
+            spawned.abort()
+        raise
+    for spawned in early[settings.processes :]:
+        spawned.abort()
+    children += [spawner.spawn() for _ in range(settings.processes - len(children))]
+    prelaunch.remember(command, spawner.launch, settings.processes)
     from workers.supervisor import WorkerPool
 
     return WorkerPool(settings, spawner, children).run()

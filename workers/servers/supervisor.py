@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # specs imports the job models (pydantic): this module must stay light (workers.boot)
     from workers.servers.specs import ServerSpec
@@ -84,12 +84,38 @@ class Launch:
     log_path: str  # `{pid}` stands for the worker process's id
 
     def start(self) -> Launched:
+        """Start the server (logging nothing: a worker process launches it before its logging is set
+        up, then calls `announce`)."""
         port = free_port()
         path = Path(self.log_path.format(pid=os.getpid()))
         path.parent.mkdir(parents=True, exist_ok=True)
         log_file = path.open("ab")
-        log.info("starting %s on port %d", self.name, port)
         return Launched(_popen([*self.argv_head, self.port_flag, str(port)], self.env, log_file), port, log_file, path)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "argv_head": list(self.argv_head),
+            "port_flag": self.port_flag,
+            "env": self.env,
+            "log_path": self.log_path,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Launch:
+        return cls(
+            str(data["name"]),
+            tuple(str(a) for a in data["argv_head"]),
+            str(data["port_flag"]),
+            {str(k): str(v) for k, v in dict(data["env"]).items()},
+            str(data["log_path"]),
+        )
+
+
+def announce(name: str, port: int) -> None:
+    """The line that says which server a worker process started on which port (tests/faults.py reads
+    it to tell the processes apart)."""
+    log.info("starting %s on port %d", name, port)
 
 
 def _popen(argv: list[str], spec_env: dict[str, str], log_file: IO[bytes]) -> subprocess.Popen[bytes]:
@@ -298,7 +324,7 @@ class ServerSupervisor:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         if self._log_file is None:
             self._log_file = self.log_path.open("ab")
-        log.info("starting %s on port %d", self.spec.name, self.port)
+        announce(self.spec.name, self.port)
         self.process = _popen(self.spec.argv(self.port), self.spec.env, self._log_file)
         self._wake_when_exits(self.process)
 
