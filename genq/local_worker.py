@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -32,6 +33,8 @@ from jobcontract.settings import GenqSettings
 # workers.servers.mlx_server).
 SERVER_MARKERS = ("workers.servers.mlx_server", "mlx_lm.server", "llama_cpp.server", "llama-server")
 MODEL = "tiny"
+# "<date> <time> <consumer> INFO workers.process: serving ...": a worker process is ready.
+_SERVING = re.compile(r"^\S+ \S+ (?P<consumer>\S+) INFO workers\.process: serving ")
 
 
 @dataclass
@@ -62,6 +65,16 @@ class Worker:
             if client is None:
                 own.close()
 
+    def joined(self, client: redis.Redis) -> int:
+        """How many of this worker's own processes are in its pool: those that said they serve (the
+        log line workers.process writes once ready) and that the pool holds. Not the pool's size: a
+        second worker in the same pool would count the first's processes as its own."""
+        key = Keys(self.settings.namespace).pool(pool_name(self.model, self.backend))
+        names = {
+            m["consumer"] for m in map(_SERVING.match, self.log_path.read_text(errors="replace").splitlines()) if m
+        }
+        return sum(1 for name in names if client.zscore(key, name) is not None)
+
     def wait_ready(
         self,
         processes: int | None = None,
@@ -78,7 +91,7 @@ class Worker:
         deadline = time.monotonic() + timeout
         client = redis.Redis.from_url(self.settings.redis_url)
         try:
-            while self.pool_members(client) < wanted or (servers and len(self.server_pids()) < wanted):
+            while self.joined(client) < wanted or (servers and len(self.server_pids()) < wanted):
                 if self.process.poll() is not None:
                     raise RuntimeError(f"genq worker exited with {self.process.returncode}:\n{self.log()}")
                 if time.monotonic() > deadline:
